@@ -1,0 +1,268 @@
+//! The DB-executor pool: a SyncArbiter of threads, each running `store` functions on a pooled
+//! Postgres connection. bcrypt and AES run here too, never on an async worker.
+//!
+//! Messages (each replies `Result<_, StoreError>`; a pool timeout is `StoreError::Unavailable`):
+//! - [`CreateUser`] (Session, register): hash the password, insert the user.
+//! - [`Authenticate`] (Session, login): verify the password and issue a new token.
+//! - [`ResumeToken`] (Session, resume): the user holding a live token.
+//! - [`RevokeToken`] (Session, logout).
+//! - [`ListRooms`], [`CreateRoom`] (Session).
+//! - [`LoadRoom`] (Directory): a room's record, whitelist and newest messages.
+//! - [`StoreMessage`] (Room): assign seq and commit; the reply means "durably stored".
+//! - [`LoadHistory`] (Room): a page of decrypted history.
+
+use actix::prelude::*;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::crypto::Keyring;
+use crate::error::StoreError;
+use crate::protocol::{RoomId, RoomKind, Seq, UserId};
+use crate::secret::Secret;
+use crate::store::models::*;
+use crate::store::{self, PgPool};
+
+/// Hash of a session token as stored; the token itself exists only on the client.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenHash(pub [u8; 32]);
+
+impl std::fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenHash(..)")
+    }
+}
+
+pub fn hash_token(token: &str) -> TokenHash {
+    TokenHash(openssl::sha::sha256(token.as_bytes()))
+}
+
+/// Settings the executor threads share.
+#[derive(Debug, Clone)]
+pub struct DbSettings {
+    pub bcrypt_cost: u32,
+    pub token_ttl: Duration,
+    pub max_listed_rooms: usize,
+}
+
+pub struct DbExecutor {
+    pool: PgPool,
+    keys: Arc<Keyring>,
+    settings: DbSettings,
+    /// Verified against when a username is unknown, so both cases cost one bcrypt.
+    decoy_hash: Option<String>,
+}
+
+impl DbExecutor {
+    pub fn new(pool: PgPool, keys: Arc<Keyring>, settings: DbSettings) -> Self {
+        DbExecutor {
+            pool,
+            keys,
+            settings,
+            decoy_hash: None,
+        }
+    }
+
+    /// Starts `threads` executors sharing `pool`.
+    pub fn start(threads: usize, pool: PgPool, keys: Arc<Keyring>, settings: DbSettings) -> Addr<DbExecutor> {
+        SyncArbiter::start(threads, move || {
+            DbExecutor::new(pool.clone(), keys.clone(), settings.clone())
+        })
+    }
+
+    fn conn(&self) -> Result<store::PooledConn, StoreError> {
+        Ok(self.pool.get()?)
+    }
+
+    fn decoy(&mut self) -> Result<&str, StoreError> {
+        if self.decoy_hash.is_none() {
+            self.decoy_hash = Some(bcrypt::hash("rookery-decoy-password", self.settings.bcrypt_cost)?);
+        }
+        Ok(self.decoy_hash.as_deref().unwrap_or_default())
+    }
+}
+
+impl Actor for DbExecutor {
+    type Context = SyncContext<Self>;
+}
+
+/// Session → DbExecutor: register. Replies the new user, or `Conflict` if the name is taken.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<UserRecord, StoreError>")]
+pub struct CreateUser {
+    pub username: String,
+    pub password: Secret,
+}
+
+impl Handler<CreateUser> for DbExecutor {
+    type Result = Result<UserRecord, StoreError>;
+
+    fn handle(&mut self, msg: CreateUser, _: &mut Self::Context) -> Self::Result {
+        let hash = bcrypt::hash(msg.password.expose(), self.settings.bcrypt_cost)?;
+        store::create_user(&mut *self.conn()?, &msg.username, &hash)
+    }
+}
+
+/// A token issued by login: the plaintext for the client, the hash for the session.
+#[derive(Debug)]
+pub struct IssuedToken {
+    pub token: Secret,
+    pub hash: TokenHash,
+}
+
+/// Session → DbExecutor: login. Replies the user and a new token, or `InvalidCredentials`.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(UserRecord, IssuedToken), StoreError>")]
+pub struct Authenticate {
+    pub username: String,
+    pub password: Secret,
+}
+
+impl Handler<Authenticate> for DbExecutor {
+    type Result = Result<(UserRecord, IssuedToken), StoreError>;
+
+    fn handle(&mut self, msg: Authenticate, _: &mut Self::Context) -> Self::Result {
+        let mut conn = self.conn()?;
+        let found = store::find_login(&mut conn, &msg.username)?;
+        let (user, hash) = match found {
+            Some((user, hash)) => (Some(user), hash),
+            None => (None, self.decoy()?.to_string()),
+        };
+        let verified = bcrypt::verify(msg.password.expose(), &hash).unwrap_or(false);
+        let user = user.filter(|_| verified).ok_or(StoreError::InvalidCredentials)?;
+        let mut raw = [0u8; 32];
+        openssl::rand::rand_bytes(&mut raw).map_err(crate::error::CryptoError::from)?;
+        let token = URL_SAFE_NO_PAD.encode(raw);
+        let hash = hash_token(&token);
+        store::insert_token(&mut conn, user.id, &hash.0, self.settings.token_ttl)?;
+        Ok((
+            user,
+            IssuedToken {
+                token: Secret::new(token),
+                hash,
+            },
+        ))
+    }
+}
+
+/// Session → DbExecutor: resume. Replies the token's user, or `InvalidToken`.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<UserRecord, StoreError>")]
+pub struct ResumeToken {
+    pub hash: TokenHash,
+}
+
+impl Handler<ResumeToken> for DbExecutor {
+    type Result = Result<UserRecord, StoreError>;
+
+    fn handle(&mut self, msg: ResumeToken, _: &mut Self::Context) -> Self::Result {
+        store::user_by_token(&mut *self.conn()?, &msg.hash.0)
+    }
+}
+
+/// Session → DbExecutor: logout. The token no longer resumes.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), StoreError>")]
+pub struct RevokeToken {
+    pub hash: TokenHash,
+}
+
+impl Handler<RevokeToken> for DbExecutor {
+    type Result = Result<(), StoreError>;
+
+    fn handle(&mut self, msg: RevokeToken, _: &mut Self::Context) -> Self::Result {
+        store::revoke_token(&mut *self.conn()?, &msg.hash.0)
+    }
+}
+
+/// Session → DbExecutor: the rooms `user` may see.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<RoomSummary>, StoreError>")]
+pub struct ListRooms {
+    pub user: UserId,
+}
+
+impl Handler<ListRooms> for DbExecutor {
+    type Result = Result<Vec<RoomSummary>, StoreError>;
+
+    fn handle(&mut self, msg: ListRooms, _: &mut Self::Context) -> Self::Result {
+        store::list_rooms(&mut *self.conn()?, msg.user, self.settings.max_listed_rooms)
+    }
+}
+
+/// Session → DbExecutor: create_room. `Conflict` if the name exists, `UnknownMember` if a member does not.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<RoomRecord, StoreError>")]
+pub struct CreateRoom {
+    pub name: String,
+    pub kind: RoomKind,
+    pub owner: UserRecord,
+    pub members: Vec<String>,
+}
+
+impl Handler<CreateRoom> for DbExecutor {
+    type Result = Result<RoomRecord, StoreError>;
+
+    fn handle(&mut self, msg: CreateRoom, _: &mut Self::Context) -> Self::Result {
+        store::create_room(&mut *self.conn()?, &msg.name, msg.kind, &msg.owner, &msg.members)
+    }
+}
+
+/// Directory → DbExecutor: what a Room actor starts from. `NotFound` if there is no such room.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<RoomState, StoreError>")]
+pub struct LoadRoom {
+    pub name: String,
+    pub recent: usize,
+}
+
+impl Handler<LoadRoom> for DbExecutor {
+    type Result = Result<RoomState, StoreError>;
+
+    fn handle(&mut self, msg: LoadRoom, _: &mut Self::Context) -> Self::Result {
+        store::load_room(&mut *self.conn()?, &self.keys, &msg.name, msg.recent)
+    }
+}
+
+/// Room → DbExecutor: store one message. `Ok` means committed.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<Stored, StoreError>")]
+pub struct StoreMessage {
+    pub room: RoomId,
+    pub sender: UserId,
+    pub body: Arc<str>,
+    pub client_msg_id: Option<String>,
+}
+
+impl Handler<StoreMessage> for DbExecutor {
+    type Result = Result<Stored, StoreError>;
+
+    fn handle(&mut self, msg: StoreMessage, _: &mut Self::Context) -> Self::Result {
+        store::store_message(
+            &mut *self.conn()?,
+            &self.keys,
+            msg.room,
+            msg.sender,
+            &msg.body,
+            msg.client_msg_id.as_deref(),
+        )
+    }
+}
+
+/// Room → DbExecutor: a page of history, seq < `before`, ascending.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<HistoryPage, StoreError>")]
+pub struct LoadHistory {
+    pub room: RoomRecord,
+    pub before: Option<Seq>,
+    pub limit: usize,
+}
+
+impl Handler<LoadHistory> for DbExecutor {
+    type Result = Result<HistoryPage, StoreError>;
+
+    fn handle(&mut self, msg: LoadHistory, _: &mut Self::Context) -> Self::Result {
+        store::load_messages(&mut *self.conn()?, &self.keys, &msg.room, msg.before, msg.limit)
+    }
+}

@@ -1,0 +1,13 @@
+//! The actors. They talk only through the typed messages declared at the top of each file.
+//!
+//! - [`session::Session`]: one per WebSocket connection; parses requests, answers by id.
+//! - [`directory::Directory`]: finds or starts the [`room::Room`] actor of a room name.
+//! - [`room::Room`]: one per active room; orders, stores (via the DB executor) and fans out.
+//! - [`presence::Presence`]: who is online and in which rooms, behind [`presence::PresenceHandle`].
+//! - [`db::DbExecutor`]: a SyncArbiter pool running [`crate::store`] functions and bcrypt.
+
+pub mod db;
+pub mod directory;
+pub mod presence;
+pub mod room;
+pub mod session;

@@ -1,0 +1,484 @@
+//! The Session actor: one per WebSocket connection. It turns each text frame into a typed
+//! request, answers it with the same id, holds the user once authenticated and the rooms it
+//! joined, keeps the heartbeat and closes connections that misbehave. Round trips to other
+//! actors are spawned, never waited on, so the socket keeps flowing. Calls: the DB executor,
+//! the directory, rooms and presence; writes frames only through [`crate::transport::ws`].
+//!
+//! Messages handled: [`Deliver`] (Room): write an event frame, or close 1013 when evicted.
+
+use actix::prelude::*;
+use serde_json::{json, Value};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::actors::db::{
+    hash_token, Authenticate, CreateRoom, CreateUser, DbExecutor, ListRooms, ResumeToken,
+    RevokeToken, TokenHash,
+};
+use crate::actors::directory::{Directory, OpenRoom};
+use crate::actors::presence::{PresenceHandle, SessionClosed, SessionOpened};
+use crate::actors::room::{Deliver, Join, Leave, Post, ReadHistory, Room, Typing, Who};
+use crate::error::{Error, RoomError};
+use crate::protocol::{self, ErrorCode, Rejection, Request};
+use crate::store::models::UserRecord;
+use crate::transport::ws::{self, Close, WsContext};
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Identifies one connection within this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionId(pub u64);
+
+/// The actors a session talks to.
+#[derive(Clone)]
+pub struct Services {
+    pub db: Addr<DbExecutor>,
+    pub directory: Addr<Directory>,
+    pub presence: PresenceHandle,
+}
+
+/// Per-connection limits from config.
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub ping_interval: Duration,
+    pub client_timeout: Duration,
+    pub max_frame_bytes: usize,
+    pub bad_frame_limit: usize,
+    pub bad_frame_window: Duration,
+    pub outbound_queue: usize,
+}
+
+struct AuthUser {
+    record: UserRecord,
+    token: Option<TokenHash>,
+}
+
+pub struct Session {
+    id: SessionId,
+    peer: String,
+    services: Services,
+    settings: Arc<SessionSettings>,
+    user: Option<AuthUser>,
+    rooms: HashMap<String, Addr<Room>>,
+    last_heard: Instant,
+    bad_frames: VecDeque<Instant>,
+    fragments: Option<(bool, Vec<u8>)>,
+    close_reason: Option<String>,
+}
+
+impl Session {
+    pub fn new(peer: String, services: Services, settings: Arc<SessionSettings>) -> Self {
+        Session {
+            id: SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed)),
+            peer,
+            services,
+            settings,
+            user: None,
+            rooms: HashMap::new(),
+            last_heard: Instant::now(),
+            bad_frames: VecDeque::new(),
+            fragments: None,
+            close_reason: None,
+        }
+    }
+
+    pub fn on_activity(&mut self) {
+        self.last_heard = Instant::now();
+    }
+
+    /// Remembers why the connection is closing, for the close log line (first reason wins).
+    pub fn on_close_reason(&mut self, reason: &str) {
+        if self.close_reason.is_none() {
+            self.close_reason = Some(reason.to_string());
+        }
+    }
+
+    pub fn on_text(&mut self, text: &str, ctx: &mut WsContext) {
+        if self.fragments.is_some() {
+            self.fragments = None;
+            self.bad_frame(ctx, None, "a new message arrived inside a fragmented one");
+            return;
+        }
+        match protocol::parse_request(text) {
+            Ok((id, request)) => self.dispatch(id, request, ctx),
+            Err(e) => self.bad_frame(ctx, e.id.as_deref(), &e.rejection.message),
+        }
+    }
+
+    pub fn on_binary(&mut self, ctx: &mut WsContext) {
+        self.bad_frame(ctx, None, "binary frames are not accepted; send JSON text frames");
+    }
+
+    /// A piece of a fragmented message: `first_text` is Some on the first piece.
+    pub fn on_fragment(&mut self, first_text: Option<bool>, data: &[u8], last: bool, ctx: &mut WsContext) {
+        match (first_text, self.fragments.as_mut()) {
+            (Some(is_text), None) => self.fragments = Some((is_text, data.to_vec())),
+            (None, Some((_, buffer))) => buffer.extend_from_slice(data),
+            _ => {
+                self.fragments = None;
+                return self.bad_frame(ctx, None, "unexpected continuation frame");
+            }
+        }
+        if self.fragments.as_ref().is_some_and(|(_, b)| b.len() > self.settings.max_frame_bytes) {
+            self.on_close_reason("message over the size limit");
+            return ws::close(ctx, Close::TooBig, "message too large");
+        }
+        if last {
+            if let Some((is_text, buffer)) = self.fragments.take() {
+                match (is_text, String::from_utf8(buffer)) {
+                    (true, Ok(text)) => self.on_text(&text, ctx),
+                    (true, Err(_)) => self.bad_frame(ctx, None, "text is not UTF-8"),
+                    (false, _) => self.on_binary(ctx),
+                }
+            }
+        }
+    }
+
+    /// Answers a frame that could not be used; closes with 1008 when they come too often.
+    fn bad_frame(&mut self, ctx: &mut WsContext, id: Option<&str>, message: &str) {
+        let now = Instant::now();
+        while self
+            .bad_frames
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.settings.bad_frame_window)
+        {
+            self.bad_frames.pop_front();
+        }
+        self.bad_frames.push_back(now);
+        ws::send_text(ctx, protocol::error_frame(id, ErrorCode::BadRequest, message));
+        if self.bad_frames.len() > self.settings.bad_frame_limit {
+            log::warn!("session {} from {}: too many bad frames", self.id.0, self.peer);
+            self.on_close_reason("too many bad frames");
+            ws::close(ctx, Close::Policy, "too many bad frames");
+        }
+    }
+
+    fn reply(&mut self, ctx: &mut WsContext, id: &str, result: Result<Value, Error>) {
+        let frame = match result {
+            Ok(payload) => protocol::ok_frame(id, payload),
+            Err(e) => {
+                if e.is_server_fault() {
+                    log::warn!("session {}: request failed: {e}", self.id.0);
+                } else {
+                    log::debug!("session {}: request refused: {e}", self.id.0);
+                }
+                let (code, message) = e.to_wire();
+                protocol::error_frame(Some(id), code, &message)
+            }
+        };
+        ws::send_text(ctx, frame);
+    }
+
+    /// Runs `work`, then writes its reply; `work` may change the session in its `map`.
+    fn respond<F>(&mut self, ctx: &mut WsContext, id: String, work: F)
+    where
+        F: ActorFuture<Session, Output = Result<Value, Error>> + 'static,
+    {
+        ctx.spawn(work.map(move |result, session, ctx| session.reply(ctx, &id, result)));
+    }
+
+    fn user(&self) -> Result<&UserRecord, Error> {
+        self.user.as_ref().map(|u| &u.record).ok_or(Error::Unauthenticated)
+    }
+
+    fn joined_room(&self, room: &str) -> Result<Addr<Room>, Error> {
+        self.rooms
+            .get(room)
+            .cloned()
+            .ok_or(Error::Room(RoomError::Forbidden("join the room first")))
+    }
+
+    fn dispatch(&mut self, id: String, request: Request, ctx: &mut WsContext) {
+        if self.user.is_none() && !request.allowed_anonymous() {
+            return self.reply(ctx, &id, Err(Error::Unauthenticated));
+        }
+        if let Err(rejection) = request.validate() {
+            return self.reply(ctx, &id, Err(rejection.into()));
+        }
+        match request {
+            Request::Ping {} => self.reply(ctx, &id, Ok(json!({}))),
+            Request::Register { username, password } => {
+                let request = self.services.db.send(CreateUser { username, password });
+                let work = async move {
+                    let user = request.await??;
+                    Ok(json!({ "user": user_json(&user) }))
+                };
+                self.respond(ctx, id, work.into_actor(self));
+            }
+            Request::Login { username, password } => {
+                if self.user.is_some() {
+                    return self.reply(ctx, &id, Err(already_authenticated()));
+                }
+                let request = self.services.db.send(Authenticate { username, password });
+                let work = async move { Ok(request.await??) };
+                let work = work.into_actor(self).map(|result: Result<_, Error>, session, _| {
+                    let (user, token) = result?;
+                    let payload = json!({ "user": user_json(&user), "token": token.token.expose() });
+                    session.authenticated(user, token.hash)?;
+                    Ok(payload)
+                });
+                self.respond(ctx, id, work);
+            }
+            Request::Resume { token } => {
+                if self.user.is_some() {
+                    return self.reply(ctx, &id, Err(already_authenticated()));
+                }
+                let hash = hash_token(token.expose());
+                let request = self.services.db.send(ResumeToken { hash: hash.clone() });
+                let work = async move { Ok(request.await??) };
+                let work = work.into_actor(self).map(move |result: Result<_, Error>, session, _| {
+                    let user = result?;
+                    let payload = json!({ "user": user_json(&user), "rooms": [] });
+                    session.authenticated(user, hash)?;
+                    Ok(payload)
+                });
+                self.respond(ctx, id, work);
+            }
+            Request::Logout {} => {
+                let token = self.user.as_ref().and_then(|u| u.token.clone());
+                let db = self.services.db.clone();
+                let work = async move {
+                    if let Some(hash) = token {
+                        db.send(RevokeToken { hash }).await??;
+                    }
+                    Ok(json!({}))
+                };
+                let work = work.into_actor(self).map(|result: Result<Value, Error>, session, ctx| {
+                    if result.is_ok() {
+                        session.on_close_reason("logout");
+                        ctx.run_later(Duration::ZERO, |_, ctx| ws::close(ctx, Close::Normal, "logged out"));
+                    }
+                    result
+                });
+                self.respond(ctx, id, work);
+            }
+            Request::Rooms {} => {
+                let user = self.user().map(|u| u.id);
+                let request = user.map(|user| self.services.db.send(ListRooms { user }));
+                let work = async move { Ok(request?.await??) };
+                let work = work.into_actor(self).map(|result: Result<Vec<_>, Error>, session, _| {
+                    let rooms: Vec<Value> = result?
+                        .into_iter()
+                        .map(|r| {
+                            json!({
+                                "name": r.name,
+                                "kind": r.kind,
+                                "joined": session.rooms.contains_key(&r.name),
+                                "last_seq": r.last_seq,
+                            })
+                        })
+                        .collect();
+                    Ok(json!({ "rooms": rooms }))
+                });
+                self.respond(ctx, id, work);
+            }
+            Request::CreateRoom { room, kind, members } => {
+                let owner = match self.user() {
+                    Ok(user) => user.clone(),
+                    Err(e) => return self.reply(ctx, &id, Err(e)),
+                };
+                let request = self.services.db.send(CreateRoom {
+                    name: room,
+                    kind,
+                    owner,
+                    members,
+                });
+                let work = async move {
+                    let room = request.await??;
+                    Ok(json!({ "room": { "name": room.name, "kind": room.kind, "owner": room.owner } }))
+                };
+                self.respond(ctx, id, work.into_actor(self));
+            }
+            Request::Join { room, after } => {
+                if after.is_some() {
+                    return self.reply(
+                        ctx,
+                        &id,
+                        Err(Rejection::bad("join with `after` is not served by this server yet; page with history").into()),
+                    );
+                }
+                let Ok(user) = self.user().cloned() else {
+                    return self.reply(ctx, &id, Err(Error::Unauthenticated));
+                };
+                let join = Join {
+                    session: self.id,
+                    user,
+                    deliver: ctx.address().recipient(),
+                };
+                let directory = self.services.directory.clone();
+                let work = async move { ask_room(&directory, &room, join).await };
+                let work = work.into_actor(self).map(|result, session, _| {
+                    let (addr, joined) = result?;
+                    session.rooms.insert(joined.name.clone(), addr);
+                    Ok(json!({ "room": { "name": joined.name, "kind": joined.kind, "last_seq": joined.last_seq } }))
+                });
+                self.respond(ctx, id, work);
+            }
+            Request::Leave { room } => {
+                if let Some(addr) = self.rooms.remove(&room) {
+                    addr.do_send(Leave { session: self.id });
+                }
+                self.reply(ctx, &id, Ok(json!({})));
+            }
+            Request::Post {
+                room,
+                body,
+                client_msg_id,
+            } => {
+                let addr = match (self.joined_room(&room), self.user()) {
+                    (Ok(addr), Ok(user)) => (addr, user.clone()),
+                    (Err(e), _) | (_, Err(e)) => return self.reply(ctx, &id, Err(e)),
+                };
+                let (addr, user) = addr;
+                let request = addr.send(Post {
+                    session: self.id,
+                    user,
+                    body: body.into(),
+                    client_msg_id,
+                });
+                let work = async move {
+                    let ack = request.await??;
+                    Ok(json!({ "seq": ack.seq, "sent_at": ack.sent_at }))
+                };
+                self.respond(ctx, id, work.into_actor(self));
+            }
+            Request::History {
+                room,
+                before,
+                limit,
+            } => {
+                let Ok(user) = self.user().map(|u| u.id) else {
+                    return self.reply(ctx, &id, Err(Error::Unauthenticated));
+                };
+                let directory = self.services.directory.clone();
+                let work = async move {
+                    let (_, page) = ask_room(&directory, &room, ReadHistory { user, before, limit }).await?;
+                    Ok(json!({ "messages": page.messages, "has_more": page.has_more }))
+                };
+                self.respond(ctx, id, work.into_actor(self));
+            }
+            Request::Who { room } => {
+                let Ok(user) = self.user().map(|u| u.id) else {
+                    return self.reply(ctx, &id, Err(Error::Unauthenticated));
+                };
+                let directory = self.services.directory.clone();
+                let work = async move {
+                    let (_, online) = ask_room(&directory, &room, Who { user }).await?;
+                    Ok(json!({ "online": online }))
+                };
+                self.respond(ctx, id, work.into_actor(self));
+            }
+            Request::Typing { room } => {
+                let addr = match self.joined_room(&room) {
+                    Ok(addr) => addr,
+                    Err(e) => return self.reply(ctx, &id, Err(e)),
+                };
+                let request = addr.send(Typing { session: self.id });
+                let work = async move {
+                    request.await??;
+                    Ok(json!({}))
+                };
+                self.respond(ctx, id, work.into_actor(self));
+            }
+        }
+    }
+
+    fn authenticated(&mut self, user: UserRecord, token: TokenHash) -> Result<(), Error> {
+        if self.user.is_some() {
+            return Err(already_authenticated());
+        }
+        log::info!("session {} from {}: authenticated as {}", self.id.0, self.peer, user.username);
+        self.services.presence.opened.do_send(SessionOpened { user: user.id });
+        self.user = Some(AuthUser {
+            record: user,
+            token: Some(token),
+        });
+        Ok(())
+    }
+}
+
+fn already_authenticated() -> Error {
+    Rejection::bad("this connection is already authenticated").into()
+}
+
+fn user_json(user: &UserRecord) -> Value {
+    json!({ "id": user.id, "username": user.username })
+}
+
+/// Sends `msg` to room `name`, looking it up through the directory. A room that stopped
+/// between the lookup and the send is looked up once more.
+async fn ask_room<M, R>(
+    directory: &Addr<Directory>,
+    name: &str,
+    msg: M,
+) -> Result<(Addr<Room>, R), Error>
+where
+    M: Message<Result = Result<R, RoomError>> + Clone + Send + 'static,
+    R: Send + 'static,
+    Room: Handler<M>,
+{
+    let mut retried = false;
+    loop {
+        let room = directory
+            .send(OpenRoom {
+                name: name.to_string(),
+            })
+            .await??;
+        match room.send(msg.clone()).await {
+            Ok(result) => return Ok((room, result?)),
+            Err(MailboxError::Closed) if !retried => retried = true,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+impl Actor for Session {
+    type Context = WsContext;
+
+    fn started(&mut self, ctx: &mut WsContext) {
+        log::info!("session {} from {}: connection open", self.id.0, self.peer);
+        ws::set_mailbox_capacity(ctx, self.settings.outbound_queue);
+        ctx.run_interval(self.settings.ping_interval, |session, ctx| {
+            if session.last_heard.elapsed() > session.settings.client_timeout {
+                session.on_close_reason("heartbeat timeout");
+                ws::close(ctx, Close::Normal, "heartbeat timeout");
+            } else {
+                ws::ping(ctx);
+            }
+        });
+    }
+
+    fn stopping(&mut self, _: &mut WsContext) -> Running {
+        for (_, room) in self.rooms.drain() {
+            room.do_send(Leave { session: self.id });
+        }
+        let user = self.user.as_ref().map(|u| u.record.username.as_str()).unwrap_or("-");
+        log::info!(
+            "session {} from {}: connection closed (user {user}): {}",
+            self.id.0,
+            self.peer,
+            self.close_reason.as_deref().unwrap_or("server closed")
+        );
+        if let Some(user) = &self.user {
+            self.services.presence.closed.do_send(SessionClosed { user: user.record.id });
+        }
+        Running::Stop
+    }
+}
+
+impl Handler<Deliver> for Session {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliver, ctx: &mut WsContext) {
+        match msg {
+            Deliver::Frame { frame } => ws::send_text(ctx, frame),
+            Deliver::Evicted { room } => {
+                self.rooms.remove(&room);
+                self.on_close_reason("outbound queue full");
+                ws::close(ctx, Close::TryAgainLater, "too slow; reconnect and resume");
+            }
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The command line: `serve`, `migrate`, `check-config`. Parses arguments, loads the config
+//! and calls [`crate::server`]; prints only what the operator asked for.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::config::Config;
+use crate::error::{ConfigError, StartError};
+
+#[derive(Debug, Parser)]
+#[command(name = "rookery", version, about = "Rookery: a real-time chat server")]
+pub struct Cli {
+    /// A TOML file layered over config/default.toml (environment variables override both).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server until SIGINT or SIGTERM.
+    Serve,
+    /// Create the database if missing and apply pending migrations, then exit.
+    Migrate,
+    /// Validate the configuration; print every problem with its key, exit non-zero if any.
+    CheckConfig,
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::CheckConfig => check_config(cli.config.as_deref()),
+        Command::Serve => report(Config::load(cli.config.as_deref()).map_err(StartError::from).and_then(crate::server::serve)),
+        Command::Migrate => report(
+            Config::load(cli.config.as_deref())
+                .map_err(StartError::from)
+                .and_then(|config| crate::server::migrate(&config))
+                .map(|n| log::info!("applied {n} migration(s)")),
+        ),
+    }
+}
+
+fn report(result: Result<(), StartError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("rookery: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(file: Option<&std::path::Path>) -> ExitCode {
+    match Config::load(file) {
+        Ok(config) => {
+            println!("configuration is valid");
+            println!("  database: {}", redact_url(config.database.url.expose()));
+            println!("  listen: {} ({})", config.server.bind, if config.tls.enabled { "wss" } else { "plain ws" });
+            ExitCode::SUCCESS
+        }
+        Err(ConfigError::Load(problems)) => {
+            eprintln!("configuration is invalid:");
+            for problem in problems.split("; ") {
+                eprintln!("  {problem}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(first @ ConfigError::Invalid { .. }) => {
+            eprintln!("configuration is invalid:");
+            eprintln!("  {first}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The URL without its password.
+fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "(unparseable)".into(),
+    }
+}

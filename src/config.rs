@@ -1,0 +1,308 @@
+//! The configuration tree: config/default.toml (compiled in), then `--config FILE`, then
+//! ROOKERY__SECTION__KEY environment variables and DATABASE_URL. [`Config::load`] reads and
+//! validates it all; nothing is global, so tests and a later live reload build their own.
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::ConfigError;
+use crate::secret::Secret;
+
+/// The checked-in defaults; every key has a value there.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory for generated files (development key, self-signed certificate).
+    pub data_dir: PathBuf,
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    pub database: DatabaseConfig,
+    pub session: SessionConfig,
+    pub rooms: RoomsConfig,
+    pub crypto: CryptoConfig,
+    pub redis: RedisConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub bind: String,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Most open connections per worker.
+    pub max_connections_per_worker: usize,
+    /// Time to receive request headers.
+    pub request_timeout_ms: u64,
+    /// Time to complete a TLS handshake.
+    pub tls_handshake_timeout_ms: u64,
+    /// Time to finish closing a connection.
+    pub disconnect_timeout_ms: u64,
+    /// HTTP keep-alive.
+    pub keep_alive_ms: u64,
+    /// Graceful shutdown budget.
+    pub shutdown_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Serve wss/https.
+    pub enabled: bool,
+    /// PEM certificate chain; empty for the generated development certificate.
+    pub cert: PathBuf,
+    /// PEM private key; empty for the generated development key.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL (may hold a password, hence a Secret).
+    pub url: Secret,
+    /// DB-executor threads, one connection each.
+    pub executors: usize,
+    /// Longest wait for a connection.
+    pub connect_timeout_ms: u64,
+    /// bcrypt cost for new hashes.
+    pub bcrypt_cost: u32,
+    /// Session token lifetime.
+    pub token_ttl_hours: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Server ping interval.
+    pub ping_interval_ms: u64,
+    /// Silence after which a connection is closed.
+    pub client_timeout_ms: u64,
+    /// Largest accepted frame.
+    pub max_frame_bytes: usize,
+    /// Bad frames tolerated within the window before closing with 1008.
+    pub bad_frame_limit: usize,
+    /// Window for counting bad frames.
+    pub bad_frame_window_ms: u64,
+    /// Events queued per session before it is cut off as a slow reader.
+    pub outbound_queue: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomsConfig {
+    /// Ring buffer size and default history page.
+    pub history_limit: usize,
+    /// Largest body in bytes.
+    pub max_body_bytes: usize,
+    /// Idle time before a room actor stops.
+    pub idle_stop_ms: u64,
+    /// Most rooms listed by `rooms`.
+    pub max_listed: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CryptoConfig {
+    /// Key id -> base64 of 32 bytes.
+    pub keys: BTreeMap<String, Secret>,
+    /// Extra key file; empty for <data_dir>/message-keys.
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Redis URL; empty runs a single node in-process.
+    pub url: Secret,
+}
+
+impl Config {
+    /// Defaults, then `file` (which must exist when given), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new().merge(Toml::string(DEFAULT_TOML));
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        Self::from_figment(figment.merge(Self::env()))
+    }
+
+    /// Defaults with `overlay` (TOML text) on top; no file and no environment. For tests.
+    pub fn from_toml(overlay: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(
+            Figment::new()
+                .merge(Toml::string(DEFAULT_TOML))
+                .merge(Toml::string(overlay)),
+        )
+    }
+
+    fn env() -> Figment {
+        Figment::new()
+            .merge(Env::prefixed("ROOKERY__").split("__"))
+            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database.url".into()))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(|e| {
+            ConfigError::Load(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+        })?;
+        let problems = config.problems();
+        if let Some(first) = problems.into_iter().next() {
+            return Err(first);
+        }
+        Ok(config)
+    }
+
+    /// Every problem found, each naming its key.
+    pub fn problems(&self) -> Vec<ConfigError> {
+        let mut out = Vec::new();
+        let mut bad = |key: &str, problem: String| {
+            out.push(ConfigError::Invalid {
+                key: key.to_string(),
+                problem,
+            })
+        };
+        if self.server.bind.parse::<SocketAddr>().is_err() {
+            bad("server.bind", format!("'{}' is not an ip:port address", self.server.bind));
+        }
+        if self.server.max_connections_per_worker == 0 {
+            bad("server.max_connections_per_worker", "must be at least 1".into());
+        }
+        for (key, ms) in [
+            ("server.request_timeout_ms", self.server.request_timeout_ms),
+            ("server.tls_handshake_timeout_ms", self.server.tls_handshake_timeout_ms),
+            ("server.disconnect_timeout_ms", self.server.disconnect_timeout_ms),
+            ("session.ping_interval_ms", self.session.ping_interval_ms),
+            ("session.client_timeout_ms", self.session.client_timeout_ms),
+            ("session.bad_frame_window_ms", self.session.bad_frame_window_ms),
+            ("database.connect_timeout_ms", self.database.connect_timeout_ms),
+        ] {
+            if ms == 0 {
+                bad(key, "a timeout must be greater than 0".into());
+            }
+        }
+        if self.session.client_timeout_ms <= self.session.ping_interval_ms {
+            bad(
+                "session.client_timeout_ms",
+                "must be longer than session.ping_interval_ms".into(),
+            );
+        }
+        if self.session.max_frame_bytes < 1024 {
+            bad("session.max_frame_bytes", "must be at least 1024".into());
+        }
+        if self.session.outbound_queue == 0 {
+            bad("session.outbound_queue", "must be at least 1".into());
+        }
+        if self.tls.enabled && (self.tls.cert.as_os_str().is_empty() != self.tls.key.as_os_str().is_empty()) {
+            bad("tls.cert", "set both tls.cert and tls.key, or neither".into());
+        }
+        if let Err(e) = url::Url::parse(self.database.url.expose()) {
+            bad("database.url", format!("not a URL: {e}"));
+        } else if database_name(self.database.url.expose()).is_none() {
+            bad("database.url", "must name a database, e.g. postgres://host/rookery".into());
+        }
+        if self.database.executors == 0 || self.database.executors > 64 {
+            bad("database.executors", "must be 1..64".into());
+        }
+        if !(4..=31).contains(&self.database.bcrypt_cost) {
+            bad("database.bcrypt_cost", "must be 4..31".into());
+        }
+        if self.database.token_ttl_hours == 0 {
+            bad("database.token_ttl_hours", "must be at least 1".into());
+        }
+        if self.rooms.history_limit == 0 || self.rooms.history_limit > 10_000 {
+            bad("rooms.history_limit", "must be 1..10000".into());
+        }
+        if self.rooms.max_body_bytes == 0 || self.rooms.max_body_bytes + 1024 > self.session.max_frame_bytes {
+            bad(
+                "rooms.max_body_bytes",
+                "must be at least 1 and 1 KiB below session.max_frame_bytes".into(),
+            );
+        }
+        if self.rooms.max_listed == 0 {
+            bad("rooms.max_listed", "must be at least 1".into());
+        }
+        for (id, key) in &self.crypto.keys {
+            if let Err(e) = crate::crypto::parse_key(id, key.expose()) {
+                bad(&format!("crypto.keys.{id}"), e.to_string());
+            }
+        }
+        if !self.redis.url.is_empty() && url::Url::parse(self.redis.url.expose()).is_err() {
+            bad("redis.url", "not a URL".into());
+        }
+        out
+    }
+
+    pub fn key_file(&self) -> PathBuf {
+        if self.crypto.key_file.as_os_str().is_empty() {
+            self.data_dir.join("message-keys")
+        } else {
+            self.crypto.key_file.clone()
+        }
+    }
+}
+
+/// The database named by a Postgres URL, if any.
+pub fn database_name(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    let name = parsed.path().trim_start_matches('/');
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+pub fn ms(value: u64) -> Duration {
+    Duration::from_millis(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_and_validate() {
+        let config = Config::from_toml("").unwrap();
+        assert_eq!(config.rooms.history_limit, 20);
+        assert_eq!(config.rooms.max_body_bytes, 4096);
+        assert_eq!(config.session.max_frame_bytes, 65536);
+        assert_eq!(config.session.ping_interval_ms, 5000);
+        assert_eq!(config.session.client_timeout_ms, 15000);
+        assert!(config.tls.enabled);
+        assert_eq!(database_name(config.database.url.expose()).as_deref(), Some("rookery"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::from_toml("[session]\nping_intervall_ms = 5").unwrap_err();
+        assert!(err.to_string().contains("ping_intervall_ms"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let err = Config::from_toml("[session]\nping_interval_ms = \"soon\"").unwrap_err();
+        assert!(err.to_string().contains("ping_interval_ms"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let err = Config::from_toml("[session]\nclient_timeout_ms = 10\nping_interval_ms = 20").unwrap_err();
+        assert!(err.to_string().starts_with("session.client_timeout_ms"), "{err}");
+        let err = Config::from_toml("[crypto.keys]\n1 = \"c2hvcnQ=\"").unwrap_err();
+        assert!(err.to_string().starts_with("crypto.keys.1"), "{err}");
+        let err = Config::from_toml("[server]\nbind = \"nowhere\"").unwrap_err();
+        assert!(err.to_string().starts_with("server.bind"), "{err}");
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let config = Config::from_toml(
+            "[database]\nurl = \"postgres://u:pw-do-not-print@h/db\"",
+        )
+        .unwrap();
+        assert!(!format!("{config:?}").contains("pw-do-not-print"));
+    }
+}

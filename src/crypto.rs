@@ -1,0 +1,290 @@
+//! Sealing of message bodies at rest: AES-256-GCM (openssl) with a random 96-bit nonce per
+//! message, associated data binding the ciphertext to its room and seq, and a key id per row
+//! so keys can rotate. Owns the [`Keyring`]; reads and writes only the key file.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+
+use crate::config::Config;
+use crate::error::CryptoError;
+use crate::protocol::{RoomId, Seq};
+
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
+const KEY_LEN: usize = 32;
+
+struct Key([u8; KEY_LEN]);
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+/// A body sealed under key `key_id`: `ciphertext` is the encrypted body followed by the GCM tag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    pub key_id: i32,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+}
+
+/// The message keys by id. The highest id seals; every id opens.
+#[derive(Debug)]
+pub struct Keyring {
+    keys: BTreeMap<i32, Key>,
+}
+
+/// Parses one configured key: id is a positive integer, key is base64 of exactly 32 bytes.
+pub fn parse_key(id: &str, base64: &str) -> Result<(i32, [u8; KEY_LEN]), CryptoError> {
+    let bad = |problem: &str| CryptoError::BadKey {
+        id: id.to_string(),
+        problem: problem.to_string(),
+    };
+    let key_id: i32 = id
+        .parse()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| bad("the key id must be a positive integer"))?;
+    let bytes = STANDARD
+        .decode(base64.trim())
+        .map_err(|_| bad("the key must be base64"))?;
+    let key: [u8; KEY_LEN] = bytes
+        .try_into()
+        .map_err(|_| bad("the key must decode to exactly 32 bytes"))?;
+    Ok((key_id, key))
+}
+
+fn aad(room: RoomId, seq: Seq) -> [u8; 24] {
+    let mut out = [0u8; 24];
+    out[..8].copy_from_slice(b"rookery1");
+    out[8..16].copy_from_slice(&room.0.to_be_bytes());
+    out[16..].copy_from_slice(&seq.0.to_be_bytes());
+    out
+}
+
+impl Keyring {
+    /// A keyring from raw keys; at least one is required.
+    pub fn new(keys: impl IntoIterator<Item = (i32, [u8; KEY_LEN])>) -> Option<Keyring> {
+        let keys: BTreeMap<i32, Key> = keys.into_iter().map(|(id, k)| (id, Key(k))).collect();
+        (!keys.is_empty()).then_some(Keyring { keys })
+    }
+
+    /// Keys from the config and the key file. With neither, generates a development key file
+    /// (mode 0600) and warns loudly.
+    pub fn load(config: &Config) -> Result<Keyring, CryptoError> {
+        let mut keys = BTreeMap::new();
+        for (id, key) in &config.crypto.keys {
+            let (id, key) = parse_key(id, key.expose())?;
+            keys.insert(id, key);
+        }
+        let path = config.key_file();
+        if path.exists() {
+            for (id, key) in read_key_file(&path)? {
+                if keys.get(&id).is_some_and(|k| *k != key) {
+                    return Err(CryptoError::BadKey {
+                        id: id.to_string(),
+                        problem: format!("differs between the config and {}", path.display()),
+                    });
+                }
+                keys.insert(id, key);
+            }
+        } else if keys.is_empty() {
+            let key = generate_key_file(&path)?;
+            log::warn!(
+                "NO MESSAGE KEY CONFIGURED: generated a development key in {}. Anyone with this \
+                 file can read every stored message; configure crypto.keys for production.",
+                path.display()
+            );
+            keys.insert(1, key);
+        }
+        let ring = Keyring::new(keys).ok_or_else(|| CryptoError::BadKey {
+            id: "-".into(),
+            problem: "no message key".into(),
+        })?;
+        log::info!("message keys loaded: ids {:?}, sealing with {}", ring.ids(), ring.current());
+        Ok(ring)
+    }
+
+    pub fn ids(&self) -> Vec<i32> {
+        self.keys.keys().copied().collect()
+    }
+
+    /// The id new messages are sealed with.
+    pub fn current(&self) -> i32 {
+        self.keys.keys().next_back().copied().unwrap_or(0)
+    }
+
+    pub fn seal(&self, room: RoomId, seq: Seq, body: &[u8]) -> Result<Sealed, CryptoError> {
+        let key_id = self.current();
+        let key = self.keys.get(&key_id).ok_or(CryptoError::UnknownKey(key_id))?;
+        let mut nonce = vec![0u8; NONCE_LEN];
+        openssl::rand::rand_bytes(&mut nonce)?;
+        let mut tag = [0u8; TAG_LEN];
+        let mut ciphertext = encrypt_aead(
+            Cipher::aes_256_gcm(),
+            &key.0,
+            Some(&nonce),
+            &aad(room, seq),
+            body,
+            &mut tag,
+        )?;
+        ciphertext.extend_from_slice(&tag);
+        Ok(Sealed {
+            key_id,
+            nonce,
+            ciphertext,
+        })
+    }
+
+    pub fn open(&self, room: RoomId, seq: Seq, sealed: &Sealed) -> Result<Vec<u8>, CryptoError> {
+        let key = self
+            .keys
+            .get(&sealed.key_id)
+            .ok_or(CryptoError::UnknownKey(sealed.key_id))?;
+        if sealed.nonce.len() != NONCE_LEN || sealed.ciphertext.len() < TAG_LEN {
+            return Err(CryptoError::Authentication);
+        }
+        let (data, tag) = sealed.ciphertext.split_at(sealed.ciphertext.len() - TAG_LEN);
+        decrypt_aead(
+            Cipher::aes_256_gcm(),
+            &key.0,
+            Some(&sealed.nonce),
+            &aad(room, seq),
+            data,
+            tag,
+        )
+        .map_err(|_| CryptoError::Authentication)
+    }
+}
+
+fn key_file_error(path: &Path, source: std::io::Error) -> CryptoError {
+    CryptoError::KeyFile {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Lines of "id base64"; blank lines and lines starting with '#' are skipped.
+fn read_key_file(path: &Path) -> Result<Vec<(i32, [u8; KEY_LEN])>, CryptoError> {
+    let text = std::fs::read_to_string(path).map_err(|e| key_file_error(path, e))?;
+    text.lines()
+        .enumerate()
+        .map(|(n, line)| (n, line.trim()))
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+        .map(|(n, line)| {
+            let (id, key) = line.split_once(char::is_whitespace).ok_or_else(|| CryptoError::BadKey {
+                id: format!("{}:{}", path.display(), n + 1),
+                problem: "expected \"<id> <base64 key>\"".into(),
+            })?;
+            parse_key(id, key)
+        })
+        .collect()
+}
+
+fn generate_key_file(path: &Path) -> Result<[u8; KEY_LEN], CryptoError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut key = [0u8; KEY_LEN];
+    openssl::rand::rand_bytes(&mut key)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| key_file_error(path, e))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| key_file_error(path, e))?;
+    writeln!(
+        file,
+        "# Rookery message keys: \"<id> <base64 of 32 bytes>\". Generated for development.\n1 {}",
+        STANDARD.encode(key)
+    )
+    .map_err(|e| key_file_error(path, e))?;
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(ids: &[i32]) -> Keyring {
+        Keyring::new(ids.iter().map(|id| (*id, [*id as u8; 32]))).unwrap()
+    }
+
+    #[test]
+    fn seal_then_open() {
+        let keys = ring(&[1]);
+        let sealed = keys.seal(RoomId(3), Seq(9), b"hello").unwrap();
+        assert_eq!(sealed.key_id, 1);
+        assert_eq!(sealed.nonce.len(), 12);
+        assert!(!sealed.ciphertext.windows(5).any(|w| w == b"hello"));
+        assert_eq!(keys.open(RoomId(3), Seq(9), &sealed).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn nonces_differ() {
+        let keys = ring(&[1]);
+        let a = keys.seal(RoomId(1), Seq(1), b"x").unwrap();
+        let b = keys.seal(RoomId(1), Seq(1), b"x").unwrap();
+        assert_ne!(a.nonce, b.nonce);
+    }
+
+    #[test]
+    fn bound_to_room_and_seq() {
+        let keys = ring(&[1]);
+        let sealed = keys.seal(RoomId(3), Seq(9), b"hello").unwrap();
+        assert!(matches!(keys.open(RoomId(4), Seq(9), &sealed), Err(CryptoError::Authentication)));
+        assert!(matches!(keys.open(RoomId(3), Seq(8), &sealed), Err(CryptoError::Authentication)));
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let keys = ring(&[1]);
+        let mut sealed = keys.seal(RoomId(3), Seq(9), b"hello").unwrap();
+        sealed.ciphertext[0] ^= 1;
+        assert!(matches!(keys.open(RoomId(3), Seq(9), &sealed), Err(CryptoError::Authentication)));
+        sealed.ciphertext.truncate(3);
+        assert!(keys.open(RoomId(3), Seq(9), &sealed).is_err());
+    }
+
+    #[test]
+    fn rotation_keeps_old_rows_readable() {
+        let old = ring(&[1]);
+        let sealed = old.seal(RoomId(1), Seq(1), b"old").unwrap();
+        let rotated = ring(&[1, 2]);
+        assert_eq!(rotated.current(), 2);
+        assert_eq!(rotated.open(RoomId(1), Seq(1), &sealed).unwrap(), b"old");
+        assert_eq!(rotated.seal(RoomId(1), Seq(2), b"new").unwrap().key_id, 2);
+        let without = ring(&[2]);
+        assert!(matches!(without.open(RoomId(1), Seq(1), &sealed), Err(CryptoError::UnknownKey(1))));
+    }
+
+    #[test]
+    fn key_parsing() {
+        assert!(parse_key("1", &STANDARD.encode([0u8; 32])).is_ok());
+        assert!(parse_key("0", &STANDARD.encode([0u8; 32])).is_err());
+        assert!(parse_key("x", &STANDARD.encode([0u8; 32])).is_err());
+        assert!(parse_key("1", &STANDARD.encode([0u8; 31])).is_err());
+        assert!(parse_key("1", "not base64!").is_err());
+    }
+
+    #[test]
+    fn generated_key_file_is_private_and_reloads() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("rookery-keys-{}", uuid::Uuid::new_v4()));
+        let config = Config::from_toml(&format!("data_dir = {:?}", dir.display().to_string())).unwrap();
+        let first = Keyring::load(&config).unwrap();
+        let mode = std::fs::metadata(config.key_file()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let sealed = first.seal(RoomId(1), Seq(1), b"x").unwrap();
+        let second = Keyring::load(&config).unwrap();
+        assert_eq!(second.open(RoomId(1), Seq(1), &sealed).unwrap(), b"x");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,183 @@
+//! Bring-up and serving: prepares the database (create, migrate), the message keys and TLS;
+//! starts the DB-executor pool, Presence and the room Directory; serves `GET /ws` and
+//! `GET /healthz` on a listener the caller bound (tests bind port 0) until shutdown.
+
+use actix::prelude::*;
+use actix_web::{http::header, middleware, web, App, HttpResponse, HttpServer};
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::actors::db::{DbExecutor, DbSettings};
+use crate::actors::directory::Directory;
+use crate::actors::presence::{Presence, PresenceHandle};
+use crate::actors::room::{RoomSettings, StoreHandle};
+use crate::actors::session::{Services, SessionSettings};
+use crate::config::{ms, Config};
+use crate::crypto::Keyring;
+use crate::error::StartError;
+use crate::store::{self, PgPool};
+use crate::transport;
+
+/// What every HTTP worker shares.
+pub struct AppState {
+    pub services: Services,
+    pub sessions: Arc<SessionSettings>,
+}
+
+/// Everything the server needs that takes blocking work to get.
+pub struct Prepared {
+    pub config: Config,
+    pub pool: PgPool,
+    pub keys: Arc<Keyring>,
+    pub tls: Option<openssl::ssl::SslAcceptorBuilder>,
+}
+
+/// Creates the database if missing and runs pending migrations. Blocking.
+pub fn migrate(config: &Config) -> Result<usize, StartError> {
+    let url = config.database.url.expose();
+    store::ensure_database(url)?;
+    let pool = store::connect_pool(url, 1, ms(config.database.connect_timeout_ms))?;
+    let mut conn = pool.get().map_err(store_unavailable)?;
+    Ok(store::run_migrations(&mut conn)?)
+}
+
+fn store_unavailable(e: impl std::fmt::Display) -> StartError {
+    StartError::Store(crate::error::StoreError::Unavailable(e.to_string()))
+}
+
+/// Migrates, loads keys and TLS material. Blocking; call before starting the actors.
+pub fn prepare(config: Config) -> Result<Prepared, StartError> {
+    let applied = migrate(&config)?;
+    if applied > 0 {
+        log::info!("applied {applied} migration(s)");
+    }
+    let pool = store::connect_pool(
+        config.database.url.expose(),
+        u32::try_from(config.database.executors).unwrap_or(64),
+        ms(config.database.connect_timeout_ms),
+    )?;
+    let keys = Arc::new(Keyring::load(&config)?);
+    let tls = if config.tls.enabled {
+        Some(crate::tls::acceptor(&config)?)
+    } else {
+        log::warn!("TLS is disabled: serving plain ws (only behind a TLS-terminating proxy)");
+        None
+    };
+    if config.database.bcrypt_cost < 10 {
+        log::warn!("bcrypt cost {} is below 10: for tests only", config.database.bcrypt_cost);
+    }
+    Ok(Prepared {
+        config,
+        pool,
+        keys,
+        tls,
+    })
+}
+
+/// Starts the actors and the HTTP server on `listener`. Must run inside an actix System;
+/// the returned server runs until stopped through its handle or by SIGINT/SIGTERM.
+pub fn start(prepared: Prepared, listener: TcpListener) -> Result<actix_web::dev::Server, StartError> {
+    let Prepared {
+        config,
+        pool,
+        keys,
+        tls,
+    } = prepared;
+    let db = DbExecutor::start(
+        config.database.executors,
+        pool,
+        keys,
+        DbSettings {
+            bcrypt_cost: config.database.bcrypt_cost,
+            token_ttl: Duration::from_secs(config.database.token_ttl_hours.saturating_mul(3600)),
+            max_listed_rooms: config.rooms.max_listed,
+        },
+    );
+    let presence = PresenceHandle::of(&Presence::default().start());
+    let store = StoreHandle {
+        store: db.clone().recipient(),
+        history: db.clone().recipient(),
+    };
+    let directory = Directory::new(
+        db.clone().recipient(),
+        store,
+        presence.clone(),
+        RoomSettings {
+            history_limit: config.rooms.history_limit,
+            max_body_bytes: config.rooms.max_body_bytes,
+            idle_stop: ms(config.rooms.idle_stop_ms),
+        },
+    )
+    .start();
+    let services = Services {
+        db,
+        directory,
+        presence,
+    };
+    let sessions = Arc::new(SessionSettings {
+        ping_interval: ms(config.session.ping_interval_ms),
+        client_timeout: ms(config.session.client_timeout_ms),
+        max_frame_bytes: config.session.max_frame_bytes,
+        bad_frame_limit: config.session.bad_frame_limit,
+        bad_frame_window: ms(config.session.bad_frame_window_ms),
+        outbound_queue: config.session.outbound_queue,
+    });
+    let tls_on = tls.is_some();
+    let state = web::Data::new(AppState { services, sessions });
+    let mut server = HttpServer::new(move || {
+        let mut headers = middleware::DefaultHeaders::new()
+            .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+            .add((header::X_FRAME_OPTIONS, "DENY"))
+            .add((header::REFERRER_POLICY, "no-referrer"))
+            .add((header::CONTENT_SECURITY_POLICY, "default-src 'none'; frame-ancestors 'none'"))
+            .add((header::CACHE_CONTROL, "no-store"));
+        if tls_on {
+            headers = headers.add((header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"));
+        }
+        App::new()
+            .app_data(state.clone())
+            .wrap(headers)
+            .route("/ws", web::get().to(transport::ws::upgrade))
+            .route("/healthz", web::get().to(healthz))
+    })
+    .max_connections(config.server.max_connections_per_worker)
+    .client_request_timeout(ms(config.server.request_timeout_ms))
+    .client_disconnect_timeout(ms(config.server.disconnect_timeout_ms))
+    .keep_alive(ms(config.server.keep_alive_ms))
+    .shutdown_timeout(config.server.shutdown_timeout_ms.div_ceil(1000));
+    if config.server.workers > 0 {
+        server = server.workers(config.server.workers);
+    }
+    let addr = listener.local_addr()?;
+    let server = match tls {
+        Some(builder) => server
+            .tls_handshake_timeout(ms(config.server.tls_handshake_timeout_ms))
+            .listen_openssl(listener, builder)?,
+        None => server.listen(listener)?,
+    };
+    log::info!(
+        "listening on {}://{addr}/ws",
+        if tls_on { "wss" } else { "ws" }
+    );
+    Ok(server.run())
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// `rookery serve`: prepare, bind, serve until SIGINT/SIGTERM.
+pub fn serve(config: Config) -> Result<(), StartError> {
+    let bind = config.server.bind.clone();
+    let prepared = prepare(config)?;
+    let listener = TcpListener::bind(&bind)
+        .map_err(|e| StartError::Io(std::io::Error::new(e.kind(), format!("bind {bind}: {e}"))))?;
+    let system = System::new();
+    system.block_on(async move {
+        let server = start(prepared, listener)?;
+        server.await?;
+        log::info!("server stopped");
+        Ok::<_, StartError>(())
+    })
+}

@@ -1,0 +1,459 @@
+//! Persistence: plain functions over `&mut PgConnection`, called only from the DB-executor
+//! threads. Owns the SQL; seals and opens bodies with the [`Keyring`] it is given.
+
+pub mod models;
+
+use chrono::{DateTime, Duration as TimeDelta, Utc};
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::r2d2::{ConnectionManager, Pool};
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use std::time::Duration;
+
+use crate::crypto::{Keyring, Sealed};
+use crate::error::StoreError;
+use crate::protocol::{format_time, MessageView, RoomId, RoomKind, Seq, UserId, UNDECRYPTABLE};
+use crate::schema::{messages, room_members, rooms, session_tokens, users};
+use models::*;
+
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+pub type PgPool = Pool<ConnectionManager<PgConnection>>;
+
+/// Any number: serializes concurrent `migrate` runs of several nodes.
+const MIGRATION_LOCK: i64 = 0x526f_6f6b_6572_79;
+
+fn is_unique_violation(e: &DieselError) -> bool {
+    matches!(e, DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _))
+}
+
+/// Creates the database named in `url` when it does not exist yet.
+pub fn ensure_database(url: &str) -> Result<(), StoreError> {
+    let mut parsed =
+        url::Url::parse(url).map_err(|e| StoreError::Unavailable(format!("database url: {e}")))?;
+    let name = crate::config::database_name(url)
+        .ok_or_else(|| StoreError::Unavailable("database url names no database".into()))?;
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(StoreError::Unavailable(format!(
+            "database name '{name}' must be letters, digits, _ or -"
+        )));
+    }
+    if PgConnection::establish(url).is_ok() {
+        return Ok(());
+    }
+    parsed.set_path("/postgres");
+    let mut admin = PgConnection::establish(parsed.as_str())
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    match admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")) {
+        Ok(()) => {
+            log::info!("created database {name}");
+            Ok(())
+        }
+        Err(DieselError::DatabaseError(_, info)) if info.message().contains("already exists") => {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Runs pending migrations under an advisory lock; returns how many ran.
+pub fn run_migrations(conn: &mut PgConnection) -> Result<usize, StoreError> {
+    conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))?;
+    let result = conn
+        .run_pending_migrations(MIGRATIONS)
+        .map(|done| done.len())
+        .map_err(|e| StoreError::Migration(e.to_string()));
+    conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))?;
+    result
+}
+
+/// Reverts every migration (tests check that down and up again work).
+pub fn revert_all_migrations(conn: &mut PgConnection) -> Result<usize, StoreError> {
+    let mut count = 0;
+    while conn
+        .applied_migrations()
+        .map_err(|e| StoreError::Migration(e.to_string()))?
+        .first()
+        .is_some()
+    {
+        conn.revert_last_migration(MIGRATIONS)
+            .map_err(|e| StoreError::Migration(e.to_string()))?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+/// A pool of `size` connections; a checkout waits at most `timeout`.
+pub fn connect_pool(url: &str, size: u32, timeout: Duration) -> Result<PgPool, StoreError> {
+    Ok(Pool::builder()
+        .max_size(size)
+        .min_idle(Some(0))
+        .connection_timeout(timeout)
+        .build_unchecked(ConnectionManager::new(url)))
+}
+
+pub fn create_user(
+    conn: &mut PgConnection,
+    username: &str,
+    password_hash: &str,
+) -> Result<UserRecord, StoreError> {
+    let (id, username) = diesel::insert_into(users::table)
+        .values((
+            users::username.eq(username),
+            users::password_hash.eq(password_hash),
+        ))
+        .returning((users::id, users::username))
+        .get_result::<(i64, String)>(conn)
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict("username")
+            } else {
+                e.into()
+            }
+        })?;
+    Ok(UserRecord {
+        id: UserId(id),
+        username,
+    })
+}
+
+/// The user and its password hash, for a login.
+pub fn find_login(
+    conn: &mut PgConnection,
+    username: &str,
+) -> Result<Option<(UserRecord, String)>, StoreError> {
+    let row = users::table
+        .filter(users::username.eq(username))
+        .select((users::id, users::username, users::password_hash))
+        .first::<(i64, String, String)>(conn)
+        .optional()?;
+    Ok(row.map(|(id, username, hash)| {
+        (
+            UserRecord {
+                id: UserId(id),
+                username,
+            },
+            hash,
+        )
+    }))
+}
+
+pub fn insert_token(
+    conn: &mut PgConnection,
+    user: UserId,
+    token_hash: &[u8],
+    ttl: Duration,
+) -> Result<(), StoreError> {
+    let ttl = TimeDelta::from_std(ttl).unwrap_or(TimeDelta::days(30));
+    diesel::insert_into(session_tokens::table)
+        .values((
+            session_tokens::user_id.eq(user.0),
+            session_tokens::token_hash.eq(token_hash),
+            session_tokens::expires_at.eq(Utc::now() + ttl),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// The user holding a live (unexpired, unrevoked) token.
+pub fn user_by_token(conn: &mut PgConnection, token_hash: &[u8]) -> Result<UserRecord, StoreError> {
+    let (id, username) = session_tokens::table
+        .inner_join(users::table)
+        .filter(session_tokens::token_hash.eq(token_hash))
+        .filter(session_tokens::revoked_at.is_null())
+        .filter(session_tokens::expires_at.gt(Utc::now()))
+        .select((users::id, users::username))
+        .first::<(i64, String)>(conn)
+        .optional()?
+        .ok_or(StoreError::InvalidToken)?;
+    Ok(UserRecord {
+        id: UserId(id),
+        username,
+    })
+}
+
+pub fn revoke_token(conn: &mut PgConnection, token_hash: &[u8]) -> Result<(), StoreError> {
+    diesel::update(session_tokens::table.filter(session_tokens::token_hash.eq(token_hash)))
+        .set(session_tokens::revoked_at.eq(Utc::now()))
+        .execute(conn)?;
+    Ok(())
+}
+
+fn parse_kind(kind: &str) -> RoomKind {
+    // The CHECK constraint admits only these two values.
+    RoomKind::parse(kind).unwrap_or(RoomKind::Private)
+}
+
+/// Public rooms and the private rooms `user` is a member of, by name.
+pub fn list_rooms(
+    conn: &mut PgConnection,
+    user: UserId,
+    limit: usize,
+) -> Result<Vec<RoomSummary>, StoreError> {
+    let member_of = room_members::table
+        .filter(room_members::user_id.eq(user.0))
+        .select(room_members::room_id);
+    let rows = rooms::table
+        .filter(rooms::kind.eq("public").or(rooms::id.eq_any(member_of)))
+        .order(rooms::name.asc())
+        .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+        .select((rooms::name, rooms::kind, rooms::last_seq))
+        .load::<(String, String, i64)>(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, kind, last_seq)| RoomSummary {
+            name,
+            kind: parse_kind(&kind),
+            last_seq: Seq(last_seq),
+        })
+        .collect())
+}
+
+/// Creates a room owned by `owner`. A private room's whitelist is the owner plus `members`.
+pub fn create_room(
+    conn: &mut PgConnection,
+    name: &str,
+    kind: RoomKind,
+    owner: &UserRecord,
+    members: &[String],
+) -> Result<RoomRecord, StoreError> {
+    conn.transaction(|conn| {
+        let mut member_ids = vec![owner.id.0];
+        if kind == RoomKind::Private && !members.is_empty() {
+            let found: Vec<(i64, String)> = users::table
+                .filter(users::username.eq_any(members))
+                .select((users::id, users::username))
+                .load(conn)?;
+            if let Some(missing) = members
+                .iter()
+                .find(|m| !found.iter().any(|(_, name)| name == *m))
+            {
+                return Err(StoreError::UnknownMember(missing.clone()));
+            }
+            member_ids.extend(found.into_iter().map(|(id, _)| id));
+        }
+        let id: i64 = diesel::insert_into(rooms::table)
+            .values((
+                rooms::name.eq(name),
+                rooms::kind.eq(kind.as_str()),
+                rooms::owner_id.eq(owner.id.0),
+            ))
+            .returning(rooms::id)
+            .get_result(conn)
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict("room")
+                } else {
+                    e.into()
+                }
+            })?;
+        if kind == RoomKind::Private {
+            member_ids.sort_unstable();
+            member_ids.dedup();
+            let rows: Vec<_> = member_ids
+                .iter()
+                .map(|user| (room_members::room_id.eq(id), room_members::user_id.eq(*user)))
+                .collect();
+            diesel::insert_into(room_members::table)
+                .values(&rows)
+                .execute(conn)?;
+        }
+        Ok(RoomRecord {
+            id: RoomId(id),
+            name: name.to_string(),
+            kind,
+            owner: Some(owner.username.clone()),
+            last_seq: Seq(0),
+        })
+    })
+}
+
+/// A room with its whitelist and its newest `recent` messages; `NotFound` if there is none.
+pub fn load_room(
+    conn: &mut PgConnection,
+    keys: &Keyring,
+    name: &str,
+    recent: usize,
+) -> Result<RoomState, StoreError> {
+    let (id, kind, owner, last_seq) = rooms::table
+        .left_join(users::table)
+        .filter(rooms::name.eq(name))
+        .select((rooms::id, rooms::kind, users::username.nullable(), rooms::last_seq))
+        .first::<(i64, String, Option<String>, i64)>(conn)
+        .optional()?
+        .ok_or(StoreError::NotFound)?;
+    let members = room_members::table
+        .filter(room_members::room_id.eq(id))
+        .select(room_members::user_id)
+        .load::<i64>(conn)?
+        .into_iter()
+        .map(UserId)
+        .collect();
+    let record = RoomRecord {
+        id: RoomId(id),
+        name: name.to_string(),
+        kind: parse_kind(&kind),
+        owner,
+        last_seq: Seq(last_seq),
+    };
+    let recent = load_messages(conn, keys, &record, None, recent)?.messages;
+    Ok(RoomState {
+        record,
+        members,
+        recent,
+    })
+}
+
+/// Stores a message, assigning its seq from the room's counter in the same transaction.
+/// A repeated `client_msg_id` of the same sender returns the original seq and stores nothing.
+pub fn store_message(
+    conn: &mut PgConnection,
+    keys: &Keyring,
+    room: RoomId,
+    sender: UserId,
+    body: &str,
+    client_msg_id: Option<&str>,
+) -> Result<Stored, StoreError> {
+    let attempt = |conn: &mut PgConnection| {
+        conn.transaction(|conn| {
+            if let Some(earlier) = find_by_client_id(conn, room, sender, client_msg_id)? {
+                return Ok(earlier);
+            }
+            let seq: i64 = diesel::update(rooms::table.find(room.0))
+                .set(rooms::last_seq.eq(rooms::last_seq + 1))
+                .returning(rooms::last_seq)
+                .get_result(conn)
+                .optional()?
+                .ok_or(StoreError::NotFound)?;
+            let sealed = keys.seal(room, Seq(seq), body.as_bytes())?;
+            let sent_at = now_micros();
+            diesel::insert_into(messages::table)
+                .values(NewMessage {
+                    room_id: room.0,
+                    seq,
+                    sender_id: sender.0,
+                    client_msg_id,
+                    key_id: sealed.key_id,
+                    nonce: &sealed.nonce,
+                    ciphertext: &sealed.ciphertext,
+                    created_at: sent_at,
+                })
+                .execute(conn)?;
+            Ok::<_, StoreError>(Stored {
+                seq: Seq(seq),
+                sent_at,
+                duplicate: false,
+            })
+        })
+    };
+    match attempt(conn) {
+        // A concurrent retry with the same client_msg_id committed first: return its result.
+        Err(StoreError::Database(e)) if is_unique_violation(&e) && client_msg_id.is_some() => {
+            find_by_client_id(conn, room, sender, client_msg_id)?.ok_or(StoreError::Database(e))
+        }
+        other => other,
+    }
+}
+
+fn find_by_client_id(
+    conn: &mut PgConnection,
+    room: RoomId,
+    sender: UserId,
+    client_msg_id: Option<&str>,
+) -> Result<Option<Stored>, StoreError> {
+    let Some(client_msg_id) = client_msg_id else {
+        return Ok(None);
+    };
+    let found = messages::table
+        .filter(messages::room_id.eq(room.0))
+        .filter(messages::sender_id.eq(sender.0))
+        .filter(messages::client_msg_id.eq(client_msg_id))
+        .select((messages::seq, messages::created_at))
+        .first::<(i64, DateTime<Utc>)>(conn)
+        .optional()?;
+    Ok(found.map(|(seq, sent_at)| Stored {
+        seq: Seq(seq),
+        sent_at,
+        duplicate: true,
+    }))
+}
+
+/// Postgres keeps microseconds; the in-memory copy must format the same as the stored one.
+fn now_micros() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}
+
+/// Up to `limit` messages with seq < `before` (all when None), returned in ascending seq.
+/// A row that fails to open is returned without a body and with `error` set.
+pub fn load_messages(
+    conn: &mut PgConnection,
+    keys: &Keyring,
+    room: &RoomRecord,
+    before: Option<Seq>,
+    limit: usize,
+) -> Result<HistoryPage, StoreError> {
+    let mut query = messages::table
+        .inner_join(users::table)
+        .filter(messages::room_id.eq(room.id.0))
+        .into_boxed();
+    if let Some(before) = before {
+        query = query.filter(messages::seq.lt(before.0));
+    }
+    let mut rows: Vec<MessageRow> = query
+        .order(messages::seq.desc())
+        .limit(i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1))
+        .select((
+            messages::seq,
+            messages::client_msg_id,
+            messages::key_id,
+            messages::nonce,
+            messages::ciphertext,
+            messages::created_at,
+            users::username,
+        ))
+        .load(conn)?;
+    let has_more = rows.len() > limit;
+    rows.truncate(limit);
+    rows.reverse();
+    let messages = rows
+        .into_iter()
+        .map(|row| open_row(keys, room, row))
+        .collect();
+    Ok(HistoryPage { messages, has_more })
+}
+
+fn open_row(keys: &Keyring, room: &RoomRecord, row: MessageRow) -> MessageView {
+    let seq = Seq(row.seq);
+    let sealed = Sealed {
+        key_id: row.key_id,
+        nonce: row.nonce,
+        ciphertext: row.ciphertext,
+    };
+    let body = keys
+        .open(room.id, seq, &sealed)
+        .map_err(|e| e.to_string())
+        .and_then(|plain| String::from_utf8(plain).map_err(|_| "not UTF-8".to_string()));
+    let (body, error) = match body {
+        Ok(body) => (Some(body), None),
+        Err(why) => {
+            log::error!("room {} seq {seq}: stored message cannot be opened: {why}", room.name);
+            (None, Some(UNDECRYPTABLE))
+        }
+    };
+    MessageView {
+        room: room.name.clone(),
+        seq,
+        from: row.username,
+        body,
+        sent_at: format_time(row.created_at),
+        client_msg_id: row.client_msg_id,
+        error,
+    }
+}
+
+pub type PooledConn = diesel::r2d2::PooledConnection<ConnectionManager<PgConnection>>;

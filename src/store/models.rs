@@ -1,0 +1,79 @@
+//! Row types and the plain values the store hands back. No queries here.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+
+use crate::protocol::{MessageView, RoomId, RoomKind, Seq, UserId};
+
+/// A user as the rest of the server knows it (never with its password hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub id: UserId,
+    pub username: String,
+}
+
+/// A room's durable facts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomRecord {
+    pub id: RoomId,
+    pub name: String,
+    pub kind: RoomKind,
+    pub owner: Option<String>,
+    pub last_seq: Seq,
+}
+
+/// What a Room actor needs to start: its record, its whitelist and its newest messages.
+#[derive(Debug, Clone)]
+pub struct RoomState {
+    pub record: RoomRecord,
+    pub members: Vec<UserId>,
+    pub recent: Vec<MessageView>,
+}
+
+/// One line of the `rooms` listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomSummary {
+    pub name: String,
+    pub kind: RoomKind,
+    pub last_seq: Seq,
+}
+
+/// The outcome of storing a message. `duplicate` is set when `client_msg_id` matched an
+/// earlier message of the same sender, whose seq and time are returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub seq: Seq,
+    pub sent_at: DateTime<Utc>,
+    pub duplicate: bool,
+}
+
+/// One page of history in ascending seq.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryPage {
+    pub messages: Vec<MessageView>,
+    pub has_more: bool,
+}
+
+#[derive(Debug, Queryable)]
+pub struct MessageRow {
+    pub seq: i64,
+    pub client_msg_id: Option<String>,
+    pub key_id: i32,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    pub username: String,
+}
+
+#[derive(Debug, Insertable)]
+#[diesel(table_name = crate::schema::messages)]
+pub struct NewMessage<'a> {
+    pub room_id: i64,
+    pub seq: i64,
+    pub sender_id: i64,
+    pub client_msg_id: Option<&'a str>,
+    pub key_id: i32,
+    pub nonce: &'a [u8],
+    pub ciphertext: &'a [u8],
+    pub created_at: DateTime<Utc>,
+}

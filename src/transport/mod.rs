@@ -1,0 +1,3 @@
+//! Network transports. Only [`ws`] names actix-web-actors.
+
+pub mod ws;
