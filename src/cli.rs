@@ -31,7 +31,11 @@ pub enum Command {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::CheckConfig => check_config(cli.config.as_deref()),
-        Command::Serve => report(Config::load(cli.config.as_deref()).map_err(StartError::from).and_then(crate::server::serve)),
+        Command::Serve => report(
+            Config::load(cli.config.as_deref())
+                .map_err(StartError::from)
+                .and_then(crate::server::serve),
+        ),
         Command::Migrate => report(
             Config::load(cli.config.as_deref())
                 .map_err(StartError::from)
@@ -57,7 +61,15 @@ fn check_config(file: Option<&std::path::Path>) -> ExitCode {
         Ok(config) => {
             println!("configuration is valid");
             println!("  database: {}", redact_url(config.database.url.expose()));
-            println!("  listen: {} ({})", config.server.bind, if config.tls.enabled { "wss" } else { "plain ws" });
+            println!(
+                "  listen: {} ({})",
+                config.server.bind,
+                if config.tls.enabled {
+                    "wss"
+                } else {
+                    "plain ws"
+                }
+            );
             ExitCode::SUCCESS
         }
         Err(ConfigError::Load(problems)) => {

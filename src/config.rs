@@ -145,12 +145,21 @@ impl Config {
     fn env() -> Figment {
         Figment::new()
             .merge(Env::prefixed("ROOKERY__").split("__"))
-            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database.url".into()))
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL"])
+                    .map(|_| "database.url".into()),
+            )
     }
 
     fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
         let config: Config = figment.extract().map_err(|e| {
-            ConfigError::Load(e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
+            ConfigError::Load(
+                e.into_iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
         })?;
         let problems = config.problems();
         if let Some(first) = problems.into_iter().next() {
@@ -169,19 +178,37 @@ impl Config {
             })
         };
         if self.server.bind.parse::<SocketAddr>().is_err() {
-            bad("server.bind", format!("'{}' is not an ip:port address", self.server.bind));
+            bad(
+                "server.bind",
+                format!("'{}' is not an ip:port address", self.server.bind),
+            );
         }
         if self.server.max_connections_per_worker == 0 {
-            bad("server.max_connections_per_worker", "must be at least 1".into());
+            bad(
+                "server.max_connections_per_worker",
+                "must be at least 1".into(),
+            );
         }
         for (key, ms) in [
             ("server.request_timeout_ms", self.server.request_timeout_ms),
-            ("server.tls_handshake_timeout_ms", self.server.tls_handshake_timeout_ms),
-            ("server.disconnect_timeout_ms", self.server.disconnect_timeout_ms),
+            (
+                "server.tls_handshake_timeout_ms",
+                self.server.tls_handshake_timeout_ms,
+            ),
+            (
+                "server.disconnect_timeout_ms",
+                self.server.disconnect_timeout_ms,
+            ),
             ("session.ping_interval_ms", self.session.ping_interval_ms),
             ("session.client_timeout_ms", self.session.client_timeout_ms),
-            ("session.bad_frame_window_ms", self.session.bad_frame_window_ms),
-            ("database.connect_timeout_ms", self.database.connect_timeout_ms),
+            (
+                "session.bad_frame_window_ms",
+                self.session.bad_frame_window_ms,
+            ),
+            (
+                "database.connect_timeout_ms",
+                self.database.connect_timeout_ms,
+            ),
         ] {
             if ms == 0 {
                 bad(key, "a timeout must be greater than 0".into());
@@ -199,13 +226,21 @@ impl Config {
         if self.session.outbound_queue == 0 {
             bad("session.outbound_queue", "must be at least 1".into());
         }
-        if self.tls.enabled && (self.tls.cert.as_os_str().is_empty() != self.tls.key.as_os_str().is_empty()) {
-            bad("tls.cert", "set both tls.cert and tls.key, or neither".into());
+        if self.tls.enabled
+            && (self.tls.cert.as_os_str().is_empty() != self.tls.key.as_os_str().is_empty())
+        {
+            bad(
+                "tls.cert",
+                "set both tls.cert and tls.key, or neither".into(),
+            );
         }
         if let Err(e) = url::Url::parse(self.database.url.expose()) {
             bad("database.url", format!("not a URL: {e}"));
         } else if database_name(self.database.url.expose()).is_none() {
-            bad("database.url", "must name a database, e.g. postgres://host/rookery".into());
+            bad(
+                "database.url",
+                "must name a database, e.g. postgres://host/rookery".into(),
+            );
         }
         if self.database.executors == 0 || self.database.executors > 64 {
             bad("database.executors", "must be 1..64".into());
@@ -219,7 +254,9 @@ impl Config {
         if self.rooms.history_limit == 0 || self.rooms.history_limit > 10_000 {
             bad("rooms.history_limit", "must be 1..10000".into());
         }
-        if self.rooms.max_body_bytes == 0 || self.rooms.max_body_bytes + 1024 > self.session.max_frame_bytes {
+        if self.rooms.max_body_bytes == 0
+            || self.rooms.max_body_bytes + 1024 > self.session.max_frame_bytes
+        {
             bad(
                 "rooms.max_body_bytes",
                 "must be at least 1 and 1 KiB below session.max_frame_bytes".into(),
@@ -272,7 +309,10 @@ mod tests {
         assert_eq!(config.session.ping_interval_ms, 5000);
         assert_eq!(config.session.client_timeout_ms, 15000);
         assert!(config.tls.enabled);
-        assert_eq!(database_name(config.database.url.expose()).as_deref(), Some("rookery"));
+        assert_eq!(
+            database_name(config.database.url.expose()).as_deref(),
+            Some("rookery")
+        );
     }
 
     #[test]
@@ -289,8 +329,12 @@ mod tests {
 
     #[test]
     fn invalid_values_name_the_key() {
-        let err = Config::from_toml("[session]\nclient_timeout_ms = 10\nping_interval_ms = 20").unwrap_err();
-        assert!(err.to_string().starts_with("session.client_timeout_ms"), "{err}");
+        let err = Config::from_toml("[session]\nclient_timeout_ms = 10\nping_interval_ms = 20")
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("session.client_timeout_ms"),
+            "{err}"
+        );
         let err = Config::from_toml("[crypto.keys]\n1 = \"c2hvcnQ=\"").unwrap_err();
         assert!(err.to_string().starts_with("crypto.keys.1"), "{err}");
         let err = Config::from_toml("[server]\nbind = \"nowhere\"").unwrap_err();
@@ -299,10 +343,8 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let config = Config::from_toml(
-            "[database]\nurl = \"postgres://u:pw-do-not-print@h/db\"",
-        )
-        .unwrap();
+        let config =
+            Config::from_toml("[database]\nurl = \"postgres://u:pw-do-not-print@h/db\"").unwrap();
         assert!(!format!("{config:?}").contains("pw-do-not-print"));
     }
 }

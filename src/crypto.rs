@@ -107,7 +107,11 @@ impl Keyring {
             id: "-".into(),
             problem: "no message key".into(),
         })?;
-        log::info!("message keys loaded: ids {:?}, sealing with {}", ring.ids(), ring.current());
+        log::info!(
+            "message keys loaded: ids {:?}, sealing with {}",
+            ring.ids(),
+            ring.current()
+        );
         Ok(ring)
     }
 
@@ -122,7 +126,10 @@ impl Keyring {
 
     pub fn seal(&self, room: RoomId, seq: Seq, body: &[u8]) -> Result<Sealed, CryptoError> {
         let key_id = self.current();
-        let key = self.keys.get(&key_id).ok_or(CryptoError::UnknownKey(key_id))?;
+        let key = self
+            .keys
+            .get(&key_id)
+            .ok_or(CryptoError::UnknownKey(key_id))?;
         let mut nonce = vec![0u8; NONCE_LEN];
         openssl::rand::rand_bytes(&mut nonce)?;
         let mut tag = [0u8; TAG_LEN];
@@ -150,7 +157,9 @@ impl Keyring {
         if sealed.nonce.len() != NONCE_LEN || sealed.ciphertext.len() < TAG_LEN {
             return Err(CryptoError::Authentication);
         }
-        let (data, tag) = sealed.ciphertext.split_at(sealed.ciphertext.len() - TAG_LEN);
+        let (data, tag) = sealed
+            .ciphertext
+            .split_at(sealed.ciphertext.len() - TAG_LEN);
         decrypt_aead(
             Cipher::aes_256_gcm(),
             &key.0,
@@ -178,10 +187,12 @@ fn read_key_file(path: &Path) -> Result<Vec<(i32, [u8; KEY_LEN])>, CryptoError> 
         .map(|(n, line)| (n, line.trim()))
         .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
         .map(|(n, line)| {
-            let (id, key) = line.split_once(char::is_whitespace).ok_or_else(|| CryptoError::BadKey {
-                id: format!("{}:{}", path.display(), n + 1),
-                problem: "expected \"<id> <base64 key>\"".into(),
-            })?;
+            let (id, key) =
+                line.split_once(char::is_whitespace)
+                    .ok_or_else(|| CryptoError::BadKey {
+                        id: format!("{}:{}", path.display(), n + 1),
+                        problem: "expected \"<id> <base64 key>\"".into(),
+                    })?;
             parse_key(id, key)
         })
         .collect()
@@ -239,8 +250,14 @@ mod tests {
     fn bound_to_room_and_seq() {
         let keys = ring(&[1]);
         let sealed = keys.seal(RoomId(3), Seq(9), b"hello").unwrap();
-        assert!(matches!(keys.open(RoomId(4), Seq(9), &sealed), Err(CryptoError::Authentication)));
-        assert!(matches!(keys.open(RoomId(3), Seq(8), &sealed), Err(CryptoError::Authentication)));
+        assert!(matches!(
+            keys.open(RoomId(4), Seq(9), &sealed),
+            Err(CryptoError::Authentication)
+        ));
+        assert!(matches!(
+            keys.open(RoomId(3), Seq(8), &sealed),
+            Err(CryptoError::Authentication)
+        ));
     }
 
     #[test]
@@ -248,7 +265,10 @@ mod tests {
         let keys = ring(&[1]);
         let mut sealed = keys.seal(RoomId(3), Seq(9), b"hello").unwrap();
         sealed.ciphertext[0] ^= 1;
-        assert!(matches!(keys.open(RoomId(3), Seq(9), &sealed), Err(CryptoError::Authentication)));
+        assert!(matches!(
+            keys.open(RoomId(3), Seq(9), &sealed),
+            Err(CryptoError::Authentication)
+        ));
         sealed.ciphertext.truncate(3);
         assert!(keys.open(RoomId(3), Seq(9), &sealed).is_err());
     }
@@ -262,7 +282,10 @@ mod tests {
         assert_eq!(rotated.open(RoomId(1), Seq(1), &sealed).unwrap(), b"old");
         assert_eq!(rotated.seal(RoomId(1), Seq(2), b"new").unwrap().key_id, 2);
         let without = ring(&[2]);
-        assert!(matches!(without.open(RoomId(1), Seq(1), &sealed), Err(CryptoError::UnknownKey(1))));
+        assert!(matches!(
+            without.open(RoomId(1), Seq(1), &sealed),
+            Err(CryptoError::UnknownKey(1))
+        ));
     }
 
     #[test]
@@ -278,9 +301,13 @@ mod tests {
     fn generated_key_file_is_private_and_reloads() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("rookery-keys-{}", uuid::Uuid::new_v4()));
-        let config = Config::from_toml(&format!("data_dir = {:?}", dir.display().to_string())).unwrap();
+        let config =
+            Config::from_toml(&format!("data_dir = {:?}", dir.display().to_string())).unwrap();
         let first = Keyring::load(&config).unwrap();
-        let mode = std::fs::metadata(config.key_file()).unwrap().permissions().mode();
+        let mode = std::fs::metadata(config.key_file())
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let sealed = first.seal(RoomId(1), Seq(1), b"x").unwrap();
         let second = Keyring::load(&config).unwrap();

@@ -84,7 +84,9 @@ fn de_opt_seq<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Seq>, D::Error> 
             .map_err(|_| serde::de::Error::custom("seq must be a non-negative integer"))?,
     };
     if value < 0 {
-        return Err(serde::de::Error::custom("seq must be a non-negative integer"));
+        return Err(serde::de::Error::custom(
+            "seq must be a non-negative integer",
+        ));
     }
     Ok(Some(Seq(value)))
 }
@@ -386,9 +388,13 @@ pub fn check_room(name: &str) -> Result<(), Rejection> {
     if ok {
         Ok(())
     } else if name.starts_with(DM_PREFIX) {
-        Err(Rejection::bad("the dm: prefix is reserved for direct rooms"))
+        Err(Rejection::bad(
+            "the dm: prefix is reserved for direct rooms",
+        ))
     } else {
-        Err(Rejection::bad("room must be 1..64 characters of a-z 0-9 _ -"))
+        Err(Rejection::bad(
+            "room must be 1..64 characters of a-z 0-9 _ -",
+        ))
     }
 }
 
@@ -481,10 +487,18 @@ mod tests {
         for frame in frames {
             let (id, request) = parse_request(frame).unwrap_or_else(|e| panic!("{frame}: {e:?}"));
             assert_eq!(id, "1");
-            request.validate().unwrap_or_else(|e| panic!("{frame}: {e:?}"));
+            request
+                .validate()
+                .unwrap_or_else(|e| panic!("{frame}: {e:?}"));
         }
         let (_, join) = parse_request(r#"{"id":"x","type":"join","room":"a","after":7}"#).unwrap();
-        assert!(matches!(join, Request::Join { after: Some(Seq(7)), .. }));
+        assert!(matches!(
+            join,
+            Request::Join {
+                after: Some(Seq(7)),
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -547,12 +561,15 @@ mod tests {
         let (_, r) = parse_request(r#"{"id":"1","type":"send","room":"a","body":""}"#).unwrap();
         assert!(r.validate().is_err());
         assert!(parse_request(r#"{"id":"1","type":"join","room":"a","after":-1}"#).is_err());
-        assert!(parse_request(r#"{"id":"1","type":"create_room","room":"a","kind":"secret"}"#).is_err());
+        assert!(
+            parse_request(r#"{"id":"1","type":"create_room","room":"a","kind":"secret"}"#).is_err()
+        );
     }
 
     #[test]
     fn frames_have_the_contract_shape() {
-        let ok: Value = serde_json::from_str(&ok_frame("7", serde_json::json!({"seq": 3}))).unwrap();
+        let ok: Value =
+            serde_json::from_str(&ok_frame("7", serde_json::json!({"seq": 3}))).unwrap();
         assert_eq!(ok, serde_json::json!({"type":"ok","id":"7","seq":3}));
         let err: Value =
             serde_json::from_str(&error_frame(None, ErrorCode::TooLarge, "too big")).unwrap();

@@ -60,10 +60,4 @@ diesel::joinable!(room_members -> users (user_id));
 diesel::joinable!(rooms -> users (owner_id));
 diesel::joinable!(session_tokens -> users (user_id));
 
-diesel::allow_tables_to_appear_in_same_query!(
-    messages,
-    room_members,
-    rooms,
-    session_tokens,
-    users,
-);
+diesel::allow_tables_to_appear_in_same_query!(messages, room_members, rooms, session_tokens, users,);

@@ -24,7 +24,11 @@ impl Secret {
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "Secret(not set)" } else { "Secret(set)" })
+        f.write_str(if self.0.is_empty() {
+            "Secret(not set)"
+        } else {
+            "Secret(set)"
+        })
     }
 }
 

@@ -65,7 +65,10 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
         None
     };
     if config.database.bcrypt_cost < 10 {
-        log::warn!("bcrypt cost {} is below 10: for tests only", config.database.bcrypt_cost);
+        log::warn!(
+            "bcrypt cost {} is below 10: for tests only",
+            config.database.bcrypt_cost
+        );
     }
     Ok(Prepared {
         config,
@@ -77,7 +80,10 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
 
 /// Starts the actors and the HTTP server on `listener`. Must run inside an actix System;
 /// the returned server runs until stopped through its handle or by SIGINT/SIGTERM.
-pub fn start(prepared: Prepared, listener: TcpListener) -> Result<actix_web::dev::Server, StartError> {
+pub fn start(
+    prepared: Prepared,
+    listener: TcpListener,
+) -> Result<actix_web::dev::Server, StartError> {
     let Prepared {
         config,
         pool,
@@ -130,7 +136,10 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<actix_web::dev
             .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
             .add((header::X_FRAME_OPTIONS, "DENY"))
             .add((header::REFERRER_POLICY, "no-referrer"))
-            .add((header::CONTENT_SECURITY_POLICY, "default-src 'none'; frame-ancestors 'none'"))
+            .add((
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; frame-ancestors 'none'",
+            ))
             .add((header::CACHE_CONTROL, "no-store"));
         if tls_on {
             headers = headers.add((header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"));

@@ -9,7 +9,9 @@ use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::pkey::PKey;
 use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod};
-use openssl::x509::extension::{BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName};
+use openssl::x509::extension::{
+    BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
+};
 use openssl::x509::{X509NameBuilder, X509};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -50,7 +52,9 @@ pub fn acceptor(config: &Config) -> Result<SslAcceptorBuilder, StartError> {
     builder
         .set_certificate_chain_file(&cert)
         .map_err(|e| tls_error(&cert.display().to_string(), e))?;
-    builder.check_private_key().map_err(|e| tls_error("key does not match certificate", e))?;
+    builder
+        .check_private_key()
+        .map_err(|e| tls_error("key does not match certificate", e))?;
     let pem = std::fs::read(&cert)?;
     let x509 = X509::from_pem(&pem).map_err(|e| tls_error("certificate", e))?;
     log::info!(
@@ -66,7 +70,11 @@ pub fn fingerprint(cert: &X509) -> Result<String, StartError> {
     let digest = cert
         .digest(MessageDigest::sha256())
         .map_err(|e| tls_error("fingerprint", e))?;
-    Ok(digest.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":"))
+    Ok(digest
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":"))
 }
 
 /// A P-256 key and a one-year certificate for localhost, 127.0.0.1 and ::1; key file mode 0600.

@@ -8,7 +8,7 @@
 //! - [`RevokeToken`] (Session, logout).
 //! - [`ListRooms`], [`CreateRoom`] (Session).
 //! - [`LoadRoom`] (Directory): a room's record, whitelist and newest messages.
-//! - [`StoreMessage`] (Room): assign seq and commit; the reply means "durably stored".
+//! - [`StoreBatch`] (Room): assign seqs and commit; the reply means "durably stored".
 //! - [`LoadHistory`] (Room): a page of decrypted history.
 
 use actix::prelude::*;
@@ -22,7 +22,7 @@ use crate::error::StoreError;
 use crate::protocol::{RoomId, RoomKind, Seq, UserId};
 use crate::secret::Secret;
 use crate::store::models::*;
-use crate::store::{self, PgPool};
+use crate::store::{self, NewPost, PgPool};
 
 /// Hash of a session token as stored; the token itself exists only on the client.
 #[derive(Clone, PartialEq, Eq)]
@@ -65,7 +65,12 @@ impl DbExecutor {
     }
 
     /// Starts `threads` executors sharing `pool`.
-    pub fn start(threads: usize, pool: PgPool, keys: Arc<Keyring>, settings: DbSettings) -> Addr<DbExecutor> {
+    pub fn start(
+        threads: usize,
+        pool: PgPool,
+        keys: Arc<Keyring>,
+        settings: DbSettings,
+    ) -> Addr<DbExecutor> {
         SyncArbiter::start(threads, move || {
             DbExecutor::new(pool.clone(), keys.clone(), settings.clone())
         })
@@ -77,7 +82,10 @@ impl DbExecutor {
 
     fn decoy(&mut self) -> Result<&str, StoreError> {
         if self.decoy_hash.is_none() {
-            self.decoy_hash = Some(bcrypt::hash("rookery-decoy-password", self.settings.bcrypt_cost)?);
+            self.decoy_hash = Some(bcrypt::hash(
+                "rookery-decoy-password",
+                self.settings.bcrypt_cost,
+            )?);
         }
         Ok(self.decoy_hash.as_deref().unwrap_or_default())
     }
@@ -130,7 +138,9 @@ impl Handler<Authenticate> for DbExecutor {
             None => (None, self.decoy()?.to_string()),
         };
         let verified = bcrypt::verify(msg.password.expose(), &hash).unwrap_or(false);
-        let user = user.filter(|_| verified).ok_or(StoreError::InvalidCredentials)?;
+        let user = user
+            .filter(|_| verified)
+            .ok_or(StoreError::InvalidCredentials)?;
         let mut raw = [0u8; 32];
         openssl::rand::rand_bytes(&mut raw).map_err(crate::error::CryptoError::from)?;
         let token = URL_SAFE_NO_PAD.encode(raw);
@@ -205,7 +215,13 @@ impl Handler<CreateRoom> for DbExecutor {
     type Result = Result<RoomRecord, StoreError>;
 
     fn handle(&mut self, msg: CreateRoom, _: &mut Self::Context) -> Self::Result {
-        store::create_room(&mut *self.conn()?, &msg.name, msg.kind, &msg.owner, &msg.members)
+        store::create_room(
+            &mut *self.conn()?,
+            &msg.name,
+            msg.kind,
+            &msg.owner,
+            &msg.members,
+        )
     }
 }
 
@@ -225,28 +241,20 @@ impl Handler<LoadRoom> for DbExecutor {
     }
 }
 
-/// Room → DbExecutor: store one message. `Ok` means committed.
+/// Room → DbExecutor: store a batch of one room's messages in one transaction, in order.
+/// `Ok` means all are committed (one `Stored` per message, in order); `Err` means none is.
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "Result<Stored, StoreError>")]
-pub struct StoreMessage {
+#[rtype(result = "Result<Vec<Stored>, StoreError>")]
+pub struct StoreBatch {
     pub room: RoomId,
-    pub sender: UserId,
-    pub body: Arc<str>,
-    pub client_msg_id: Option<String>,
+    pub posts: Vec<NewPost>,
 }
 
-impl Handler<StoreMessage> for DbExecutor {
-    type Result = Result<Stored, StoreError>;
+impl Handler<StoreBatch> for DbExecutor {
+    type Result = Result<Vec<Stored>, StoreError>;
 
-    fn handle(&mut self, msg: StoreMessage, _: &mut Self::Context) -> Self::Result {
-        store::store_message(
-            &mut *self.conn()?,
-            &self.keys,
-            msg.room,
-            msg.sender,
-            &msg.body,
-            msg.client_msg_id.as_deref(),
-        )
+    fn handle(&mut self, msg: StoreBatch, _: &mut Self::Context) -> Self::Result {
+        store::store_batch(&mut *self.conn()?, &self.keys, msg.room, &msg.posts)
     }
 }
 
@@ -263,6 +271,12 @@ impl Handler<LoadHistory> for DbExecutor {
     type Result = Result<HistoryPage, StoreError>;
 
     fn handle(&mut self, msg: LoadHistory, _: &mut Self::Context) -> Self::Result {
-        store::load_messages(&mut *self.conn()?, &self.keys, &msg.room, msg.before, msg.limit)
+        store::load_messages(
+            &mut *self.conn()?,
+            &self.keys,
+            &msg.room,
+            msg.before,
+            msg.limit,
+        )
     }
 }

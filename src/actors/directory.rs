@@ -71,7 +71,12 @@ impl Directory {
         }));
     }
 
-    fn loaded(&mut self, name: String, result: Result<RoomState, StoreError>, ctx: &mut Context<Self>) {
+    fn loaded(
+        &mut self,
+        name: String,
+        result: Result<RoomState, StoreError>,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(Entry::Loading(waiters)) = self.rooms.remove(&name) else {
             return;
         };
@@ -136,7 +141,8 @@ impl Handler<RoomIdle> for Directory {
         let Some(Entry::Ready(room)) = self.rooms.remove(&msg.name) else {
             return;
         };
-        self.rooms.insert(msg.name.clone(), Entry::Stopping(Vec::new()));
+        self.rooms
+            .insert(msg.name.clone(), Entry::Stopping(Vec::new()));
         let request = room.send(TryStop);
         ctx.spawn(request.into_actor(self).map(move |stopped, dir, ctx| {
             let waiters = match dir.rooms.remove(&msg.name) {

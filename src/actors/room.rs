@@ -7,7 +7,8 @@
 //! Messages:
 //! - [`Join`] (Session): add a session; replies the room's name, kind and last delivered seq.
 //! - [`Leave`] (Session, also on session stop): remove a session.
-//! - [`Post`] (Session, `send`): store then broadcast; replies the seq and time after commit.
+//! - [`Post`] (Session, `send`): queue; posts are stored in batches, one batch at a time, then
+//!   broadcast in order; replies the seq and time after commit.
 //! - [`ReadHistory`] (Session): a page, from the ring buffer when it reaches, else the store.
 //! - [`Who`] (Session): the users joined, from presence.
 //! - [`Typing`] (Session): tell the other joined sessions.
@@ -17,16 +18,18 @@
 
 use actix::prelude::*;
 use bytestring::ByteString;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::actors::db::{LoadHistory, StoreMessage};
+use crate::actors::db::{LoadHistory, StoreBatch};
 use crate::actors::presence::{PresenceHandle, RoomEntered, RoomExited, WhoIsIn};
 use crate::actors::session::SessionId;
-use crate::error::RoomError;
+use crate::error::{RoomError, StoreError};
 use crate::protocol::{format_time, Event, MessageView, RoomKind, Seq, UserId, MAX_HISTORY_LIMIT};
-use crate::store::models::{HistoryPage, RoomRecord, RoomState, Stored, UserRecord};
+use crate::store::models::{HistoryPage, RoomRecord, RoomState, UserRecord};
+use crate::store::NewPost;
+use tokio::sync::oneshot;
 
 /// What a room sends a session.
 #[derive(Debug, Clone, Message)]
@@ -48,7 +51,7 @@ pub struct RoomIdle {
 /// The store operations a room needs; a test can put a fake behind them.
 #[derive(Clone)]
 pub struct StoreHandle {
-    pub store: Recipient<StoreMessage>,
+    pub store: Recipient<StoreBatch>,
     pub history: Recipient<LoadHistory>,
 }
 
@@ -142,6 +145,14 @@ pub struct Typing {
 #[rtype(result = "bool")]
 pub struct TryStop;
 
+/// Most posts stored in one transaction.
+const MAX_BATCH: usize = 256;
+
+struct Pending {
+    post: Post,
+    reply: oneshot::Sender<Result<Ack, RoomError>>,
+}
+
 struct Member {
     user: UserRecord,
     deliver: Recipient<Deliver>,
@@ -152,12 +163,13 @@ pub struct Room {
     policy: RoomPolicy,
     /// Highest seq broadcast; every seq up to it has been delivered in order.
     delivered: Seq,
-    /// Committed messages whose predecessors have not been confirmed yet.
-    waiting: BTreeMap<Seq, MessageView>,
+    /// Posts waiting for the batch in flight to commit; they go together in the next one.
+    queue: VecDeque<Pending>,
+    /// Whether a batch is being stored. One at a time keeps each sender's order.
+    storing: bool,
     recent: VecDeque<MessageView>,
     sessions: HashMap<SessionId, Member>,
     sessions_per_user: HashMap<UserId, usize>,
-    stores_in_flight: usize,
     last_active: Instant,
     idle_stop: Duration,
     store: StoreHandle,
@@ -187,11 +199,11 @@ impl Room {
             delivered: state.record.last_seq,
             record: state.record,
             policy,
-            waiting: BTreeMap::new(),
+            queue: VecDeque::new(),
+            storing: false,
             recent,
             sessions: HashMap::new(),
             sessions_per_user: HashMap::new(),
-            stores_in_flight: 0,
             last_active: Instant::now(),
             idle_stop: settings.idle_stop,
             store,
@@ -207,7 +219,8 @@ impl Room {
 
     fn is_idle(&self) -> bool {
         self.sessions.is_empty()
-            && self.stores_in_flight == 0
+            && !self.storing
+            && self.queue.is_empty()
             && self.last_active.elapsed() >= self.idle_stop
     }
 
@@ -268,21 +281,97 @@ impl Room {
         Some(member)
     }
 
-    /// Records a commit and broadcasts every message that is now next in seq order.
+    /// Broadcasts a committed message and keeps it in the ring buffer.
     fn committed(&mut self, view: MessageView) {
         if view.seq <= self.delivered {
             return;
         }
-        self.waiting.insert(view.seq, view);
-        while let Some(view) = self.waiting.remove(&self.delivered.next()) {
-            self.delivered = view.seq;
-            let frame: ByteString = Event::Message(&view).to_frame().into();
-            self.broadcast(&frame, None);
-            self.recent.push_back(view);
-            if self.recent.len() > self.policy.history_limit {
-                self.recent.pop_front();
-            }
+        if view.seq != self.delivered.next() {
+            log::warn!(
+                "room {}: seq jumped from {} to {} (written elsewhere?)",
+                self.record.name,
+                self.delivered,
+                view.seq
+            );
         }
+        self.delivered = view.seq;
+        let frame: ByteString = Event::Message(&view).to_frame().into();
+        self.broadcast(&frame, None);
+        self.recent.push_back(view);
+        if self.recent.len() > self.policy.history_limit {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Sends the queued posts as one batch unless a batch is already being stored.
+    fn store_queued(&mut self, ctx: &mut Context<Self>) {
+        if self.storing || self.queue.is_empty() {
+            return;
+        }
+        let take = self.queue.len().min(MAX_BATCH);
+        let batch: Vec<Pending> = self.queue.drain(..take).collect();
+        let request = self.store.store.send(StoreBatch {
+            room: self.record.id,
+            posts: batch
+                .iter()
+                .map(|p| NewPost {
+                    sender: p.post.user.id,
+                    body: p.post.body.clone(),
+                    client_msg_id: p.post.client_msg_id.clone(),
+                })
+                .collect(),
+        });
+        self.storing = true;
+        ctx.spawn(request.into_actor(self).map(move |result, room, ctx| {
+            room.storing = false;
+            room.last_active = Instant::now();
+            let outcome = match result {
+                Ok(Ok(stored)) if stored.len() == batch.len() => Ok(stored),
+                Ok(Ok(stored)) => Err(format!(
+                    "store answered {} of {} posts",
+                    stored.len(),
+                    batch.len()
+                )),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match outcome {
+                Ok(stored) => {
+                    for (pending, stored) in batch.into_iter().zip(stored) {
+                        let sent_at = format_time(stored.sent_at);
+                        if !stored.duplicate {
+                            let post = pending.post;
+                            room.committed(MessageView {
+                                room: room.record.name.clone(),
+                                seq: stored.seq,
+                                from: post.user.username,
+                                body: Some(post.body.to_string()),
+                                sent_at: sent_at.clone(),
+                                client_msg_id: post.client_msg_id,
+                                error: None,
+                            });
+                        }
+                        let _ = pending.reply.send(Ok(Ack {
+                            seq: stored.seq,
+                            sent_at,
+                        }));
+                    }
+                }
+                Err(why) => {
+                    log::warn!(
+                        "room {}: storing {} message(s) failed: {why}",
+                        room.record.name,
+                        batch.len()
+                    );
+                    for pending in batch {
+                        let _ = pending
+                            .reply
+                            .send(Err(RoomError::Store(StoreError::Unavailable(why.clone()))));
+                    }
+                }
+            }
+            room.store_queued(ctx);
+        }));
     }
 
     /// The page from the ring buffer, when it holds every message the page needs.
@@ -316,7 +405,11 @@ impl Actor for Room {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        log::debug!("room {} started at seq {}", self.record.name, self.delivered);
+        log::debug!(
+            "room {} started at seq {}",
+            self.record.name,
+            self.delivered
+        );
         let check = (self.idle_stop / 4).clamp(Duration::from_millis(50), Duration::from_secs(15));
         ctx.run_interval(check, |room, _| {
             if room.is_idle() {
@@ -383,53 +476,24 @@ impl Handler<Leave> for Room {
 }
 
 impl Handler<Post> for Room {
-    type Result = ResponseActFuture<Self, Result<Ack, RoomError>>;
+    type Result = ResponseFuture<Result<Ack, RoomError>>;
 
-    fn handle(&mut self, msg: Post, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, post: Post, ctx: &mut Context<Self>) -> Self::Result {
         let joined = self
             .sessions
-            .get(&msg.session)
-            .is_some_and(|m| m.user.id == msg.user.id);
+            .get(&post.session)
+            .is_some_and(|m| m.user.id == post.user.id);
         if !joined {
-            return Box::pin(fut::ready(Err(RoomError::Forbidden("join the room first"))));
+            return Box::pin(async { Err(RoomError::Forbidden("join the room first")) });
         }
-        if msg.body.len() > self.policy.max_body_bytes {
-            return Box::pin(fut::ready(Err(RoomError::TooLarge {
-                max: self.policy.max_body_bytes,
-            })));
+        if post.body.len() > self.policy.max_body_bytes {
+            let max = self.policy.max_body_bytes;
+            return Box::pin(async move { Err(RoomError::TooLarge { max }) });
         }
-        self.stores_in_flight += 1;
-        self.last_active = Instant::now();
-        let request = self.store.store.send(StoreMessage {
-            room: self.record.id,
-            sender: msg.user.id,
-            body: msg.body.clone(),
-            client_msg_id: msg.client_msg_id.clone(),
-        });
-        Box::pin(request.into_actor(self).map(move |result, room, _| {
-            room.stores_in_flight -= 1;
-            let stored: Stored = match result {
-                Ok(Ok(stored)) => stored,
-                Ok(Err(e)) => return Err(RoomError::Store(e)),
-                Err(_) => return Err(RoomError::Gone),
-            };
-            let sent_at = format_time(stored.sent_at);
-            if !stored.duplicate {
-                room.committed(MessageView {
-                    room: room.record.name.clone(),
-                    seq: stored.seq,
-                    from: msg.user.username,
-                    body: Some(msg.body.to_string()),
-                    sent_at: sent_at.clone(),
-                    client_msg_id: msg.client_msg_id,
-                    error: None,
-                });
-            }
-            Ok(Ack {
-                seq: stored.seq,
-                sent_at,
-            })
-        }))
+        let (reply, answer) = oneshot::channel();
+        self.queue.push_back(Pending { post, reply });
+        self.store_queued(ctx);
+        Box::pin(async move { answer.await.unwrap_or(Err(RoomError::Gone)) })
     }
 }
 
@@ -438,14 +502,19 @@ impl Handler<ReadHistory> for Room {
 
     fn handle(&mut self, msg: ReadHistory, _: &mut Context<Self>) -> Self::Result {
         if !self.policy.admits(msg.user) {
-            return Box::pin(async { Err(RoomError::Forbidden("this private room is not open to you")) });
+            return Box::pin(async {
+                Err(RoomError::Forbidden("this private room is not open to you"))
+            });
         }
         let default_limit = self.policy.history_limit.min(MAX_HISTORY_LIMIT as usize);
         let limit = msg.limit.map(|l| l as usize).unwrap_or(default_limit);
         if let Some(page) = self.page_from_recent(msg.before, limit) {
             return Box::pin(async { Ok(page) });
         }
-        let before = msg.before.unwrap_or(self.delivered.next()).min(self.delivered.next());
+        let before = msg
+            .before
+            .unwrap_or(self.delivered.next())
+            .min(self.delivered.next());
         let request = self.store.history.send(LoadHistory {
             room: self.record.clone(),
             before: Some(before),
@@ -465,7 +534,9 @@ impl Handler<Who> for Room {
 
     fn handle(&mut self, msg: Who, _: &mut Context<Self>) -> Self::Result {
         if !self.policy.admits(msg.user) {
-            return Box::pin(async { Err(RoomError::Forbidden("this private room is not open to you")) });
+            return Box::pin(async {
+                Err(RoomError::Forbidden("this private room is not open to you"))
+            });
         }
         let request = self.presence.who.send(WhoIsIn {
             room: self.record.name.clone(),

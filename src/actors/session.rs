@@ -108,11 +108,21 @@ impl Session {
     }
 
     pub fn on_binary(&mut self, ctx: &mut WsContext) {
-        self.bad_frame(ctx, None, "binary frames are not accepted; send JSON text frames");
+        self.bad_frame(
+            ctx,
+            None,
+            "binary frames are not accepted; send JSON text frames",
+        );
     }
 
     /// A piece of a fragmented message: `first_text` is Some on the first piece.
-    pub fn on_fragment(&mut self, first_text: Option<bool>, data: &[u8], last: bool, ctx: &mut WsContext) {
+    pub fn on_fragment(
+        &mut self,
+        first_text: Option<bool>,
+        data: &[u8],
+        last: bool,
+        ctx: &mut WsContext,
+    ) {
         match (first_text, self.fragments.as_mut()) {
             (Some(is_text), None) => self.fragments = Some((is_text, data.to_vec())),
             (None, Some((_, buffer))) => buffer.extend_from_slice(data),
@@ -121,7 +131,11 @@ impl Session {
                 return self.bad_frame(ctx, None, "unexpected continuation frame");
             }
         }
-        if self.fragments.as_ref().is_some_and(|(_, b)| b.len() > self.settings.max_frame_bytes) {
+        if self
+            .fragments
+            .as_ref()
+            .is_some_and(|(_, b)| b.len() > self.settings.max_frame_bytes)
+        {
             self.on_close_reason("message over the size limit");
             return ws::close(ctx, Close::TooBig, "message too large");
         }
@@ -147,9 +161,16 @@ impl Session {
             self.bad_frames.pop_front();
         }
         self.bad_frames.push_back(now);
-        ws::send_text(ctx, protocol::error_frame(id, ErrorCode::BadRequest, message));
+        ws::send_text(
+            ctx,
+            protocol::error_frame(id, ErrorCode::BadRequest, message),
+        );
         if self.bad_frames.len() > self.settings.bad_frame_limit {
-            log::warn!("session {} from {}: too many bad frames", self.id.0, self.peer);
+            log::warn!(
+                "session {} from {}: too many bad frames",
+                self.id.0,
+                self.peer
+            );
             self.on_close_reason("too many bad frames");
             ws::close(ctx, Close::Policy, "too many bad frames");
         }
@@ -180,7 +201,10 @@ impl Session {
     }
 
     fn user(&self) -> Result<&UserRecord, Error> {
-        self.user.as_ref().map(|u| &u.record).ok_or(Error::Unauthenticated)
+        self.user
+            .as_ref()
+            .map(|u| &u.record)
+            .ok_or(Error::Unauthenticated)
     }
 
     fn joined_room(&self, room: &str) -> Result<Addr<Room>, Error> {
@@ -213,12 +237,15 @@ impl Session {
                 }
                 let request = self.services.db.send(Authenticate { username, password });
                 let work = async move { Ok(request.await??) };
-                let work = work.into_actor(self).map(|result: Result<_, Error>, session, _| {
-                    let (user, token) = result?;
-                    let payload = json!({ "user": user_json(&user), "token": token.token.expose() });
-                    session.authenticated(user, token.hash)?;
-                    Ok(payload)
-                });
+                let work = work
+                    .into_actor(self)
+                    .map(|result: Result<_, Error>, session, _| {
+                        let (user, token) = result?;
+                        let payload =
+                            json!({ "user": user_json(&user), "token": token.token.expose() });
+                        session.authenticated(user, token.hash)?;
+                        Ok(payload)
+                    });
                 self.respond(ctx, id, work);
             }
             Request::Resume { token } => {
@@ -228,12 +255,14 @@ impl Session {
                 let hash = hash_token(token.expose());
                 let request = self.services.db.send(ResumeToken { hash: hash.clone() });
                 let work = async move { Ok(request.await??) };
-                let work = work.into_actor(self).map(move |result: Result<_, Error>, session, _| {
-                    let user = result?;
-                    let payload = json!({ "user": user_json(&user), "rooms": [] });
-                    session.authenticated(user, hash)?;
-                    Ok(payload)
-                });
+                let work =
+                    work.into_actor(self)
+                        .map(move |result: Result<_, Error>, session, _| {
+                            let user = result?;
+                            let payload = json!({ "user": user_json(&user), "rooms": [] });
+                            session.authenticated(user, hash)?;
+                            Ok(payload)
+                        });
                 self.respond(ctx, id, work);
             }
             Request::Logout {} => {
@@ -245,36 +274,46 @@ impl Session {
                     }
                     Ok(json!({}))
                 };
-                let work = work.into_actor(self).map(|result: Result<Value, Error>, session, ctx| {
-                    if result.is_ok() {
-                        session.on_close_reason("logout");
-                        ctx.run_later(Duration::ZERO, |_, ctx| ws::close(ctx, Close::Normal, "logged out"));
-                    }
-                    result
-                });
+                let work =
+                    work.into_actor(self)
+                        .map(|result: Result<Value, Error>, session, ctx| {
+                            if result.is_ok() {
+                                session.on_close_reason("logout");
+                                ctx.run_later(Duration::ZERO, |_, ctx| {
+                                    ws::close(ctx, Close::Normal, "logged out")
+                                });
+                            }
+                            result
+                        });
                 self.respond(ctx, id, work);
             }
             Request::Rooms {} => {
                 let user = self.user().map(|u| u.id);
                 let request = user.map(|user| self.services.db.send(ListRooms { user }));
                 let work = async move { Ok(request?.await??) };
-                let work = work.into_actor(self).map(|result: Result<Vec<_>, Error>, session, _| {
-                    let rooms: Vec<Value> = result?
-                        .into_iter()
-                        .map(|r| {
-                            json!({
-                                "name": r.name,
-                                "kind": r.kind,
-                                "joined": session.rooms.contains_key(&r.name),
-                                "last_seq": r.last_seq,
-                            })
-                        })
-                        .collect();
-                    Ok(json!({ "rooms": rooms }))
-                });
+                let work =
+                    work.into_actor(self)
+                        .map(|result: Result<Vec<_>, Error>, session, _| {
+                            let rooms: Vec<Value> = result?
+                                .into_iter()
+                                .map(|r| {
+                                    json!({
+                                        "name": r.name,
+                                        "kind": r.kind,
+                                        "joined": session.rooms.contains_key(&r.name),
+                                        "last_seq": r.last_seq,
+                                    })
+                                })
+                                .collect();
+                            Ok(json!({ "rooms": rooms }))
+                        });
                 self.respond(ctx, id, work);
             }
-            Request::CreateRoom { room, kind, members } => {
+            Request::CreateRoom {
+                room,
+                kind,
+                members,
+            } => {
                 let owner = match self.user() {
                     Ok(user) => user.clone(),
                     Err(e) => return self.reply(ctx, &id, Err(e)),
@@ -287,7 +326,9 @@ impl Session {
                 });
                 let work = async move {
                     let room = request.await??;
-                    Ok(json!({ "room": { "name": room.name, "kind": room.kind, "owner": room.owner } }))
+                    Ok(
+                        json!({ "room": { "name": room.name, "kind": room.kind, "owner": room.owner } }),
+                    )
                 };
                 self.respond(ctx, id, work.into_actor(self));
             }
@@ -296,7 +337,10 @@ impl Session {
                     return self.reply(
                         ctx,
                         &id,
-                        Err(Rejection::bad("join with `after` is not served by this server yet; page with history").into()),
+                        Err(Rejection::bad(
+                            "join with `after` is not served by this server yet; page with history",
+                        )
+                        .into()),
                     );
                 }
                 let Ok(user) = self.user().cloned() else {
@@ -354,7 +398,16 @@ impl Session {
                 };
                 let directory = self.services.directory.clone();
                 let work = async move {
-                    let (_, page) = ask_room(&directory, &room, ReadHistory { user, before, limit }).await?;
+                    let (_, page) = ask_room(
+                        &directory,
+                        &room,
+                        ReadHistory {
+                            user,
+                            before,
+                            limit,
+                        },
+                    )
+                    .await?;
                     Ok(json!({ "messages": page.messages, "has_more": page.has_more }))
                 };
                 self.respond(ctx, id, work.into_actor(self));
@@ -389,8 +442,16 @@ impl Session {
         if self.user.is_some() {
             return Err(already_authenticated());
         }
-        log::info!("session {} from {}: authenticated as {}", self.id.0, self.peer, user.username);
-        self.services.presence.opened.do_send(SessionOpened { user: user.id });
+        log::info!(
+            "session {} from {}: authenticated as {}",
+            self.id.0,
+            self.peer,
+            user.username
+        );
+        self.services
+            .presence
+            .opened
+            .do_send(SessionOpened { user: user.id });
         self.user = Some(AuthUser {
             record: user,
             token: Some(token),
@@ -454,7 +515,11 @@ impl Actor for Session {
         for (_, room) in self.rooms.drain() {
             room.do_send(Leave { session: self.id });
         }
-        let user = self.user.as_ref().map(|u| u.record.username.as_str()).unwrap_or("-");
+        let user = self
+            .user
+            .as_ref()
+            .map(|u| u.record.username.as_str())
+            .unwrap_or("-");
         log::info!(
             "session {} from {}: connection closed (user {user}): {}",
             self.id.0,
@@ -462,7 +527,9 @@ impl Actor for Session {
             self.close_reason.as_deref().unwrap_or("server closed")
         );
         if let Some(user) = &self.user {
-            self.services.presence.closed.do_send(SessionClosed { user: user.record.id });
+            self.services.presence.closed.do_send(SessionClosed {
+                user: user.record.id,
+            });
         }
         Running::Stop
     }

@@ -9,6 +9,7 @@ use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::crypto::{Keyring, Sealed};
@@ -22,10 +23,13 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 pub type PgPool = Pool<ConnectionManager<PgConnection>>;
 
 /// Any number: serializes concurrent `migrate` runs of several nodes.
-const MIGRATION_LOCK: i64 = 0x526f_6f6b_6572_79;
+const MIGRATION_LOCK: i64 = 0x0052_6f6f_6b65_7279;
 
 fn is_unique_violation(e: &DieselError) -> bool {
-    matches!(e, DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _))
+    matches!(
+        e,
+        DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)
+    )
 }
 
 /// Creates the database named in `url` when it does not exist yet.
@@ -74,11 +78,10 @@ pub fn run_migrations(conn: &mut PgConnection) -> Result<usize, StoreError> {
 /// Reverts every migration (tests check that down and up again work).
 pub fn revert_all_migrations(conn: &mut PgConnection) -> Result<usize, StoreError> {
     let mut count = 0;
-    while conn
+    while !conn
         .applied_migrations()
         .map_err(|e| StoreError::Migration(e.to_string()))?
-        .first()
-        .is_some()
+        .is_empty()
     {
         conn.revert_last_migration(MIGRATIONS)
             .map_err(|e| StoreError::Migration(e.to_string()))?;
@@ -256,7 +259,12 @@ pub fn create_room(
             member_ids.dedup();
             let rows: Vec<_> = member_ids
                 .iter()
-                .map(|user| (room_members::room_id.eq(id), room_members::user_id.eq(*user)))
+                .map(|user| {
+                    (
+                        room_members::room_id.eq(id),
+                        room_members::user_id.eq(*user),
+                    )
+                })
                 .collect();
             diesel::insert_into(room_members::table)
                 .values(&rows)
@@ -282,7 +290,12 @@ pub fn load_room(
     let (id, kind, owner, last_seq) = rooms::table
         .left_join(users::table)
         .filter(rooms::name.eq(name))
-        .select((rooms::id, rooms::kind, users::username.nullable(), rooms::last_seq))
+        .select((
+            rooms::id,
+            rooms::kind,
+            users::username.nullable(),
+            rooms::last_seq,
+        ))
         .first::<(i64, String, Option<String>, i64)>(conn)
         .optional()?
         .ok_or(StoreError::NotFound)?;
@@ -308,78 +321,144 @@ pub fn load_room(
     })
 }
 
-/// Stores a message, assigning its seq from the room's counter in the same transaction.
-/// A repeated `client_msg_id` of the same sender returns the original seq and stores nothing.
-pub fn store_message(
+/// A message to store: who sent it, the plaintext body and the sender's optional retry key.
+#[derive(Debug, Clone)]
+pub struct NewPost {
+    pub sender: UserId,
+    pub body: std::sync::Arc<str>,
+    pub client_msg_id: Option<String>,
+}
+
+/// Stores a batch of messages of one room in one transaction, in order: seqs come from the
+/// room's counter, updated once for the batch. A `client_msg_id` already stored for the same
+/// sender (or repeated within the batch) returns the original seq and stores nothing.
+/// Either every message of the batch is committed or none is.
+pub fn store_batch(
     conn: &mut PgConnection,
     keys: &Keyring,
     room: RoomId,
-    sender: UserId,
-    body: &str,
-    client_msg_id: Option<&str>,
-) -> Result<Stored, StoreError> {
+    posts: &[NewPost],
+) -> Result<Vec<Stored>, StoreError> {
     let attempt = |conn: &mut PgConnection| {
-        conn.transaction(|conn| {
-            if let Some(earlier) = find_by_client_id(conn, room, sender, client_msg_id)? {
-                return Ok(earlier);
-            }
-            let seq: i64 = diesel::update(rooms::table.find(room.0))
-                .set(rooms::last_seq.eq(rooms::last_seq + 1))
-                .returning(rooms::last_seq)
-                .get_result(conn)
-                .optional()?
-                .ok_or(StoreError::NotFound)?;
-            let sealed = keys.seal(room, Seq(seq), body.as_bytes())?;
-            let sent_at = now_micros();
-            diesel::insert_into(messages::table)
-                .values(NewMessage {
-                    room_id: room.0,
-                    seq,
-                    sender_id: sender.0,
-                    client_msg_id,
-                    key_id: sealed.key_id,
-                    nonce: &sealed.nonce,
-                    ciphertext: &sealed.ciphertext,
-                    created_at: sent_at,
-                })
-                .execute(conn)?;
-            Ok::<_, StoreError>(Stored {
-                seq: Seq(seq),
-                sent_at,
-                duplicate: false,
-            })
-        })
+        conn.transaction(|conn| store_batch_once(conn, keys, room, posts))
     };
     match attempt(conn) {
-        // A concurrent retry with the same client_msg_id committed first: return its result.
-        Err(StoreError::Database(e)) if is_unique_violation(&e) && client_msg_id.is_some() => {
-            find_by_client_id(conn, room, sender, client_msg_id)?.ok_or(StoreError::Database(e))
-        }
+        // A concurrent writer committed one of our client_msg_ids first: now it is a duplicate.
+        Err(StoreError::Database(e)) if is_unique_violation(&e) => attempt(conn),
         other => other,
     }
 }
 
-fn find_by_client_id(
+fn store_batch_once(
     conn: &mut PgConnection,
+    keys: &Keyring,
     room: RoomId,
-    sender: UserId,
-    client_msg_id: Option<&str>,
-) -> Result<Option<Stored>, StoreError> {
-    let Some(client_msg_id) = client_msg_id else {
-        return Ok(None);
-    };
-    let found = messages::table
-        .filter(messages::room_id.eq(room.0))
-        .filter(messages::sender_id.eq(sender.0))
-        .filter(messages::client_msg_id.eq(client_msg_id))
-        .select((messages::seq, messages::created_at))
-        .first::<(i64, DateTime<Utc>)>(conn)
-        .optional()?;
-    Ok(found.map(|(seq, sent_at)| Stored {
-        seq: Seq(seq),
-        sent_at,
-        duplicate: true,
-    }))
+    posts: &[NewPost],
+) -> Result<Vec<Stored>, StoreError> {
+    enum Plan {
+        New,
+        Earlier(Stored),
+        SameAs(usize),
+    }
+    let retry_keys: Vec<&str> = posts
+        .iter()
+        .filter_map(|p| p.client_msg_id.as_deref())
+        .collect();
+    let mut seen: HashMap<(i64, &str), Plan> = HashMap::new();
+    if !retry_keys.is_empty() {
+        let found: Vec<(i64, Option<String>, i64, DateTime<Utc>)> = messages::table
+            .filter(messages::room_id.eq(room.0))
+            .filter(messages::client_msg_id.eq_any(&retry_keys))
+            .select((
+                messages::sender_id,
+                messages::client_msg_id,
+                messages::seq,
+                messages::created_at,
+            ))
+            .load(conn)?;
+        for (sender, key, seq, sent_at) in found {
+            if let Some(key) = key.and_then(|k| retry_keys.iter().find(|r| **r == k).copied()) {
+                let stored = Stored {
+                    seq: Seq(seq),
+                    sent_at,
+                    duplicate: true,
+                };
+                seen.insert((sender, key), Plan::Earlier(stored));
+            }
+        }
+    }
+    let plan: Vec<Plan> = posts
+        .iter()
+        .enumerate()
+        .map(|(i, post)| {
+            let Some(key) = post.client_msg_id.as_deref().map(|k| (post.sender.0, k)) else {
+                return Plan::New;
+            };
+            match seen.get(&key) {
+                Some(Plan::Earlier(stored)) => Plan::Earlier(stored.clone()),
+                Some(Plan::New) => Plan::New, // not stored in `seen`; kept for exhaustiveness
+                Some(Plan::SameAs(first)) => Plan::SameAs(*first),
+                None => {
+                    seen.insert(key, Plan::SameAs(i));
+                    Plan::New
+                }
+            }
+        })
+        .collect();
+    let new_count = plan.iter().filter(|p| matches!(p, Plan::New)).count();
+    let mut next = 0;
+    let sent_at = now_micros();
+    if new_count > 0 {
+        let count = i64::try_from(new_count).unwrap_or(i64::MAX);
+        let last: i64 = diesel::update(rooms::table.find(room.0))
+            .set(rooms::last_seq.eq(rooms::last_seq + count))
+            .returning(rooms::last_seq)
+            .get_result(conn)
+            .optional()?
+            .ok_or(StoreError::NotFound)?;
+        next = last - count + 1;
+    }
+    let mut results: Vec<Stored> = Vec::with_capacity(posts.len());
+    let mut sealed = Vec::with_capacity(new_count);
+    for (i, step) in plan.into_iter().enumerate() {
+        let stored = match step {
+            Plan::New => {
+                let seq = Seq(next);
+                next += 1;
+                sealed.push((i, seq, keys.seal(room, seq, posts[i].body.as_bytes())?));
+                Stored {
+                    seq,
+                    sent_at,
+                    duplicate: false,
+                }
+            }
+            Plan::Earlier(stored) => stored,
+            Plan::SameAs(first) => Stored {
+                duplicate: true,
+                ..results[first].clone()
+            },
+        };
+        results.push(stored);
+    }
+    if !sealed.is_empty() {
+        let rows: Vec<NewMessage> = sealed
+            .iter()
+            .map(|(i, seq, sealed)| NewMessage {
+                room_id: room.0,
+                seq: seq.0,
+                sender_id: posts[*i].sender.0,
+                client_msg_id: posts[*i].client_msg_id.as_deref(),
+                key_id: sealed.key_id,
+                nonce: &sealed.nonce,
+                ciphertext: &sealed.ciphertext,
+                created_at: sent_at,
+            })
+            .collect();
+        diesel::insert_into(messages::table)
+            .values(&rows)
+            .execute(conn)?;
+    }
+    Ok(results)
 }
 
 /// Postgres keeps microseconds; the in-memory copy must format the same as the stored one.
@@ -441,7 +520,10 @@ fn open_row(keys: &Keyring, room: &RoomRecord, row: MessageRow) -> MessageView {
     let (body, error) = match body {
         Ok(body) => (Some(body), None),
         Err(why) => {
-            log::error!("room {} seq {seq}: stored message cannot be opened: {why}", room.name);
+            log::error!(
+                "room {} seq {seq}: stored message cannot be opened: {why}",
+                room.name
+            );
             (None, Some(UNDECRYPTABLE))
         }
     };

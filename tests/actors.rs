@@ -1,0 +1,548 @@
+//! Actor-level tests: a Room actor driven directly, with fake sessions (tiny actors that
+//! forward each `Deliver` to a channel) and a fake store whose commits a test can hold,
+//! release or fail; and the real DB executor against Postgres.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use actix::prelude::*;
+use chrono::Utc;
+use serde_json::Value;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+use rookery::actors::db::{DbExecutor, DbSettings, LoadHistory, StoreBatch};
+use rookery::actors::presence::{Presence, PresenceHandle};
+use rookery::actors::room::*;
+use rookery::actors::session::SessionId;
+use rookery::error::{Error, RoomError, StoreError};
+use rookery::protocol::{ErrorCode, RoomId, RoomKind, Seq, UserId};
+use rookery::store::models::{HistoryPage, RoomRecord, RoomState, Stored, UserRecord};
+use support::*;
+
+// ---------------------------------------------------------------- fakes
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Commit,
+    Hold,
+    Fail,
+}
+
+type Held = (
+    oneshot::Sender<Result<Vec<Stored>, StoreError>>,
+    Vec<Stored>,
+);
+
+/// A store that numbers messages like the real one, and can hold or fail commits.
+struct FakeStore {
+    mode: Mode,
+    last_seq: i64,
+    held: Vec<Held>,
+    batch_sizes: Vec<usize>,
+}
+
+impl Actor for FakeStore {
+    type Context = Context<Self>;
+}
+
+impl Handler<StoreBatch> for FakeStore {
+    type Result = ResponseFuture<Result<Vec<Stored>, StoreError>>;
+
+    fn handle(&mut self, msg: StoreBatch, _: &mut Context<Self>) -> Self::Result {
+        self.batch_sizes.push(msg.posts.len());
+        if self.mode == Mode::Fail {
+            return Box::pin(async { Err(StoreError::Unavailable("cut off".into())) });
+        }
+        let stored: Vec<Stored> = msg
+            .posts
+            .iter()
+            .map(|_| {
+                self.last_seq += 1;
+                Stored {
+                    seq: Seq(self.last_seq),
+                    sent_at: Utc::now(),
+                    duplicate: false,
+                }
+            })
+            .collect();
+        if self.mode == Mode::Hold {
+            let (tx, rx) = oneshot::channel();
+            self.held.push((tx, stored));
+            return Box::pin(async move { rx.await.unwrap() });
+        }
+        Box::pin(async move { Ok(stored) })
+    }
+}
+
+impl Handler<LoadHistory> for FakeStore {
+    type Result = Result<HistoryPage, StoreError>;
+    fn handle(&mut self, _: LoadHistory, _: &mut Context<Self>) -> Self::Result {
+        Ok(HistoryPage::default())
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SetMode(Mode);
+
+impl Handler<SetMode> for FakeStore {
+    type Result = ();
+    fn handle(&mut self, msg: SetMode, _: &mut Context<Self>) {
+        self.mode = msg.0;
+    }
+}
+
+/// Commits every held batch; replies the sizes of all batches seen so far.
+#[derive(Message)]
+#[rtype(result = "Vec<usize>")]
+struct Release;
+
+impl Handler<Release> for FakeStore {
+    type Result = MessageResult<Release>;
+    fn handle(&mut self, _: Release, _: &mut Context<Self>) -> Self::Result {
+        for (tx, stored) in self.held.drain(..) {
+            let _ = tx.send(Ok(stored));
+        }
+        MessageResult(self.batch_sizes.clone())
+    }
+}
+
+/// A session stand-in: forwards each delivery to a channel.
+struct FakeSession {
+    tx: mpsc::UnboundedSender<Deliver>,
+}
+
+impl Actor for FakeSession {
+    type Context = Context<Self>;
+}
+
+impl Handler<Deliver> for FakeSession {
+    type Result = ();
+    fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
+        let _ = self.tx.send(msg);
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct StopSession;
+
+impl Handler<StopSession> for FakeSession {
+    type Result = ();
+    fn handle(&mut self, _: StopSession, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+struct Peer {
+    id: SessionId,
+    user: UserRecord,
+    addr: Addr<FakeSession>,
+    rx: mpsc::UnboundedReceiver<Deliver>,
+}
+
+impl Peer {
+    fn new(id: u64, user_id: i64, name: &str) -> Peer {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Peer {
+            id: SessionId(id),
+            user: UserRecord {
+                id: UserId(user_id),
+                username: name.into(),
+            },
+            addr: FakeSession { tx }.start(),
+            rx,
+        }
+    }
+
+    fn join_msg(&self) -> Join {
+        Join {
+            session: self.id,
+            user: self.user.clone(),
+            deliver: self.addr.clone().recipient(),
+        }
+    }
+
+    fn post(&self, body: &str) -> Post {
+        Post {
+            session: self.id,
+            user: self.user.clone(),
+            body: body.into(),
+            client_msg_id: None,
+        }
+    }
+
+    /// The next delivered frame as JSON.
+    async fn frame(&mut self) -> Value {
+        let deliver = tokio::time::timeout(WAIT, self.rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        match deliver {
+            Deliver::Frame { frame } => serde_json::from_str(&frame).unwrap(),
+            Deliver::Evicted { room } => panic!("evicted from {room}"),
+        }
+    }
+
+    async fn message(&mut self) -> Value {
+        loop {
+            let frame = self.frame().await;
+            if frame["type"] == "message" {
+                return frame;
+            }
+        }
+    }
+
+    /// Every frame delivered so far (after letting the room run).
+    async fn drain(&mut self) -> Vec<Value> {
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+        let mut out = Vec::new();
+        while let Ok(Deliver::Frame { frame }) = self.rx.try_recv() {
+            out.push(serde_json::from_str(&frame).unwrap());
+        }
+        out
+    }
+}
+
+fn room_state(kind: RoomKind, members: &[i64]) -> RoomState {
+    RoomState {
+        record: RoomRecord {
+            id: RoomId(1),
+            name: "hall".into(),
+            kind,
+            owner: None,
+            last_seq: Seq(0),
+        },
+        members: members.iter().map(|m| UserId(*m)).collect(),
+        recent: Vec::new(),
+    }
+}
+
+fn settings() -> RoomSettings {
+    RoomSettings {
+        history_limit: 20,
+        max_body_bytes: 64,
+        idle_stop: Duration::from_secs(60),
+    }
+}
+
+fn start_room(kind: RoomKind, members: &[i64], mode: Mode) -> (Addr<Room>, Addr<FakeStore>) {
+    let store = FakeStore {
+        mode,
+        last_seq: 0,
+        held: Vec::new(),
+        batch_sizes: Vec::new(),
+    }
+    .start();
+    let handle = StoreHandle {
+        store: store.clone().recipient(),
+        history: store.clone().recipient(),
+    };
+    let presence = PresenceHandle::of(&Presence::default().start());
+    let room = Room::new(
+        room_state(kind, members),
+        &settings(),
+        handle,
+        presence,
+        None,
+    )
+    .start();
+    (room, store)
+}
+
+// ---------------------------------------------------------------- tests
+
+#[actix_rt::test]
+async fn messages_reach_every_joined_session_in_seq_order() {
+    let (room, _) = start_room(RoomKind::Public, &[], Mode::Commit);
+    let mut peers: Vec<Peer> = (1..=3)
+        .map(|i| Peer::new(i, i as i64, &format!("user{i}")))
+        .collect();
+    for peer in &peers {
+        room.send(peer.join_msg()).await.unwrap().unwrap();
+    }
+    let sends: Vec<_> = (0..9)
+        .map(|i| room.send(peers[i % 3].post(&format!("m{i}"))))
+        .collect();
+    let mut acked = Vec::new();
+    for send in sends {
+        acked.push(send.await.unwrap().unwrap().seq.0);
+    }
+    assert_eq!(
+        acked,
+        (1..=9).collect::<Vec<_>>(),
+        "acks follow the order of arrival"
+    );
+    for peer in &mut peers {
+        let mut got = Vec::new();
+        for _ in 0..9 {
+            let m = peer.message().await;
+            got.push((
+                m["seq"].as_i64().unwrap(),
+                m["body"].as_str().unwrap().to_string(),
+            ));
+        }
+        let expected: Vec<(i64, String)> =
+            (0..9).map(|i| (i as i64 + 1, format!("m{i}"))).collect();
+        assert_eq!(got, expected);
+    }
+}
+
+#[actix_rt::test]
+async fn the_ack_and_the_broadcast_wait_for_the_commit() {
+    let (room, store) = start_room(RoomKind::Public, &[], Mode::Hold);
+    let mut ann = Peer::new(1, 1, "ann");
+    let mut bob = Peer::new(2, 2, "bob");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    room.send(bob.join_msg()).await.unwrap().unwrap();
+    ann.drain().await;
+    let ack = room.send(ann.post("held"));
+    tokio::pin!(ack);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut ack)
+            .await
+            .is_err(),
+        "acked before commit"
+    );
+    assert!(bob.drain().await.is_empty(), "broadcast before commit");
+    assert!(ann.drain().await.is_empty(), "broadcast before commit");
+
+    store.send(Release).await.unwrap();
+    let ack = ack.await.unwrap().unwrap();
+    assert_eq!(ack.seq, Seq(1));
+    assert_eq!(bob.message().await["body"], "held");
+    assert_eq!(ann.message().await["body"], "held");
+}
+
+#[actix_rt::test]
+async fn posts_that_arrive_during_a_commit_go_in_the_next_batch_in_order() {
+    let (room, store) = start_room(RoomKind::Public, &[], Mode::Hold);
+    let mut ann = Peer::new(1, 1, "ann");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    let first = room.send(ann.post("a"));
+    let second = room.send(ann.post("b"));
+    let third = room.send(ann.post("c"));
+    actix_rt::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(store.send(Release).await.unwrap(), vec![1]);
+    actix_rt::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(store.send(Release).await.unwrap(), vec![1, 2]);
+    let seqs = [first.await, second.await, third.await].map(|r| r.unwrap().unwrap().seq.0);
+    assert_eq!(seqs, [1, 2, 3]);
+    let bodies: Vec<String> = ann
+        .drain()
+        .await
+        .into_iter()
+        .map(|m| m["body"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(bodies, ["a", "b", "c"]);
+}
+
+#[actix_rt::test]
+async fn a_failed_store_answers_unavailable_and_broadcasts_nothing() {
+    let (room, store) = start_room(RoomKind::Public, &[], Mode::Fail);
+    let mut ann = Peer::new(1, 1, "ann");
+    let mut bob = Peer::new(2, 2, "bob");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    room.send(bob.join_msg()).await.unwrap().unwrap();
+    ann.drain().await;
+    let err = room.send(ann.post("lost?")).await.unwrap().unwrap_err();
+    assert!(matches!(err, RoomError::Store(_)), "{err:?}");
+    assert_eq!(Error::from(err).to_wire().0, ErrorCode::Unavailable);
+    assert!(ann.drain().await.is_empty());
+    assert!(bob.drain().await.is_empty());
+
+    // When the store recovers, the room works again and seq continues without a gap.
+    store.send(SetMode(Mode::Commit)).await.unwrap();
+    let ack = room.send(ann.post("works")).await.unwrap().unwrap();
+    assert_eq!(ack.seq, Seq(1));
+    assert_eq!(bob.message().await["seq"], 1);
+}
+
+#[actix_rt::test]
+async fn leave_stops_delivery() {
+    let (room, _) = start_room(RoomKind::Public, &[], Mode::Commit);
+    let mut ann = Peer::new(1, 1, "ann");
+    let mut bob = Peer::new(2, 2, "bob");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    room.send(bob.join_msg()).await.unwrap().unwrap();
+    assert_eq!(ann.frame().await["type"], "joined");
+    room.send(Leave { session: bob.id }).await.unwrap();
+    let left = ann.frame().await;
+    assert_eq!(
+        (left["type"].as_str(), left["user"].as_str()),
+        (Some("left"), Some("bob"))
+    );
+    room.send(ann.post("bob is gone")).await.unwrap().unwrap();
+    assert_eq!(ann.message().await["body"], "bob is gone");
+    assert!(bob.drain().await.is_empty());
+    let err = room
+        .send(bob.post("not joined"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, RoomError::Forbidden(_)));
+}
+
+#[actix_rt::test]
+async fn a_closed_session_is_dropped_and_announced() {
+    let (room, _) = start_room(RoomKind::Public, &[], Mode::Commit);
+    let mut ann = Peer::new(1, 1, "ann");
+    let bob = Peer::new(2, 2, "bob");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    room.send(bob.join_msg()).await.unwrap().unwrap();
+    bob.addr.send(StopSession).await.unwrap();
+    actix_rt::time::sleep(Duration::from_millis(20)).await;
+    room.send(ann.post("anyone?")).await.unwrap().unwrap();
+    let frames = ann.drain().await;
+    let kinds: HashSet<&str> = frames.iter().map(|f| f["type"].as_str().unwrap()).collect();
+    assert!(kinds.contains("left"), "{frames:?}");
+}
+
+#[actix_rt::test]
+async fn a_private_room_refuses_non_members() {
+    let (room, _) = start_room(RoomKind::Private, &[1], Mode::Commit);
+    let mut member = Peer::new(1, 1, "ann");
+    let mut outsider = Peer::new(2, 2, "eve");
+    room.send(member.join_msg()).await.unwrap().unwrap();
+    let err = room.send(outsider.join_msg()).await.unwrap().unwrap_err();
+    assert!(matches!(err, RoomError::Forbidden(_)));
+    let err = room
+        .send(ReadHistory {
+            user: outsider.user.id,
+            before: None,
+            limit: None,
+        })
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, RoomError::Forbidden(_)));
+    let err = room
+        .send(Who {
+            user: outsider.user.id,
+        })
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, RoomError::Forbidden(_)));
+    room.send(member.post("secret")).await.unwrap().unwrap();
+    assert_eq!(member.message().await["body"], "secret");
+    assert!(outsider.drain().await.is_empty());
+}
+
+#[actix_rt::test]
+async fn a_body_over_the_room_limit_is_refused() {
+    let (room, store) = start_room(RoomKind::Public, &[], Mode::Commit);
+    let ann = Peer::new(1, 1, "ann");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    let err = room
+        .send(ann.post(&"x".repeat(65)))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, RoomError::TooLarge { max: 64 }));
+    assert!(
+        store.send(Release).await.unwrap().is_empty(),
+        "nothing reached the store"
+    );
+}
+
+#[actix_rt::test]
+async fn history_comes_from_the_ring_buffer() {
+    let (room, _) = start_room(RoomKind::Public, &[], Mode::Commit);
+    let ann = Peer::new(1, 1, "ann");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    for i in 1..=5 {
+        room.send(ann.post(&format!("m{i}")))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // The fake store answers every history request with an empty page: these come from memory.
+    let page = room
+        .send(ReadHistory {
+            user: ann.user.id,
+            before: Some(Seq(5)),
+            limit: Some(2),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let seqs: Vec<i64> = page.messages.iter().map(|m| m.seq.0).collect();
+    assert_eq!(seqs, [3, 4]);
+    assert!(page.has_more);
+}
+
+// ---------------------------------------------------------------- the real DB executor
+
+#[actix_rt::test]
+async fn the_db_executor_stores_batches_once_per_client_msg_id() {
+    use rookery::store::NewPost;
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    rookery::store::run_migrations(&mut conn).unwrap();
+    let user = rookery::store::create_user(&mut conn, "ann", "x").unwrap();
+    let room =
+        rookery::store::create_room(&mut conn, "hall", RoomKind::Public, &user, &[]).unwrap();
+    let pool = rookery::store::connect_pool(&db.url, 2, Duration::from_secs(2)).unwrap();
+    let keys = Arc::new(rookery::crypto::Keyring::new([(1, [7u8; 32])]).unwrap());
+    let executor = DbExecutor::start(
+        2,
+        pool,
+        keys,
+        DbSettings {
+            bcrypt_cost: 4,
+            token_ttl: Duration::from_secs(60),
+            max_listed_rooms: 10,
+        },
+    );
+    let post = |body: &str, id: Option<&str>| NewPost {
+        sender: user.id,
+        body: body.into(),
+        client_msg_id: id.map(str::to_string),
+    };
+    let first = executor
+        .send(StoreBatch {
+            room: room.id,
+            posts: vec![
+                post("a", Some("k1")),
+                post("b", None),
+                post("a again", Some("k1")),
+            ],
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let seqs: Vec<(i64, bool)> = first.iter().map(|s| (s.seq.0, s.duplicate)).collect();
+    assert_eq!(seqs, [(1, false), (2, false), (1, true)]);
+    let second = executor
+        .send(StoreBatch {
+            room: room.id,
+            posts: vec![post("c", None), post("a", Some("k1"))],
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let seqs: Vec<(i64, bool)> = second.iter().map(|s| (s.seq.0, s.duplicate)).collect();
+    assert_eq!(seqs, [(3, false), (1, true)]);
+    assert_eq!(second[1].sent_at, first[0].sent_at);
+
+    let page = executor
+        .send(LoadHistory {
+            room: room.clone(),
+            before: None,
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let bodies: Vec<&str> = page
+        .messages
+        .iter()
+        .map(|m| m.body.as_deref().unwrap())
+        .collect();
+    assert_eq!(bodies, ["a", "b", "c"]);
+    assert!(!page.has_more);
+}

@@ -1,0 +1,931 @@
+//! End-to-end tests: the real server in-process, a real Postgres database per test, and a
+//! real WebSocket client, over ws and wss.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use diesel::prelude::*;
+use diesel::sql_types::Text;
+use serde_json::{json, Value};
+use std::time::Duration;
+use support::*;
+
+// ---------------------------------------------------------------- HTTP and TLS
+
+#[actix_rt::test]
+async fn healthz_answers_with_security_headers() {
+    let server = TestServer::start().await;
+    let mut res = http_client()
+        .get(server.http_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body, json!({"status": "ok"}));
+    for header in [
+        "x-content-type-options",
+        "x-frame-options",
+        "content-security-policy",
+        "referrer-policy",
+    ] {
+        assert!(res.headers().contains_key(header), "missing {header}");
+    }
+    let res = http_client()
+        .get(server.http_url("/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+}
+
+fn tls_server_config(config: &mut rookery::config::Config) {
+    config.tls.enabled = true;
+}
+
+#[actix_rt::test]
+async fn wss_with_the_generated_certificate() {
+    use std::os::unix::fs::PermissionsExt;
+    let server = TestServer::start_with(tls_server_config).await;
+    let cert = server.data_dir.0.join("tls/cert.pem");
+    let key = server.data_dir.0.join("tls/key.pem");
+    assert!(cert.exists());
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let pem = std::fs::read(&cert).unwrap();
+    let x509 = openssl::x509::X509::from_pem(&pem).unwrap();
+    let names: Vec<String> = x509
+        .subject_alt_names()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            n.dnsname()
+                .map(str::to_string)
+                .or_else(|| n.ipaddress().map(|ip| format!("{ip:?}")))
+                .unwrap()
+        })
+        .collect();
+    assert!(names.contains(&"localhost".to_string()), "{names:?}");
+
+    let mut res = http_client()
+        .get(server.http_url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().contains_key("strict-transport-security"));
+    assert_eq!(res.json::<Value>().await.unwrap(), json!({"status": "ok"}));
+
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("lobby", "public", &[]).await;
+    ann.join("lobby").await;
+    bob.join("lobby").await;
+    let ack = ann.send("lobby", "over tls").await;
+    assert_eq!(ack["seq"], 1);
+    let event = bob.next_event_of("message").await;
+    assert_eq!(event["body"], "over tls");
+    assert_eq!(event["from"], "ann");
+}
+
+/// Only TLS 1.2 and 1.3 are offered.
+#[actix_rt::test]
+async fn tls_refuses_old_protocol_versions() {
+    use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode, SslVersion};
+    let server = TestServer::start_with(tls_server_config).await;
+    let port = server.addr.port();
+    let outcome = actix_web::rt::task::spawn_blocking(move || {
+        let handshake = |max: SslVersion| {
+            let mut builder = SslConnector::builder(SslMethod::tls()).unwrap();
+            builder.set_verify(SslVerifyMode::NONE);
+            builder.set_security_level(0);
+            builder
+                .set_min_proto_version(Some(SslVersion::TLS1))
+                .unwrap();
+            builder.set_max_proto_version(Some(max)).unwrap();
+            let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            builder.build().connect("localhost", stream).is_ok()
+        };
+        (
+            handshake(SslVersion::TLS1_1),
+            handshake(SslVersion::TLS1_2),
+            handshake(SslVersion::TLS1_3),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(outcome, (false, true, true));
+}
+
+// ---------------------------------------------------------------- accounts
+
+#[actix_rt::test]
+async fn register_login_resume_logout() {
+    let server = TestServer::start().await;
+    let mut c = server.connect().await;
+    let reply = c.register("ann").await;
+    assert!(reply["user"]["id"].is_string(), "ids are strings: {reply}");
+    assert_eq!(reply["user"]["username"], "ann");
+
+    c.err(
+        json!({"type": "register", "username": "ann", "password": PASSWORD}),
+        "conflict",
+    )
+    .await;
+    c.err(
+        json!({"type": "register", "username": "zo", "password": PASSWORD}),
+        "bad_request",
+    )
+    .await;
+    c.err(
+        json!({"type": "register", "username": "has space", "password": PASSWORD}),
+        "bad_request",
+    )
+    .await;
+    c.err(
+        json!({"type": "register", "username": "carl", "password": "short"}),
+        "bad_request",
+    )
+    .await;
+    let long = "x".repeat(73);
+    c.err(
+        json!({"type": "register", "username": "carl", "password": long}),
+        "bad_request",
+    )
+    .await;
+    c.ok(json!({"type": "register", "username": "carl", "password": "x".repeat(72)}))
+        .await;
+
+    c.err(
+        json!({"type": "login", "username": "ann", "password": "wrong-password"}),
+        "invalid_credentials",
+    )
+    .await;
+    c.err(
+        json!({"type": "login", "username": "nobody", "password": PASSWORD}),
+        "invalid_credentials",
+    )
+    .await;
+    // Before auth, only register, login, resume and ping are served.
+    c.err(json!({"type": "rooms"}), "unauthorized").await;
+    c.err(json!({"type": "join", "room": "a"}), "unauthorized")
+        .await;
+    c.ok(json!({"type": "ping"})).await;
+
+    let reply = c.login("ann").await;
+    let token = reply["token"].as_str().unwrap().to_string();
+    assert!(token.len() >= 43, "256-bit token: {token}");
+    c.err(
+        json!({"type": "login", "username": "ann", "password": PASSWORD}),
+        "bad_request",
+    )
+    .await;
+
+    // The token is stored hashed, never as given.
+    let stored: Vec<String> = {
+        #[derive(QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = Text)]
+            t: String,
+        }
+        diesel::sql_query("SELECT encode(token_hash, 'escape') AS t FROM session_tokens")
+            .load::<Row>(&mut server.db.conn())
+            .unwrap()
+            .into_iter()
+            .map(|r| r.t)
+            .collect()
+    };
+    assert_eq!(stored.len(), 1);
+    assert!(!stored[0].contains(&token));
+
+    let mut other = server.connect().await;
+    let reply = other.ok(json!({"type": "resume", "token": token})).await;
+    assert_eq!(reply["user"]["username"], "ann");
+    assert_eq!(reply["rooms"], json!([]));
+    other.ok(json!({"type": "rooms"})).await;
+
+    let mut third = server.connect().await;
+    third
+        .err(
+            json!({"type": "resume", "token": "not-a-token"}),
+            "unauthorized",
+        )
+        .await;
+    third
+        .err(json!({"type": "resume", "token": ""}), "bad_request")
+        .await;
+
+    c.ok(json!({"type": "logout"})).await;
+    assert_eq!(c.closed().await, 1000);
+    third
+        .err(json!({"type": "resume", "token": token}), "unauthorized")
+        .await;
+}
+
+#[actix_rt::test]
+async fn expired_tokens_do_not_resume() {
+    let server = TestServer::start().await;
+    let c = server.user("ann").await;
+    let token = c.token.clone().unwrap();
+    diesel::sql_query("UPDATE session_tokens SET expires_at = now() - interval '1 second'")
+        .execute(&mut server.db.conn())
+        .unwrap();
+    let mut other = server.connect().await;
+    other
+        .err(json!({"type": "resume", "token": token}), "unauthorized")
+        .await;
+}
+
+#[actix_rt::test]
+async fn passwords_are_bcrypt_hashes() {
+    let server = TestServer::start().await;
+    server.user("ann").await;
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        password_hash: String,
+    }
+    let rows = diesel::sql_query("SELECT password_hash FROM users")
+        .load::<Row>(&mut server.db.conn())
+        .unwrap();
+    assert!(rows[0].password_hash.starts_with("$2"), "bcrypt hash");
+    assert!(!rows[0].password_hash.contains(PASSWORD));
+}
+
+// ---------------------------------------------------------------- rooms
+
+#[actix_rt::test]
+async fn create_and_list_rooms() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    server.user("cat").await;
+
+    let reply = ann.create_room("general", "public", &[]).await;
+    assert_eq!(
+        reply["room"],
+        json!({"name": "general", "kind": "public", "owner": "ann"})
+    );
+    let reply = ann.create_room("staff", "private", &["cat"]).await;
+    assert_eq!(
+        reply["room"],
+        json!({"name": "staff", "kind": "private", "owner": "ann"})
+    );
+    bob.create_room("bobs", "private", &[]).await;
+
+    ann.err(
+        json!({"type": "create_room", "room": "general", "kind": "public"}),
+        "conflict",
+    )
+    .await;
+    ann.err(
+        json!({"type": "create_room", "room": "Bad Name", "kind": "public"}),
+        "bad_request",
+    )
+    .await;
+    ann.err(
+        json!({"type": "create_room", "room": "dm:ann:bob", "kind": "private"}),
+        "bad_request",
+    )
+    .await;
+    ann.err(
+        json!({"type": "create_room", "room": "x", "kind": "secret"}),
+        "bad_request",
+    )
+    .await;
+    let reply = ann
+        .err(json!({"type": "create_room", "room": "ghosts", "kind": "private", "members": ["nobody"]}), "not_found")
+        .await;
+    assert!(reply["message"].as_str().unwrap().contains("nobody"));
+    ann.err(json!({"type": "join", "room": "ghosts"}), "not_found")
+        .await;
+
+    ann.join("general").await;
+    let rooms = ann.ok(json!({"type": "rooms"})).await["rooms"].clone();
+    assert_eq!(
+        rooms,
+        json!([
+            {"name": "general", "kind": "public", "joined": true, "last_seq": 0},
+            {"name": "staff", "kind": "private", "joined": false, "last_seq": 0},
+        ])
+    );
+    let rooms = bob.ok(json!({"type": "rooms"})).await["rooms"].clone();
+    let names: Vec<&str> = rooms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["bobs", "general"]);
+}
+
+#[actix_rt::test]
+async fn private_rooms_admit_only_members() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    let mut cat = server.user("cat").await;
+    let mut eve = server.user("eve").await;
+    ann.create_room("staff", "private", &["cat"]).await;
+    ann.create_room("open", "public", &[]).await;
+
+    // The creator is a member without naming itself.
+    ann.join("staff").await;
+    cat.join("staff").await;
+    eve.err(json!({"type": "join", "room": "staff"}), "forbidden")
+        .await;
+    eve.err(json!({"type": "history", "room": "staff"}), "forbidden")
+        .await;
+    eve.err(json!({"type": "who", "room": "staff"}), "forbidden")
+        .await;
+    eve.err(
+        json!({"type": "send", "room": "staff", "body": "let me in"}),
+        "forbidden",
+    )
+    .await;
+    eve.err(json!({"type": "typing", "room": "staff"}), "forbidden")
+        .await;
+    eve.join("open").await;
+
+    ann.send("staff", "members only").await;
+    ann.ok(json!({"type": "typing", "room": "staff"})).await;
+    assert_eq!(cat.next_event_of("message").await["body"], "members only");
+    cat.next_event_of("typing").await;
+    eve.assert_no_event("message").await;
+    assert!(
+        eve.take_events().iter().all(|e| e["room"] != "staff"),
+        "eve saw the private room"
+    );
+    let history = cat.ok(json!({"type": "history", "room": "staff"})).await;
+    assert_eq!(history["messages"].as_array().unwrap().len(), 1);
+}
+
+// ---------------------------------------------------------------- messaging
+
+#[actix_rt::test]
+async fn two_users_see_the_same_messages_in_the_same_order() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    let joined = ann.join("general").await;
+    assert_eq!(
+        joined["room"],
+        json!({"name": "general", "kind": "public", "last_seq": 0})
+    );
+    bob.join("general").await;
+    let event = ann.next_event_of("joined").await;
+    assert_eq!(
+        event,
+        json!({"type": "joined", "room": "general", "user": "bob"})
+    );
+
+    // Both send without waiting for acks, interleaved.
+    for i in 0..10 {
+        ann.send_text(&json!({"id": format!("a{i}"), "type": "send", "room": "general", "body": format!("ann {i}")}).to_string()).await;
+        bob.send_text(&json!({"id": format!("b{i}"), "type": "send", "room": "general", "body": format!("bob {i}")}).to_string()).await;
+    }
+    let mut seen = Vec::new();
+    for client in [&mut ann, &mut bob] {
+        let mut acks = 0;
+        let mut messages = Vec::new();
+        while acks < 10 || messages.len() < 20 {
+            let frame = client.read().await.unwrap();
+            match frame["type"].as_str().unwrap() {
+                "ok" => acks += 1,
+                "message" => messages.push((
+                    frame["seq"].as_i64().unwrap(),
+                    frame["body"].as_str().unwrap().to_string(),
+                )),
+                other => panic!("unexpected {other}: {frame}"),
+            }
+        }
+        let seqs: Vec<i64> = messages.iter().map(|m| m.0).collect();
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+        seen.push(messages);
+    }
+    assert_eq!(seen[0], seen[1]);
+    for who in ["ann", "bob"] {
+        let own: Vec<&String> = seen[0]
+            .iter()
+            .map(|m| &m.1)
+            .filter(|b| b.starts_with(who))
+            .collect();
+        let expected: Vec<String> = (0..10).map(|i| format!("{who} {i}")).collect();
+        assert_eq!(
+            own,
+            expected.iter().collect::<Vec<_>>(),
+            "each sender's order is kept"
+        );
+    }
+}
+
+#[actix_rt::test]
+async fn send_is_acked_with_seq_and_time_and_retries_are_idempotent() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    bob.join("general").await;
+
+    let send = json!({"type": "send", "room": "general", "body": "once", "client_msg_id": "c-1"});
+    let first = ann.ok(send.clone()).await;
+    assert_eq!(first["seq"], 1);
+    let sent_at = first["sent_at"].as_str().unwrap();
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(sent_at).is_ok(),
+        "{sent_at}"
+    );
+    assert!(sent_at.ends_with('Z'));
+    let event = bob.next_event_of("message").await;
+    assert_eq!(
+        event,
+        json!({"type": "message", "room": "general", "seq": 1, "from": "ann", "body": "once", "sent_at": sent_at, "client_msg_id": "c-1"})
+    );
+
+    let again = ann.ok(send.clone()).await;
+    assert_eq!(
+        (&again["seq"], &again["sent_at"]),
+        (&first["seq"], &first["sent_at"])
+    );
+    bob.assert_no_event("message").await;
+    // Another sender may use the same client_msg_id.
+    bob.ok(json!({"type": "send", "room": "general", "body": "mine", "client_msg_id": "c-1"}))
+        .await;
+    assert_eq!(count_messages(&server), 2);
+}
+
+#[actix_rt::test]
+async fn send_errors() {
+    let server = TestServer::start_with(|c| c.rooms.max_body_bytes = 100).await;
+    let mut ann = server.user("ann").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.err(
+        json!({"type": "send", "room": "general", "body": "not joined"}),
+        "forbidden",
+    )
+    .await;
+    ann.join("general").await;
+    ann.err(
+        json!({"type": "send", "room": "general", "body": "x".repeat(101)}),
+        "too_large",
+    )
+    .await;
+    ann.ok(json!({"type": "send", "room": "general", "body": "é".repeat(50)}))
+        .await;
+    ann.err(
+        json!({"type": "send", "room": "general", "body": "é".repeat(51)}),
+        "too_large",
+    )
+    .await;
+    ann.err(
+        json!({"type": "send", "room": "general", "body": ""}),
+        "bad_request",
+    )
+    .await;
+    ann.err(
+        json!({"type": "send", "room": "general", "body": "x", "client_msg_id": "c".repeat(129)}),
+        "bad_request",
+    )
+    .await;
+    ann.err(
+        json!({"type": "send", "room": "nowhere", "body": "x"}),
+        "forbidden",
+    )
+    .await;
+    ann.ok(json!({"type": "leave", "room": "general"})).await;
+    ann.err(
+        json!({"type": "send", "room": "general", "body": "left"}),
+        "forbidden",
+    )
+    .await;
+    assert_eq!(count_messages(&server), 1);
+}
+
+#[actix_rt::test]
+async fn leave_stops_delivery_and_tells_the_others() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    bob.join("general").await;
+    bob.ok(json!({"type": "leave", "room": "general"})).await;
+    assert_eq!(
+        ann.next_event_of("left").await,
+        json!({"type": "left", "room": "general", "user": "bob"})
+    );
+    ann.send("general", "after bob left").await;
+    bob.assert_no_event("message").await;
+    // Leaving a room one is not in is harmless.
+    bob.ok(json!({"type": "leave", "room": "general"})).await;
+
+    // A user's second session joining sends no second `joined`; its last leaving sends `left`.
+    let mut ann2 = server.connect().await;
+    ann2.login("ann").await;
+    bob.join("general").await;
+    ann2.join("general").await;
+    bob.assert_no_event("joined").await;
+    ann2.close().await;
+    bob.assert_no_event("left").await;
+    ann.ok(json!({"type": "leave", "room": "general"})).await;
+    assert_eq!(bob.next_event_of("left").await["user"], "ann");
+}
+
+#[actix_rt::test]
+async fn who_and_typing() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    let who = bob.ok(json!({"type": "who", "room": "general"})).await;
+    assert_eq!(who["online"], json!(["ann"]));
+    bob.join("general").await;
+    let who = bob.ok(json!({"type": "who", "room": "general"})).await;
+    assert_eq!(who["online"], json!(["ann", "bob"]));
+    bob.err(json!({"type": "who", "room": "missing"}), "not_found")
+        .await;
+
+    bob.ok(json!({"type": "typing", "room": "general"})).await;
+    assert_eq!(
+        ann.next_event_of("typing").await,
+        json!({"type": "typing", "room": "general", "user": "bob"})
+    );
+    bob.assert_no_event("typing").await;
+
+    drop(bob);
+    // The dropped connection is noticed, and bob is no longer listed.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let who = ann.ok(json!({"type": "who", "room": "general"})).await;
+        if who["online"] == json!(["ann"]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bob still listed: {who}"
+        );
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn history_pages_backwards_from_memory_and_database() {
+    // A ring buffer of 5 so that older pages come from the database.
+    let server = TestServer::start_with(|c| c.rooms.history_limit = 5).await;
+    let mut ann = server.user("ann").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    for i in 1..=12 {
+        ann.send("general", &format!("m{i}")).await;
+    }
+    let bodies = |page: &Value| -> Vec<String> {
+        page["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["body"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let page = ann.ok(json!({"type": "history", "room": "general"})).await;
+    assert_eq!(
+        bodies(&page),
+        ["m8", "m9", "m10", "m11", "m12"],
+        "default limit is history_limit"
+    );
+    assert_eq!(page["has_more"], true);
+    let page = ann
+        .ok(json!({"type": "history", "room": "general", "limit": 3}))
+        .await;
+    assert_eq!(bodies(&page), ["m10", "m11", "m12"]);
+    let page = ann
+        .ok(json!({"type": "history", "room": "general", "before": 10, "limit": 4}))
+        .await;
+    assert_eq!(bodies(&page), ["m6", "m7", "m8", "m9"]);
+    assert_eq!(page["has_more"], true);
+    let page = ann
+        .ok(json!({"type": "history", "room": "general", "before": 3, "limit": 100}))
+        .await;
+    assert_eq!(bodies(&page), ["m1", "m2"]);
+    assert_eq!(page["has_more"], false);
+    let first = &page["messages"][0];
+    assert_eq!(first["seq"], 1);
+    assert_eq!(first["from"], "ann");
+    assert_eq!(first["room"], "general");
+    let page = ann
+        .ok(json!({"type": "history", "room": "general", "before": 1}))
+        .await;
+    assert_eq!(page["messages"], json!([]));
+    assert_eq!(page["has_more"], false);
+
+    // A reader that never joined may read a public room's history.
+    let mut bob = server.user("bob").await;
+    let page = bob
+        .ok(json!({"type": "history", "room": "general", "limit": 100}))
+        .await;
+    assert_eq!(page["messages"].as_array().unwrap().len(), 12);
+
+    ann.err(
+        json!({"type": "history", "room": "general", "limit": 0}),
+        "bad_request",
+    )
+    .await;
+    ann.err(
+        json!({"type": "history", "room": "general", "limit": 101}),
+        "bad_request",
+    )
+    .await;
+    ann.err(
+        json!({"type": "history", "room": "general", "before": -1}),
+        "bad_request",
+    )
+    .await;
+    ann.err(json!({"type": "history", "room": "nowhere"}), "not_found")
+        .await;
+}
+
+#[actix_rt::test]
+async fn rooms_stop_when_idle_and_restart_with_their_history() {
+    let server = TestServer::start_with(|c| c.rooms.idle_stop_ms = 100).await;
+    let mut ann = server.user("ann").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    ann.send("general", "before the stop").await;
+    ann.ok(json!({"type": "leave", "room": "general"})).await;
+    actix_rt::time::sleep(Duration::from_millis(500)).await;
+    let joined = ann.join("general").await;
+    assert_eq!(joined["room"]["last_seq"], 1);
+    assert_eq!(ann.send("general", "after").await["seq"], 2);
+    let page = ann.ok(json!({"type": "history", "room": "general"})).await;
+    assert_eq!(page["messages"][0]["body"], "before the stop");
+}
+
+// ---------------------------------------------------------------- encryption at rest
+
+fn count_messages(server: &TestServer) -> i64 {
+    use diesel::dsl::count_star;
+    rookery::schema::messages::table
+        .select(count_star())
+        .first(&mut server.db.conn())
+        .unwrap()
+}
+
+#[actix_rt::test]
+async fn no_column_holds_a_body_in_plaintext() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    let body = "the-unmistakable-plaintext-canary-7f3a";
+    ann.send("general", body).await;
+    ann.ok(json!({"type": "send", "room": "general", "body": body, "client_msg_id": "x1"}))
+        .await;
+
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        t: String,
+    }
+    let mut conn = server.db.conn();
+    let tables = diesel::sql_query(
+        "SELECT table_name AS t FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .load::<Row>(&mut conn)
+    .unwrap();
+    assert!(tables.iter().any(|t| t.t == "messages"));
+    let hex: String = body.bytes().map(|b| format!("{b:02x}")).collect();
+    let mut rows_seen = 0;
+    for table in tables {
+        // Every column as text; bytea renders as hex, so look for both forms.
+        let rows = diesel::sql_query(format!("SELECT t::text AS t FROM \"{}\" t", table.t))
+            .load::<Row>(&mut conn)
+            .unwrap();
+        for row in rows {
+            rows_seen += 1;
+            assert!(!row.t.contains(body), "{}: {}", table.t, row.t);
+            assert!(!row.t.contains(&hex), "{}: {}", table.t, row.t);
+        }
+    }
+    assert!(rows_seen > 3);
+    let page = ann.ok(json!({"type": "history", "room": "general"})).await;
+    assert_eq!(page["messages"][0]["body"], body);
+}
+
+#[actix_rt::test]
+async fn a_tampered_row_is_reported_not_served() {
+    // Ring buffer of 1, so history of older messages is read and decrypted from the database.
+    let server = TestServer::start_with(|c| c.rooms.history_limit = 1).await;
+    let mut ann = server.user("ann").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    for body in ["first", "second", "third"] {
+        ann.send("general", body).await;
+    }
+    diesel::sql_query(
+        "UPDATE messages SET ciphertext = set_byte(ciphertext, 0, get_byte(ciphertext, 0) # 1) WHERE seq = 2",
+    )
+    .execute(&mut server.db.conn())
+    .unwrap();
+    let page = ann
+        .ok(json!({"type": "history", "room": "general", "before": 3, "limit": 10}))
+        .await;
+    let messages = page["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[0]["body"], "first");
+    assert_eq!(messages[1]["seq"], 2);
+    assert!(messages[1].get("body").is_none(), "{}", messages[1]);
+    assert_eq!(messages[1]["error"], "undecryptable");
+
+    // A row moved to another seq fails too: the ciphertext is bound to its room and seq.
+    diesel::sql_query("UPDATE messages SET seq = 0 WHERE seq = 1")
+        .execute(&mut server.db.conn())
+        .unwrap();
+    let page = ann
+        .ok(json!({"type": "history", "room": "general", "before": 2, "limit": 5}))
+        .await;
+    assert_eq!(page["messages"][0]["seq"], 0);
+    assert_eq!(page["messages"][0]["error"], "undecryptable");
+}
+
+// ---------------------------------------------------------------- bad input
+
+#[actix_rt::test]
+async fn bad_frames_get_errors_and_the_connection_stays_open() {
+    let server = TestServer::start().await;
+    let mut c = server.connect().await;
+    let cases: [(&str, Value); 9] = [
+        ("not json", Value::Null),
+        ("[1,2,3]", Value::Null),
+        (r#"{"type":"ping"}"#, Value::Null),
+        (r#"{"id":7,"type":"ping"}"#, Value::Null),
+        (r#"{"id":"a","type":"fly"}"#, json!("a")),
+        (r#"{"id":"b"}"#, json!("b")),
+        (
+            r#"{"id":"c","type":"register","username":"ann"}"#,
+            json!("c"),
+        ),
+        (
+            r#"{"id":"d","type":"register","username":"ann","password":12345678}"#,
+            json!("d"),
+        ),
+        (
+            r#"{"id":"e","type":"invite","room":"a","user":"b"}"#,
+            json!("e"),
+        ),
+    ];
+    for (text, id) in cases {
+        c.send_text(text).await;
+        let reply = c.read().await.unwrap();
+        assert_eq!(reply["type"], "error", "{text}");
+        assert_eq!(reply["code"], "bad_request", "{text}");
+        assert_eq!(reply["id"], id, "{text}");
+        assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    c.send_binary(b"\x00\x01").await;
+    let reply = c.read().await.unwrap();
+    assert_eq!(
+        (reply["code"].as_str(), &reply["id"]),
+        (Some("bad_request"), &Value::Null)
+    );
+    c.ok(json!({"type": "ping"})).await;
+    c.register("ann").await;
+}
+
+#[actix_rt::test]
+async fn a_client_that_keeps_sending_garbage_is_closed_with_1008() {
+    let server = TestServer::start().await;
+    let mut c = server.connect().await;
+    for _ in 0..21 {
+        c.send_text("garbage").await;
+    }
+    assert_eq!(c.closed().await, 1008);
+    let errors = c
+        .take_events()
+        .iter()
+        .filter(|f| f["code"] == "bad_request")
+        .count();
+    assert_eq!(errors, 21);
+}
+
+#[actix_rt::test]
+async fn an_oversized_frame_closes_with_1009() {
+    let server = TestServer::start_with(|c| c.session.max_frame_bytes = 8192).await;
+    let mut c = server.connect().await;
+    c.send_text(&format!(
+        r#"{{"id":"1","type":"ping","pad":"{}"}}"#,
+        "x".repeat(8000)
+    ))
+    .await;
+    c.read().await.unwrap();
+    c.send_text(&"x".repeat(9000)).await;
+    assert_eq!(c.closed().await, 1009);
+}
+
+#[actix_rt::test]
+async fn a_silent_client_is_closed_after_the_heartbeat_timeout() {
+    let server = TestServer::start_with(|c| {
+        c.session.ping_interval_ms = 100;
+        c.session.client_timeout_ms = 300;
+    })
+    .await;
+    let mut silent = server.connect().await;
+    let mut lively = server.connect().await;
+    // `lively` keeps talking; `silent` neither sends nor reads, so it never answers a ping.
+    for _ in 0..8 {
+        lively.ok(json!({"type": "ping"})).await;
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(silent.closed().await, 1000);
+    lively.ok(json!({"type": "ping"})).await;
+}
+
+// ---------------------------------------------------------------- migrations and CLI
+
+#[actix_rt::test]
+async fn migrations_go_down_and_up_again() {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    assert_eq!(rookery::store::run_migrations(&mut conn).unwrap(), 1);
+    assert_eq!(rookery::store::run_migrations(&mut conn).unwrap(), 0);
+    assert_eq!(rookery::store::revert_all_migrations(&mut conn).unwrap(), 1);
+    assert_eq!(rookery::store::run_migrations(&mut conn).unwrap(), 1);
+}
+
+#[actix_rt::test]
+async fn the_server_creates_a_missing_database() {
+    let db = TestDb::new();
+    let mut url = url::Url::parse(&db.url).unwrap();
+    let name = format!("{}_new", db.name);
+    url.set_path(&format!("/{name}"));
+    let data = TempDir::new();
+    let mut config = test_config(&db, &data);
+    config.database.url = rookery::secret::Secret::new(url.to_string());
+    let applied = rookery::server::migrate(&config).unwrap();
+    assert_eq!(applied, 1);
+    let _cleanup = TestDb {
+        name,
+        url: url.to_string(),
+    };
+}
+
+fn rookery_cli(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rookery"));
+    cmd.args(args).env_remove("DATABASE_URL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn check_config_says_what_is_wrong_and_where() {
+    let dir = TempDir::new();
+    let ok = rookery_cli(&["check-config"], &[]);
+    assert!(ok.status.success(), "{ok:?}");
+
+    let file = dir.0.join("bad.toml");
+    std::fs::write(&file, "[session]\nping_interval_ms = \"often\"\n").unwrap();
+    let out = rookery_cli(&["check-config", "--config", file.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("session.ping_interval_ms") && err.contains("bad.toml"),
+        "{err}"
+    );
+
+    std::fs::write(&file, "[rooms]\nhistory_limitt = 3\n").unwrap();
+    let out = rookery_cli(&["check-config", "--config", file.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("history_limitt"));
+
+    let out = rookery_cli(
+        &["check-config"],
+        &[("ROOKERY__SERVER__BIND", "not-an-address")],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.bind"));
+
+    let out = rookery_cli(
+        &["check-config", "--config", "/nonexistent/rookery.toml"],
+        &[],
+    );
+    assert!(!out.status.success());
+
+    let out = rookery_cli(
+        &["check-config"],
+        &[("DATABASE_URL", "postgres://u:hunter2@db/chat")],
+    );
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("db/chat") && !text.contains("hunter2"),
+        "{text}"
+    );
+}

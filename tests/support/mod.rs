@@ -1,0 +1,360 @@
+//! Test support: a Postgres database per test (dropped afterwards), the real server started
+//! in-process on an ephemeral port, and a WebSocket client that speaks the protocol.
+#![allow(dead_code)]
+
+use actix_codec::Framed;
+use actix_web::web::Bytes;
+use awc::ws::{self, Frame};
+use awc::BoxedSocket;
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use futures_util::{SinkExt, StreamExt};
+use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use serde_json::{json, Value};
+use std::collections::VecDeque;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rookery::config::Config;
+use rookery::secret::Secret;
+
+pub const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A database created for one test and dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub fn new() -> TestDb {
+        let admin = std::env::var("ROOKERY_TEST_ADMIN_URL").unwrap_or_else(|_| ADMIN_URL.into());
+        let name = format!("rookery_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = PgConnection::establish(&admin).expect("connect to the postgres database");
+        conn.batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create test database");
+        let mut url = url::Url::parse(&admin).unwrap();
+        url.set_path(&format!("/{name}"));
+        TestDb {
+            name,
+            url: url.to_string(),
+        }
+    }
+
+    pub fn conn(&self) -> PgConnection {
+        PgConnection::establish(&self.url).expect("connect to test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = std::env::var("ROOKERY_TEST_ADMIN_URL").unwrap_or_else(|_| ADMIN_URL.into());
+        if let Ok(mut conn) = PgConnection::establish(&admin) {
+            let _ = conn.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("rookery-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The configuration tests start from: plain ws, low bcrypt cost, small pools.
+pub fn test_config(db: &TestDb, data_dir: &TempDir) -> Config {
+    let mut config = Config::from_toml("").unwrap();
+    config.data_dir = data_dir.0.clone();
+    config.server.bind = "127.0.0.1:0".into();
+    config.server.workers = 1;
+    config.server.shutdown_timeout_ms = 1000;
+    config.tls.enabled = false;
+    config.database.url = Secret::new(db.url.clone());
+    config.database.executors = 2;
+    config.database.bcrypt_cost = 4;
+    config
+}
+
+/// The real server, in this process, on an ephemeral port.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub tls: bool,
+    pub handle: actix_web::dev::ServerHandle,
+    pub config: Config,
+    pub data_dir: TempDir,
+    pub db: TestDb,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(change: impl FnOnce(&mut Config)) -> TestServer {
+        let db = TestDb::new();
+        let data_dir = TempDir::new();
+        let mut config = test_config(&db, &data_dir);
+        change(&mut config);
+        Self::start_on(db, data_dir, config).await
+    }
+
+    pub async fn start_on(db: TestDb, data_dir: TempDir, config: Config) -> TestServer {
+        let tls = config.tls.enabled;
+        let prepared = rookery::server::prepare(config.clone()).expect("prepare server");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = rookery::server::start(prepared, listener).expect("start server");
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        TestServer {
+            addr,
+            tls,
+            handle,
+            config,
+            data_dir,
+            db,
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://127.0.0.1:{}/ws", self.addr.port())
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}{path}", self.addr.port())
+    }
+
+    pub async fn connect(&self) -> Client {
+        Client::connect(self).await
+    }
+
+    /// A connected client, registered and logged in as `username` (password "password-1").
+    pub async fn user(&self, username: &str) -> Client {
+        let mut client = self.connect().await;
+        client.register(username).await;
+        client.login(username).await;
+        client
+    }
+
+    pub async fn stop(self) {
+        self.handle.stop(false).await;
+    }
+}
+
+pub fn http_client() -> awc::Client {
+    let mut ssl = SslConnector::builder(SslMethod::tls()).unwrap();
+    ssl.set_verify(SslVerifyMode::NONE);
+    awc::Client::builder()
+        .connector(awc::Connector::new().openssl(ssl.build()))
+        .timeout(WAIT)
+        .finish()
+}
+
+pub const PASSWORD: &str = "password-1";
+
+/// A protocol client over a real WebSocket. Events that arrive while waiting for a reply are
+/// kept, in order, for `next_event`.
+pub struct Client {
+    framed: Framed<BoxedSocket, ws::Codec>,
+    events: VecDeque<Value>,
+    next_id: u64,
+    pub token: Option<String>,
+}
+
+/// What a read returned besides a JSON text frame.
+#[derive(Debug)]
+pub enum Closed {
+    Code(u16),
+    NoFrame,
+}
+
+impl Client {
+    pub async fn connect(server: &TestServer) -> Client {
+        let (_, framed) = http_client()
+            .ws(server.ws_url())
+            .max_frame_size(1 << 20)
+            .connect()
+            .await
+            .expect("websocket connect");
+        Client {
+            framed,
+            events: VecDeque::new(),
+            next_id: 0,
+            token: None,
+        }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.framed
+            .send(ws::Message::Text(text.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_binary(&mut self, data: &[u8]) {
+        self.framed
+            .send(ws::Message::Binary(Bytes::copy_from_slice(data)))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON frame, answering pings; Err on close or end of stream.
+    pub async fn read(&mut self) -> Result<Value, Closed> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.framed.next())
+                .await
+                .expect("timed out waiting for a frame");
+            match frame {
+                Some(Ok(Frame::Text(bytes))) => return Ok(serde_json::from_slice(&bytes).unwrap()),
+                Some(Ok(Frame::Ping(data))) => {
+                    let _ = self.framed.send(ws::Message::Pong(data)).await;
+                }
+                Some(Ok(Frame::Close(reason))) => {
+                    return Err(Closed::Code(
+                        reason.map(|r| u16::from(r.code)).unwrap_or(1005),
+                    ))
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Err(Closed::NoFrame),
+            }
+        }
+    }
+
+    /// Sends `request` (an id is added when missing) and returns the reply with that id.
+    pub async fn call(&mut self, mut request: Value) -> Value {
+        if request.get("id").is_none() {
+            self.next_id += 1;
+            request["id"] = json!(format!("req-{}", self.next_id));
+        }
+        let id = request["id"].clone();
+        self.send_text(&request.to_string()).await;
+        self.reply_to(&id).await
+    }
+
+    pub async fn reply_to(&mut self, id: &Value) -> Value {
+        loop {
+            let frame = self
+                .read()
+                .await
+                .expect("connection closed while waiting for a reply");
+            if frame["type"] == "ok" || frame["type"] == "error" {
+                assert_eq!(&frame["id"], id, "reply to another request: {frame}");
+                return frame;
+            }
+            self.events.push_back(frame);
+        }
+    }
+
+    /// Like `call`, but asserts the reply is ok.
+    pub async fn ok(&mut self, request: Value) -> Value {
+        let reply = self.call(request.clone()).await;
+        assert_eq!(reply["type"], "ok", "{request} -> {reply}");
+        reply
+    }
+
+    /// Like `call`, but asserts an error with `code`.
+    pub async fn err(&mut self, request: Value, code: &str) -> Value {
+        let reply = self.call(request.clone()).await;
+        assert_eq!(reply["type"], "error", "{request} -> {reply}");
+        assert_eq!(reply["code"], code, "{request} -> {reply}");
+        reply
+    }
+
+    pub async fn next_event(&mut self) -> Value {
+        if let Some(event) = self.events.pop_front() {
+            return event;
+        }
+        let frame = self
+            .read()
+            .await
+            .expect("connection closed while waiting for an event");
+        assert!(frame.get("id").is_none(), "expected an event, got {frame}");
+        frame
+    }
+
+    /// The next event of type `kind`, skipping others.
+    pub async fn next_event_of(&mut self, kind: &str) -> Value {
+        loop {
+            let event = self.next_event().await;
+            if event["type"] == kind {
+                return event;
+            }
+        }
+    }
+
+    /// Asserts that no event arrives: a ping round trip proves the server sent nothing before it.
+    pub async fn assert_no_event(&mut self, kind: &str) {
+        self.ok(json!({"type": "ping"})).await;
+        assert!(
+            !self.events.iter().any(|e| e["type"] == kind),
+            "unexpected {kind} event: {:?}",
+            self.events
+        );
+    }
+
+    pub fn take_events(&mut self) -> Vec<Value> {
+        self.events.drain(..).collect()
+    }
+
+    /// Reads until the server closes; returns the close code.
+    pub async fn closed(&mut self) -> u16 {
+        loop {
+            match self.read().await {
+                Ok(frame) => self.events.push_back(frame),
+                Err(Closed::Code(code)) => return code,
+                Err(Closed::NoFrame) => return 1006,
+            }
+        }
+    }
+
+    pub async fn register(&mut self, username: &str) -> Value {
+        self.ok(json!({"type": "register", "username": username, "password": PASSWORD}))
+            .await
+    }
+
+    pub async fn login(&mut self, username: &str) -> Value {
+        let reply = self
+            .ok(json!({"type": "login", "username": username, "password": PASSWORD}))
+            .await;
+        self.token = reply["token"].as_str().map(str::to_string);
+        reply
+    }
+
+    pub async fn create_room(&mut self, room: &str, kind: &str, members: &[&str]) -> Value {
+        self.ok(json!({"type": "create_room", "room": room, "kind": kind, "members": members}))
+            .await
+    }
+
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.ok(json!({"type": "join", "room": room})).await
+    }
+
+    pub async fn send(&mut self, room: &str, body: &str) -> Value {
+        self.ok(json!({"type": "send", "room": room, "body": body}))
+            .await
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.framed.send(ws::Message::Close(None)).await;
+    }
+}
