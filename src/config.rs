@@ -75,6 +75,8 @@ pub struct DatabaseConfig {
     pub bcrypt_cost: u32,
     /// Session token lifetime.
     pub token_ttl_hours: u64,
+    /// Longest wait for a message's commit before the sender hears `unavailable`.
+    pub store_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +94,8 @@ pub struct SessionConfig {
     pub bad_frame_window_ms: u64,
     /// Events queued per session before it is cut off as a slow reader.
     pub outbound_queue: usize,
+    /// How long a session whose connection dropped stays joined, waiting for a `resume`.
+    pub resume_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

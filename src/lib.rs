@@ -11,8 +11,10 @@
 //! - [`tls`]: the TLS acceptor and the development self-signed certificate.
 //! - [`error`]: typed errors per area and their one mapping to protocol error codes.
 //! - [`secret`]: a string whose Debug never shows it.
+//! - [`checker`]: the history checker of fault tests and the load tool.
 
 pub mod actors;
+pub mod checker;
 pub mod cli;
 pub mod config;
 pub mod crypto;

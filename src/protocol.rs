@@ -200,6 +200,19 @@ impl Request {
         )
     }
 
+    /// Whether the request changes the connection's state (who it is, which rooms it joined),
+    /// so that requests after it must see its effect.
+    pub fn changes_session(&self) -> bool {
+        !matches!(
+            self,
+            Request::Ping {}
+                | Request::Post { .. }
+                | Request::History { .. }
+                | Request::Who { .. }
+                | Request::Typing { .. }
+        )
+    }
+
     /// Checks the name rules and field ranges that do not depend on a room's policy.
     pub fn validate(&self) -> Result<(), Rejection> {
         match self {

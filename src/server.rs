@@ -113,6 +113,8 @@ pub fn start(
             history_limit: config.rooms.history_limit,
             max_body_bytes: config.rooms.max_body_bytes,
             idle_stop: ms(config.rooms.idle_stop_ms),
+            store_timeout: ms(config.database.store_timeout_ms),
+            resume_grace: ms(config.session.resume_grace_ms),
         },
     )
     .start();

@@ -163,6 +163,8 @@ impl Peer {
             session: self.id,
             user: self.user.clone(),
             deliver: self.addr.clone().recipient(),
+            after: None,
+            replaces: None,
         }
     }
 
@@ -182,7 +184,7 @@ impl Peer {
             .unwrap()
             .unwrap();
         match deliver {
-            Deliver::Frame { frame } => serde_json::from_str(&frame).unwrap(),
+            Deliver::Frame { frame, .. } => serde_json::from_str(&frame).unwrap(),
             Deliver::Evicted { room } => panic!("evicted from {room}"),
         }
     }
@@ -200,7 +202,7 @@ impl Peer {
     async fn drain(&mut self) -> Vec<Value> {
         actix_rt::time::sleep(Duration::from_millis(50)).await;
         let mut out = Vec::new();
-        while let Ok(Deliver::Frame { frame }) = self.rx.try_recv() {
+        while let Ok(Deliver::Frame { frame, .. }) = self.rx.try_recv() {
             out.push(serde_json::from_str(&frame).unwrap());
         }
         out
@@ -226,6 +228,8 @@ fn settings() -> RoomSettings {
         history_limit: 20,
         max_body_bytes: 64,
         idle_stop: Duration::from_secs(60),
+        store_timeout: Duration::from_secs(5),
+        resume_grace: Duration::from_millis(200),
     }
 }
 
@@ -387,7 +391,7 @@ async fn leave_stops_delivery() {
 }
 
 #[actix_rt::test]
-async fn a_closed_session_is_dropped_and_announced() {
+async fn a_closed_session_is_dropped_after_the_resume_grace() {
     let (room, _) = start_room(RoomKind::Public, &[], Mode::Commit);
     let mut ann = Peer::new(1, 1, "ann");
     let bob = Peer::new(2, 2, "bob");
@@ -396,6 +400,11 @@ async fn a_closed_session_is_dropped_and_announced() {
     bob.addr.send(StopSession).await.unwrap();
     actix_rt::time::sleep(Duration::from_millis(20)).await;
     room.send(ann.post("anyone?")).await.unwrap().unwrap();
+    // Within the resume grace bob stays joined: no `left` yet.
+    let frames = ann.drain().await;
+    let kinds: HashSet<&str> = frames.iter().map(|f| f["type"].as_str().unwrap()).collect();
+    assert!(!kinds.contains("left"), "{frames:?}");
+    actix_rt::time::sleep(Duration::from_millis(300)).await;
     let frames = ann.drain().await;
     let kinds: HashSet<&str> = frames.iter().map(|f| f["type"].as_str().unwrap()).collect();
     assert!(kinds.contains("left"), "{frames:?}");

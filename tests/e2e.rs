@@ -540,7 +540,7 @@ async fn leave_stops_delivery_and_tells_the_others() {
 
 #[actix_rt::test]
 async fn who_and_typing() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|c| c.session.resume_grace_ms = 300).await;
     let mut ann = server.user("ann").await;
     let mut bob = server.user("bob").await;
     ann.create_room("general", "public", &[]).await;
@@ -561,7 +561,9 @@ async fn who_and_typing() {
     bob.assert_no_event("typing").await;
 
     drop(bob);
-    // The dropped connection is noticed, and bob is no longer listed.
+    // A dropped connection stays listed through the resume grace, then goes.
+    let who = ann.ok(json!({"type": "who", "room": "general"})).await;
+    assert_eq!(who["online"], json!(["ann", "bob"]));
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let who = ann.ok(json!({"type": "who", "room": "general"})).await;
@@ -928,4 +930,40 @@ fn check_config_says_what_is_wrong_and_where() {
         text.contains("db/chat") && !text.contains("hunter2"),
         "{text}"
     );
+}
+
+/// A client may send requests without waiting for replies: each one sees the effect of the
+/// session-changing requests before it (regression: login raced register).
+#[actix_rt::test]
+async fn pipelined_requests_take_effect_in_order() {
+    let server = TestServer::start().await;
+    let mut c = server.connect().await;
+    let frames = [
+        json!({"id": "1", "type": "register", "username": "ann", "password": PASSWORD}),
+        json!({"id": "2", "type": "login", "username": "ann", "password": PASSWORD}),
+        json!({"id": "3", "type": "create_room", "room": "general", "kind": "public"}),
+        json!({"id": "4", "type": "join", "room": "general"}),
+        json!({"id": "5", "type": "send", "room": "general", "body": "one"}),
+        json!({"id": "6", "type": "send", "room": "general", "body": "two"}),
+        json!({"id": "7", "type": "leave", "room": "general"}),
+        json!({"id": "8", "type": "send", "room": "general", "body": "after leaving"}),
+    ];
+    for frame in &frames {
+        c.send_text(&frame.to_string()).await;
+    }
+    let mut replies = std::collections::BTreeMap::new();
+    while replies.len() < frames.len() {
+        let frame = c.read().await.unwrap();
+        if let Some(id) = frame["id"].as_str() {
+            replies.insert(id.to_string(), frame);
+        }
+    }
+    for id in ["1", "2", "3", "4", "5", "6", "7"] {
+        assert_eq!(replies[id]["type"], "ok", "{id}: {}", replies[id]);
+    }
+    assert_eq!(
+        (replies["5"]["seq"].as_i64(), replies["6"]["seq"].as_i64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(replies["8"]["code"], "forbidden");
 }

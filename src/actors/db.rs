@@ -25,7 +25,7 @@ use crate::store::models::*;
 use crate::store::{self, NewPost, PgPool};
 
 /// Hash of a session token as stored; the token itself exists only on the client.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct TokenHash(pub [u8; 32]);
 
 impl std::fmt::Debug for TokenHash {

@@ -3,17 +3,25 @@
 //! lookups of a room that is loading or stopping wait for that to finish, so there is never
 //! more than one actor per room. Calls: the DB executor ([`LoadRoom`]) and rooms ([`TryStop`]).
 //!
+//! It also keeps the sessions whose connection dropped, by token, so that a `resume` within the
+//! grace can take their place in their rooms.
+//!
 //! Messages:
 //! - [`OpenRoom`] (Session): the room's actor; `NotFound` when no such room exists.
 //! - [`RoomIdle`] (Room): ask it to stop, and forget it if it does.
+//! - [`Park`] (Session, when its connection drops): remember its rooms for the grace.
+//! - [`Reclaim`] (Session, `resume`): the parked session of a token and its rooms, once.
 
 use actix::prelude::*;
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::actors::db::LoadRoom;
+use crate::actors::db::TokenHash;
 use crate::actors::presence::PresenceHandle;
 use crate::actors::room::{Room, RoomIdle, RoomSettings, StoreHandle, TryStop};
+use crate::actors::session::SessionId;
 use crate::error::{RoomError, StoreError};
 use crate::store::models::RoomState;
 
@@ -22,6 +30,30 @@ use crate::store::models::RoomState;
 #[rtype(result = "Result<Addr<Room>, RoomError>")]
 pub struct OpenRoom {
     pub name: String,
+}
+
+/// Session → Directory: a session of `token` lost its connection while joined to `rooms`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Park {
+    pub token: TokenHash,
+    pub session: SessionId,
+    pub rooms: Vec<String>,
+}
+
+/// Session → Directory: `resume` with `token`. Replies the parked session it replaces, if any
+/// is still within the grace.
+#[derive(Debug, Message)]
+#[rtype(result = "Option<Parked>")]
+pub struct Reclaim {
+    pub token: TokenHash,
+}
+
+#[derive(Debug, Clone)]
+pub struct Parked {
+    pub session: SessionId,
+    pub rooms: Vec<String>,
+    at: Instant,
 }
 
 type Waiter = oneshot::Sender<Result<Addr<Room>, RoomError>>;
@@ -34,6 +66,7 @@ enum Entry {
 
 pub struct Directory {
     rooms: HashMap<String, Entry>,
+    parked: HashMap<TokenHash, Parked>,
     load: Recipient<LoadRoom>,
     store: StoreHandle,
     presence: PresenceHandle,
@@ -49,6 +82,7 @@ impl Directory {
     ) -> Self {
         Directory {
             rooms: HashMap::new(),
+            parked: HashMap::new(),
             load,
             store,
             presence,
@@ -115,6 +149,41 @@ impl Directory {
 
 impl Actor for Directory {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let grace = self.settings.resume_grace;
+        ctx.run_interval(
+            grace.clamp(Duration::from_millis(50), Duration::from_secs(10)),
+            move |dir, _| {
+                dir.parked.retain(|_, p| p.at.elapsed() < grace);
+            },
+        );
+    }
+}
+
+impl Handler<Park> for Directory {
+    type Result = ();
+
+    fn handle(&mut self, msg: Park, _: &mut Context<Self>) {
+        self.parked.insert(
+            msg.token,
+            Parked {
+                session: msg.session,
+                rooms: msg.rooms,
+                at: Instant::now(),
+            },
+        );
+    }
+}
+
+impl Handler<Reclaim> for Directory {
+    type Result = Option<Parked>;
+
+    fn handle(&mut self, msg: Reclaim, _: &mut Context<Self>) -> Option<Parked> {
+        self.parked
+            .remove(&msg.token)
+            .filter(|p| p.at.elapsed() < self.settings.resume_grace)
+    }
 }
 
 impl Handler<OpenRoom> for Directory {

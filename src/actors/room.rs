@@ -1,14 +1,18 @@
 //! The Room actor: one per active room. It is the room's lock: it holds the joined sessions,
-//! the room's policy and a ring buffer of the newest messages; it sends each message to the
-//! store and, only after the commit, acks the sender and broadcasts the `message` event in seq
-//! order, serialized once and shared by every recipient. Calls: the store (via
-//! [`StoreHandle`]), [`PresenceHandle`], the directory (when idle), sessions (via [`Deliver`]).
+//! the room's policy and a ring buffer of the newest messages. Posts are stored in batches,
+//! one batch at a time (so each sender keeps its order); only after the commit does the room
+//! ack the senders and broadcast the `message` events in seq order, each serialized once and
+//! shared by every recipient. A session that vanished without a close stays joined for the
+//! resume grace. Calls: the store (via [`StoreHandle`]), [`PresenceHandle`], the directory
+//! (when idle), sessions (via [`Deliver`]).
 //!
 //! Messages:
-//! - [`Join`] (Session): add a session; replies the room's name, kind and last delivered seq.
-//! - [`Leave`] (Session, also on session stop): remove a session.
-//! - [`Post`] (Session, `send`): queue; posts are stored in batches, one batch at a time, then
-//!   broadcast in order; replies the seq and time after commit.
+//! - [`Join`] (Session): add (or, on resume, swap in) a session; replies the room's state and,
+//!   with `after`, every message since.
+//! - [`Leave`] (Session): remove a session now.
+//! - [`Detach`] (Session, when its connection drops): keep the session joined for the grace.
+//! - [`Post`] (Session, `send`): queue for the next batch; replies seq and time after commit,
+//!   or `unavailable` when the commit did not finish within the store timeout.
 //! - [`ReadHistory`] (Session): a page, from the ring buffer when it reaches, else the store.
 //! - [`Who`] (Session): the users joined, from presence.
 //! - [`Typing`] (Session): tell the other joined sessions.
@@ -18,25 +22,30 @@
 
 use actix::prelude::*;
 use bytestring::ByteString;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 
 use crate::actors::db::{LoadHistory, StoreBatch};
 use crate::actors::presence::{PresenceHandle, RoomEntered, RoomExited, WhoIsIn};
 use crate::actors::session::SessionId;
 use crate::error::{RoomError, StoreError};
 use crate::protocol::{format_time, Event, MessageView, RoomKind, Seq, UserId, MAX_HISTORY_LIMIT};
-use crate::store::models::{HistoryPage, RoomRecord, RoomState, UserRecord};
+use crate::store::models::{HistoryPage, RoomRecord, RoomState, Stored, UserRecord};
 use crate::store::NewPost;
-use tokio::sync::oneshot;
+
+/// Most posts stored in one transaction.
+const MAX_BATCH: usize = 256;
+/// Most messages a `join` with `after` returns; older ones are paged with `history`.
+pub const MAX_MISSED: usize = 1000;
 
 /// What a room sends a session.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub enum Deliver {
-    /// An event frame to write as is; the bytes are shared with every other recipient.
-    Frame { frame: ByteString },
+    /// An event frame of `room` to write as is; the bytes are shared with every other recipient.
+    Frame { room: Arc<str>, frame: ByteString },
     /// The session fell too far behind in `room` and was removed from it.
     Evicted { room: String },
 }
@@ -61,6 +70,10 @@ pub struct RoomSettings {
     pub history_limit: usize,
     pub max_body_bytes: usize,
     pub idle_stop: Duration,
+    /// How long a send waits for its commit before the sender hears `unavailable`.
+    pub store_timeout: Duration,
+    /// How long a session whose connection dropped stays joined.
+    pub resume_grace: Duration,
 }
 
 /// The policy a room enforces: a value it holds and can swap.
@@ -78,26 +91,42 @@ impl RoomPolicy {
     }
 }
 
-/// Session → Room: join. Replies the room's state; `Forbidden` if the user is not on the whitelist.
+/// Session → Room: join. With `after`, the reply also holds the messages with seq > after.
+/// With `replaces`, the session takes the place of a detached one of the same user, silently.
 #[derive(Clone, Message)]
 #[rtype(result = "Result<JoinedRoom, RoomError>")]
 pub struct Join {
     pub session: SessionId,
     pub user: UserRecord,
     pub deliver: Recipient<Deliver>,
+    pub after: Option<Seq>,
+    pub replaces: Option<SessionId>,
 }
 
 #[derive(Debug, Clone)]
 pub struct JoinedRoom {
     pub name: String,
     pub kind: RoomKind,
+    /// Every message up to this seq was delivered before the join took effect; every later one
+    /// reaches the session as an event.
     pub last_seq: Seq,
+    /// With `after`: the messages after it up to `last_seq`, ascending (the newest
+    /// [`MAX_MISSED`] when there are more, with `truncated`).
+    pub missed: Option<Vec<MessageView>>,
+    pub truncated: bool,
 }
 
-/// Session → Room: leave (also sent when a session stops).
+/// Session → Room: leave now (also sent when a session closes cleanly).
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub struct Leave {
+    pub session: SessionId,
+}
+
+/// Session → Room: the session's connection dropped; keep it joined for the resume grace.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Detach {
     pub session: SessionId,
 }
 
@@ -145,33 +174,40 @@ pub struct Typing {
 #[rtype(result = "bool")]
 pub struct TryStop;
 
-/// Most posts stored in one transaction.
-const MAX_BATCH: usize = 256;
+type Reply = oneshot::Sender<Result<Ack, RoomError>>;
 
 struct Pending {
     post: Post,
-    reply: oneshot::Sender<Result<Ack, RoomError>>,
+    reply: Reply,
+    queued_at: Instant,
 }
 
 struct Member {
     user: UserRecord,
     deliver: Recipient<Deliver>,
+    /// When the connection dropped; the member is kept until the resume grace has passed.
+    detached_at: Option<Instant>,
 }
 
 pub struct Room {
     record: RoomRecord,
+    name: Arc<str>,
     policy: RoomPolicy,
+    settings: RoomSettings,
     /// Highest seq broadcast; every seq up to it has been delivered in order.
     delivered: Seq,
-    /// Posts waiting for the batch in flight to commit; they go together in the next one.
+    /// Committed messages that wait for an earlier seq to be loaded (see `fill_gap`).
+    waiting: BTreeMap<Seq, MessageView>,
+    filling_gap: bool,
+    /// Posts waiting for the batch in flight; they go together in the next one.
     queue: VecDeque<Pending>,
-    /// Whether a batch is being stored. One at a time keeps each sender's order.
-    storing: bool,
+    /// The replies of the batch in flight, taken by the timeout if the commit is slow.
+    in_flight: Option<(u64, Vec<Reply>)>,
+    batches: u64,
     recent: VecDeque<MessageView>,
     sessions: HashMap<SessionId, Member>,
     sessions_per_user: HashMap<UserId, usize>,
     last_active: Instant,
-    idle_stop: Duration,
     store: StoreHandle,
     presence: PresenceHandle,
     directory: Option<Recipient<RoomIdle>>,
@@ -195,17 +231,25 @@ impl Room {
         while recent.len() > policy.history_limit {
             recent.pop_front();
         }
+        // The ring buffer is only trusted when it ends at the room's last seq.
+        if recent.back().map(|m| m.seq) != Some(state.record.last_seq) {
+            recent.clear();
+        }
         Room {
             delivered: state.record.last_seq,
+            name: state.record.name.as_str().into(),
             record: state.record,
             policy,
+            settings: settings.clone(),
+            waiting: BTreeMap::new(),
+            filling_gap: false,
             queue: VecDeque::new(),
-            storing: false,
+            in_flight: None,
+            batches: 0,
             recent,
             sessions: HashMap::new(),
             sessions_per_user: HashMap::new(),
             last_active: Instant::now(),
-            idle_stop: settings.idle_stop,
             store,
             presence,
             directory,
@@ -219,41 +263,71 @@ impl Room {
 
     fn is_idle(&self) -> bool {
         self.sessions.is_empty()
-            && !self.storing
+            && self.in_flight.is_none()
             && self.queue.is_empty()
-            && self.last_active.elapsed() >= self.idle_stop
+            && !self.filling_gap
+            && self.last_active.elapsed() >= self.settings.idle_stop
     }
 
-    /// Sends `frame` to every joined session except `except`; drops the closed and evicts the full.
+    fn frame(&self, event: Event<'_>) -> ByteString {
+        event.to_frame().into()
+    }
+
+    /// Sends `frame` to every attached session except `except`. A closed session is detached
+    /// (it may come back within the grace); one whose queue is full is evicted.
     fn broadcast(&mut self, frame: &ByteString, except: Option<SessionId>) {
-        let mut gone = Vec::new();
-        for (id, member) in &self.sessions {
-            if Some(*id) == except {
+        let mut evicted = Vec::new();
+        for (id, member) in self.sessions.iter_mut() {
+            if Some(*id) == except || member.detached_at.is_some() {
                 continue;
             }
             let msg = Deliver::Frame {
+                room: self.name.clone(),
                 frame: frame.clone(),
             };
             match member.deliver.try_send(msg) {
                 Ok(()) => {}
-                Err(SendError::Closed(_)) => gone.push((*id, false)),
-                Err(SendError::Full(_)) => gone.push((*id, true)),
+                Err(SendError::Closed(_)) => member.detached_at = Some(Instant::now()),
+                Err(SendError::Full(_)) => evicted.push(*id),
             }
         }
-        for (id, evict) in gone {
-            if let Some(member) = self.remove_session(id) {
-                if evict {
-                    log::warn!(
-                        "room {}: session {id:?} of {} fell behind and was removed",
-                        self.record.name,
-                        member.user.username
-                    );
-                    member.deliver.do_send(Deliver::Evicted {
-                        room: self.record.name.clone(),
-                    });
-                }
+        for id in evicted {
+            if let Some(member) = self.sessions.get_mut(&id) {
+                log::warn!(
+                    "room {}: a session of {} fell behind and was cut off",
+                    self.record.name,
+                    member.user.username
+                );
+                member.detached_at = Some(Instant::now());
+                member.deliver.do_send(Deliver::Evicted {
+                    room: self.record.name.clone(),
+                });
             }
         }
+    }
+
+    fn add_session(&mut self, session: SessionId, user: UserRecord, deliver: Recipient<Deliver>) {
+        let count = self.sessions_per_user.entry(user.id).or_default();
+        *count += 1;
+        if *count == 1 {
+            let frame = self.frame(Event::Joined {
+                room: &self.record.name,
+                user: &user.username,
+            });
+            self.presence.entered.do_send(RoomEntered {
+                room: self.record.name.clone(),
+                username: user.username.clone(),
+            });
+            self.broadcast(&frame, Some(session));
+        }
+        self.sessions.insert(
+            session,
+            Member {
+                user,
+                deliver,
+                detached_at: None,
+            },
+        );
     }
 
     fn remove_session(&mut self, id: SessionId) -> Option<Member> {
@@ -266,12 +340,10 @@ impl Room {
         });
         if remaining == Some(0) {
             self.sessions_per_user.remove(&user);
-            let frame: ByteString = Event::Left {
+            let frame = self.frame(Event::Left {
                 room: &self.record.name,
                 user: &member.user.username,
-            }
-            .to_frame()
-            .into();
+            });
             self.presence.exited.do_send(RoomExited {
                 room: self.record.name.clone(),
                 username: member.user.username.clone(),
@@ -281,97 +353,233 @@ impl Room {
         Some(member)
     }
 
-    /// Broadcasts a committed message and keeps it in the ring buffer.
-    fn committed(&mut self, view: MessageView) {
+    /// Removes the sessions whose resume grace has passed.
+    fn expire_detached(&mut self) {
+        let grace = self.settings.resume_grace;
+        let expired: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, m)| m.detached_at.is_some_and(|t| t.elapsed() >= grace))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.remove_session(id);
+        }
+    }
+
+    /// Takes a committed message. Messages are delivered strictly in seq order: when an earlier
+    /// seq is missing (a commit whose reply was lost), it is loaded from the store first.
+    fn committed(&mut self, view: MessageView, ctx: &mut Context<Self>) {
         if view.seq <= self.delivered {
             return;
         }
-        if view.seq != self.delivered.next() {
-            log::warn!(
-                "room {}: seq jumped from {} to {} (written elsewhere?)",
-                self.record.name,
-                self.delivered,
-                view.seq
-            );
+        self.waiting.insert(view.seq, view);
+        self.deliver_waiting();
+        if !self.waiting.is_empty() {
+            self.fill_gap(ctx);
         }
-        self.delivered = view.seq;
-        let frame: ByteString = Event::Message(&view).to_frame().into();
-        self.broadcast(&frame, None);
-        self.recent.push_back(view);
-        if self.recent.len() > self.policy.history_limit {
-            self.recent.pop_front();
+    }
+
+    fn deliver_waiting(&mut self) {
+        while let Some(view) = self.waiting.remove(&self.delivered.next()) {
+            self.delivered = view.seq;
+            let frame = self.frame(Event::Message(&view));
+            self.broadcast(&frame, None);
+            self.recent.push_back(view);
+            if self.recent.len() > self.policy.history_limit {
+                self.recent.pop_front();
+            }
         }
+    }
+
+    /// Loads the messages between the last delivered seq and the first waiting one.
+    fn fill_gap(&mut self, ctx: &mut Context<Self>) {
+        let Some(first_waiting) = self.waiting.keys().next().copied() else {
+            return;
+        };
+        if self.filling_gap {
+            return;
+        }
+        self.filling_gap = true;
+        let missing = usize::try_from(first_waiting.0 - self.delivered.0 - 1).unwrap_or(0);
+        let request = self.store.history.send(LoadHistory {
+            room: self.record.clone(),
+            before: Some(first_waiting),
+            limit: missing.min(MAX_MISSED),
+        });
+        ctx.spawn(request.into_actor(self).map(|result, room, ctx| {
+            room.filling_gap = false;
+            match result {
+                Ok(Ok(page)) => {
+                    for view in page.messages {
+                        if view.seq > room.delivered {
+                            room.waiting.insert(view.seq, view);
+                        }
+                    }
+                    room.deliver_waiting();
+                    if !room.waiting.is_empty() {
+                        // Still a hole: seqs were lost for good (never committed). Skip past it.
+                        if let Some(next) = room.waiting.keys().next().copied() {
+                            log::warn!(
+                                "room {}: seqs {}..{} are missing from the store",
+                                room.record.name,
+                                room.delivered.next(),
+                                next
+                            );
+                            room.delivered = Seq(next.0 - 1);
+                            room.recent.clear();
+                            room.deliver_waiting();
+                        }
+                    }
+                }
+                _ => {
+                    log::warn!("room {}: could not load a gap; retrying", room.record.name);
+                    ctx.run_later(Duration::from_millis(200), |room, ctx| room.fill_gap(ctx));
+                }
+            }
+        }));
     }
 
     /// Sends the queued posts as one batch unless a batch is already being stored.
     fn store_queued(&mut self, ctx: &mut Context<Self>) {
-        if self.storing || self.queue.is_empty() {
+        if self.in_flight.is_some() || self.queue.is_empty() {
             return;
         }
         let take = self.queue.len().min(MAX_BATCH);
-        let batch: Vec<Pending> = self.queue.drain(..take).collect();
+        let (posts, replies): (Vec<Post>, Vec<Reply>) = self
+            .queue
+            .drain(..take)
+            .map(|pending| (pending.post, pending.reply))
+            .unzip();
+        self.batches += 1;
+        let batch = self.batches;
+        self.in_flight = Some((batch, replies));
         let request = self.store.store.send(StoreBatch {
             room: self.record.id,
-            posts: batch
+            posts: posts
                 .iter()
-                .map(|p| NewPost {
-                    sender: p.post.user.id,
-                    body: p.post.body.clone(),
-                    client_msg_id: p.post.client_msg_id.clone(),
+                .map(|post| NewPost {
+                    sender: post.user.id,
+                    body: post.body.clone(),
+                    client_msg_id: post.client_msg_id.clone(),
                 })
                 .collect(),
         });
-        self.storing = true;
+        ctx.run_later(self.settings.store_timeout, move |room, _| {
+            if room.in_flight.as_ref().is_some_and(|(id, _)| *id == batch) {
+                if let Some((_, replies)) = room.in_flight.as_mut() {
+                    fail_all(std::mem::take(replies), "the commit did not finish in time");
+                }
+            }
+        });
         ctx.spawn(request.into_actor(self).map(move |result, room, ctx| {
-            room.storing = false;
+            let replies = room.in_flight.take().map(|(_, r)| r).unwrap_or_default();
             room.last_active = Instant::now();
             let outcome = match result {
-                Ok(Ok(stored)) if stored.len() == batch.len() => Ok(stored),
+                Ok(Ok(stored)) if stored.len() == posts.len() => Ok(stored),
                 Ok(Ok(stored)) => Err(format!(
-                    "store answered {} of {} posts",
+                    "store answered {} of {}",
                     stored.len(),
-                    batch.len()
+                    posts.len()
                 )),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             match outcome {
-                Ok(stored) => {
-                    for (pending, stored) in batch.into_iter().zip(stored) {
-                        let sent_at = format_time(stored.sent_at);
-                        if !stored.duplicate {
-                            let post = pending.post;
-                            room.committed(MessageView {
-                                room: room.record.name.clone(),
-                                seq: stored.seq,
-                                from: post.user.username,
-                                body: Some(post.body.to_string()),
-                                sent_at: sent_at.clone(),
-                                client_msg_id: post.client_msg_id,
-                                error: None,
-                            });
-                        }
-                        let _ = pending.reply.send(Ok(Ack {
-                            seq: stored.seq,
-                            sent_at,
-                        }));
-                    }
-                }
+                Ok(stored) => room.batch_committed(posts, stored, replies, ctx),
                 Err(why) => {
                     log::warn!(
                         "room {}: storing {} message(s) failed: {why}",
                         room.record.name,
-                        batch.len()
+                        posts.len()
                     );
-                    for pending in batch {
-                        let _ = pending
-                            .reply
-                            .send(Err(RoomError::Store(StoreError::Unavailable(why.clone()))));
-                    }
+                    fail_all(replies, &why);
                 }
             }
             room.store_queued(ctx);
         }));
+    }
+
+    fn batch_committed(
+        &mut self,
+        posts: Vec<Post>,
+        stored: Vec<Stored>,
+        replies: Vec<Reply>,
+        ctx: &mut Context<Self>,
+    ) {
+        // `replies` is empty when the timeout already answered: the messages are delivered anyway.
+        let mut replies = replies.into_iter();
+        for (post, stored) in posts.into_iter().zip(stored) {
+            let sent_at = format_time(stored.sent_at);
+            if let Some(reply) = replies.next() {
+                let _ = reply.send(Ok(Ack {
+                    seq: stored.seq,
+                    sent_at: sent_at.clone(),
+                }));
+            }
+            if stored.duplicate {
+                // A retry of a message whose first commit may not have been delivered yet.
+                if stored.seq > self.delivered {
+                    self.fill_gap_upto(stored.seq, ctx);
+                }
+                continue;
+            }
+            self.committed(
+                MessageView {
+                    room: self.record.name.clone(),
+                    seq: stored.seq,
+                    from: post.user.username,
+                    body: Some(post.body.to_string()),
+                    sent_at,
+                    client_msg_id: post.client_msg_id,
+                    error: None,
+                },
+                ctx,
+            );
+        }
+    }
+
+    /// Makes sure everything up to `seq` is delivered, loading it from the store.
+    fn fill_gap_upto(&mut self, seq: Seq, ctx: &mut Context<Self>) {
+        if self.waiting.is_empty() {
+            // A placeholder just past `seq` makes `fill_gap` load up to and including it.
+            let request = self.store.history.send(LoadHistory {
+                room: self.record.clone(),
+                before: Some(seq.next()),
+                limit: usize::try_from(seq.0 - self.delivered.0)
+                    .unwrap_or(0)
+                    .min(MAX_MISSED),
+            });
+            self.filling_gap = true;
+            ctx.spawn(request.into_actor(self).map(|result, room, ctx| {
+                room.filling_gap = false;
+                if let Ok(Ok(page)) = result {
+                    for view in page.messages {
+                        room.committed(view, ctx);
+                    }
+                }
+            }));
+        } else {
+            self.fill_gap(ctx);
+        }
+    }
+
+    /// Fails queued posts that waited longer than the store timeout (they were never sent).
+    fn expire_queued(&mut self) {
+        let timeout = self.settings.store_timeout;
+        while self
+            .queue
+            .front()
+            .is_some_and(|p| p.queued_at.elapsed() >= timeout)
+        {
+            if let Some(pending) = self.queue.pop_front() {
+                let _ = pending
+                    .reply
+                    .send(Err(RoomError::Store(StoreError::Unavailable(
+                        "the store is busy".into(),
+                    ))));
+            }
+        }
     }
 
     /// The page from the ring buffer, when it holds every message the page needs.
@@ -401,6 +609,14 @@ impl Room {
     }
 }
 
+fn fail_all(replies: Vec<Reply>, why: &str) {
+    for reply in replies {
+        let _ = reply.send(Err(RoomError::Store(StoreError::Unavailable(
+            why.to_string(),
+        ))));
+    }
+}
+
 impl Actor for Room {
     type Context = Context<Self>;
 
@@ -410,7 +626,8 @@ impl Actor for Room {
             self.record.name,
             self.delivered
         );
-        let check = (self.idle_stop / 4).clamp(Duration::from_millis(50), Duration::from_secs(15));
+        let check =
+            (self.settings.idle_stop / 4).clamp(Duration::from_millis(50), Duration::from_secs(15));
         ctx.run_interval(check, |room, _| {
             if room.is_idle() {
                 if let Some(directory) = &room.directory {
@@ -420,6 +637,12 @@ impl Actor for Room {
                 }
             }
         });
+        let sweep = (self.settings.store_timeout.min(self.settings.resume_grace) / 4)
+            .clamp(Duration::from_millis(20), Duration::from_secs(1));
+        ctx.run_interval(sweep, |room, _| {
+            room.expire_queued();
+            room.expire_detached();
+        });
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
@@ -428,41 +651,64 @@ impl Actor for Room {
 }
 
 impl Handler<Join> for Room {
-    type Result = Result<JoinedRoom, RoomError>;
+    type Result = ResponseFuture<Result<JoinedRoom, RoomError>>;
 
     fn handle(&mut self, msg: Join, _: &mut Context<Self>) -> Self::Result {
         if !self.policy.admits(msg.user.id) {
-            return Err(RoomError::Forbidden("this private room is not open to you"));
+            return Box::pin(async {
+                Err(RoomError::Forbidden("this private room is not open to you"))
+            });
         }
         self.last_active = Instant::now();
-        if !self.sessions.contains_key(&msg.session) {
-            let count = self.sessions_per_user.entry(msg.user.id).or_default();
-            *count += 1;
-            if *count == 1 {
-                let frame: ByteString = Event::Joined {
-                    room: &self.record.name,
-                    user: &msg.user.username,
-                }
-                .to_frame()
-                .into();
-                self.presence.entered.do_send(RoomEntered {
-                    room: self.record.name.clone(),
-                    username: msg.user.username.clone(),
-                });
-                self.broadcast(&frame, Some(msg.session));
+        let swapped = msg
+            .replaces
+            .and_then(|old| self.sessions.remove(&old))
+            .filter(|old| old.user.id == msg.user.id);
+        match swapped {
+            Some(_) => {
+                self.sessions.insert(
+                    msg.session,
+                    Member {
+                        user: msg.user,
+                        deliver: msg.deliver,
+                        detached_at: None,
+                    },
+                );
             }
-            self.sessions.insert(
-                msg.session,
-                Member {
-                    user: msg.user,
-                    deliver: msg.deliver,
-                },
-            );
+            None if self.sessions.contains_key(&msg.session) => {}
+            None => self.add_session(msg.session, msg.user, msg.deliver),
         }
-        Ok(JoinedRoom {
+        let last_seq = self.delivered;
+        let mut joined = JoinedRoom {
             name: self.record.name.clone(),
             kind: self.record.kind,
-            last_seq: self.delivered,
+            last_seq,
+            missed: None,
+            truncated: false,
+        };
+        let Some(after) = msg.after else {
+            return Box::pin(async move { Ok(joined) });
+        };
+        let wanted = usize::try_from(last_seq.0 - after.0.min(last_seq.0)).unwrap_or(0);
+        joined.truncated = wanted > MAX_MISSED;
+        let limit = wanted.min(MAX_MISSED);
+        if limit == 0 {
+            joined.missed = Some(Vec::new());
+            return Box::pin(async move { Ok(joined) });
+        }
+        if let Some(page) = self.page_from_recent(Some(last_seq.next()), limit) {
+            joined.missed = Some(page.messages);
+            return Box::pin(async move { Ok(joined) });
+        }
+        let request = self.store.history.send(LoadHistory {
+            room: self.record.clone(),
+            before: Some(last_seq.next()),
+            limit,
+        });
+        Box::pin(async move {
+            let page = request.await.map_err(|_| RoomError::Gone)??;
+            joined.missed = Some(page.messages);
+            Ok(joined)
         })
     }
 }
@@ -472,6 +718,16 @@ impl Handler<Leave> for Room {
 
     fn handle(&mut self, msg: Leave, _: &mut Context<Self>) {
         self.remove_session(msg.session);
+    }
+}
+
+impl Handler<Detach> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: Detach, _: &mut Context<Self>) {
+        if let Some(member) = self.sessions.get_mut(&msg.session) {
+            member.detached_at.get_or_insert_with(Instant::now);
+        }
     }
 }
 
@@ -491,7 +747,11 @@ impl Handler<Post> for Room {
             return Box::pin(async move { Err(RoomError::TooLarge { max }) });
         }
         let (reply, answer) = oneshot::channel();
-        self.queue.push_back(Pending { post, reply });
+        self.queue.push_back(Pending {
+            post,
+            reply,
+            queued_at: Instant::now(),
+        });
         self.store_queued(ctx);
         Box::pin(async move { answer.await.unwrap_or(Err(RoomError::Gone)) })
     }
@@ -521,10 +781,10 @@ impl Handler<ReadHistory> for Room {
             limit,
         });
         Box::pin(async move {
-            match request.await {
-                Ok(result) => result.map_err(RoomError::Store),
-                Err(_) => Err(RoomError::Gone),
-            }
+            request
+                .await
+                .map_err(|_| RoomError::Gone)?
+                .map_err(RoomError::Store)
         })
     }
 }
@@ -552,12 +812,10 @@ impl Handler<Typing> for Room {
         let Some(member) = self.sessions.get(&msg.session) else {
             return Err(RoomError::Forbidden("join the room first"));
         };
-        let frame: ByteString = Event::Typing {
+        let frame = self.frame(Event::Typing {
             room: &self.record.name,
             user: &member.user.username,
-        }
-        .to_frame()
-        .into();
+        });
         self.broadcast(&frame, Some(msg.session));
         Ok(())
     }

@@ -17,9 +17,11 @@ use crate::actors::db::{
     hash_token, Authenticate, CreateRoom, CreateUser, DbExecutor, ListRooms, ResumeToken,
     RevokeToken, TokenHash,
 };
-use crate::actors::directory::{Directory, OpenRoom};
+use crate::actors::directory::{Directory, OpenRoom, Park, Reclaim};
 use crate::actors::presence::{PresenceHandle, SessionClosed, SessionOpened};
-use crate::actors::room::{Deliver, Join, Leave, Post, ReadHistory, Room, Typing, Who};
+use crate::actors::room::{
+    Deliver, Detach, Join, JoinedRoom, Leave, Post, ReadHistory, Room, Typing, Who,
+};
 use crate::error::{Error, RoomError};
 use crate::protocol::{self, ErrorCode, Rejection, Request};
 use crate::store::models::UserRecord;
@@ -66,7 +68,22 @@ pub struct Session {
     bad_frames: VecDeque<Instant>,
     fragments: Option<(bool, Vec<u8>)>,
     close_reason: Option<String>,
+    /// Set when the connection ends by the client's close frame or logout; otherwise the
+    /// session stays joined for the resume grace.
+    closed_cleanly: bool,
+    /// Rooms whose join reply has not been written yet, with the events that arrived for them
+    /// meanwhile: they are written after the reply, so `missed` always comes before live events.
+    joining: HashMap<String, Vec<bytestring::ByteString>>,
+    /// Requests answered asynchronously and not yet replied to.
+    in_flight: usize,
+    /// Whether one of them changes the session, so that later requests must wait.
+    exclusive_in_flight: bool,
+    dispatching_exclusive: bool,
+    waiting: VecDeque<(String, Request)>,
 }
+
+/// Requests a connection may have waiting behind a session-changing one.
+const MAX_WAITING_REQUESTS: usize = 256;
 
 impl Session {
     pub fn new(peer: String, services: Services, settings: Arc<SessionSettings>) -> Self {
@@ -81,6 +98,29 @@ impl Session {
             bad_frames: VecDeque::new(),
             fragments: None,
             close_reason: None,
+            closed_cleanly: false,
+            joining: HashMap::new(),
+            in_flight: 0,
+            exclusive_in_flight: false,
+            dispatching_exclusive: false,
+            waiting: VecDeque::new(),
+        }
+    }
+
+    /// The client sent a close frame: leave rooms at once.
+    pub fn on_client_close(&mut self) {
+        self.closed_cleanly = true;
+        self.on_close_reason("client closed");
+    }
+
+    fn start_joining(&mut self, room: &str) {
+        self.joining.entry(room.to_string()).or_default();
+    }
+
+    /// Writes the events held back while `room` was joining.
+    fn finish_joining(&mut self, room: &str, ctx: &mut WsContext) {
+        for frame in self.joining.remove(room).unwrap_or_default() {
+            ws::send_text(ctx, frame);
         }
     }
 
@@ -102,7 +142,7 @@ impl Session {
             return;
         }
         match protocol::parse_request(text) {
-            Ok((id, request)) => self.dispatch(id, request, ctx),
+            Ok((id, request)) => self.accept(id, request, ctx),
             Err(e) => self.bad_frame(ctx, e.id.as_deref(), &e.rejection.message),
         }
     }
@@ -197,7 +237,53 @@ impl Session {
     where
         F: ActorFuture<Session, Output = Result<Value, Error>> + 'static,
     {
-        ctx.spawn(work.map(move |result, session, ctx| session.reply(ctx, &id, result)));
+        self.in_flight += 1;
+        self.exclusive_in_flight |= self.dispatching_exclusive;
+        ctx.spawn(work.map(move |result, session, ctx| {
+            session.reply(ctx, &id, result);
+            session.in_flight -= 1;
+            if session.in_flight == 0 {
+                session.exclusive_in_flight = false;
+            }
+            session.run_waiting(ctx);
+        }));
+    }
+
+    /// Requests run in the order they arrive as far as they depend on each other: one that
+    /// changes the session (login, join, ...) waits for everything before it, and everything
+    /// after it waits for it. Sends, reads and pings pipeline freely in between.
+    fn accept(&mut self, id: String, request: Request, ctx: &mut WsContext) {
+        let must_wait = !self.waiting.is_empty()
+            || self.exclusive_in_flight
+            || (request.changes_session() && self.in_flight > 0);
+        if !must_wait {
+            return self.run(id, request, ctx);
+        }
+        if self.waiting.len() >= MAX_WAITING_REQUESTS {
+            let rejection = Rejection::new(
+                ErrorCode::RateLimited,
+                "too many requests waiting; slow down",
+            );
+            return self.reply(ctx, &id, Err(rejection.into()));
+        }
+        self.waiting.push_back((id, request));
+    }
+
+    fn run(&mut self, id: String, request: Request, ctx: &mut WsContext) {
+        self.dispatching_exclusive = request.changes_session();
+        self.dispatch(id, request, ctx);
+        self.dispatching_exclusive = false;
+    }
+
+    fn run_waiting(&mut self, ctx: &mut WsContext) {
+        while let Some((_, front)) = self.waiting.front() {
+            if self.exclusive_in_flight || (front.changes_session() && self.in_flight > 0) {
+                return;
+            }
+            if let Some((id, request)) = self.waiting.pop_front() {
+                self.run(id, request, ctx);
+            }
+        }
     }
 
     fn user(&self) -> Result<&UserRecord, Error> {
@@ -253,16 +339,72 @@ impl Session {
                     return self.reply(ctx, &id, Err(already_authenticated()));
                 }
                 let hash = hash_token(token.expose());
-                let request = self.services.db.send(ResumeToken { hash: hash.clone() });
-                let work = async move { Ok(request.await??) };
-                let work =
-                    work.into_actor(self)
-                        .map(move |result: Result<_, Error>, session, _| {
-                            let user = result?;
-                            let payload = json!({ "user": user_json(&user), "rooms": [] });
-                            session.authenticated(user, hash)?;
-                            Ok(payload)
-                        });
+                let db = self.services.db.clone();
+                let directory = self.services.directory.clone();
+                let session = self.id;
+                let deliver = ctx.address().recipient::<Deliver>();
+                let token_hash = hash.clone();
+                let lookup = async move {
+                    let user = db
+                        .send(ResumeToken {
+                            hash: token_hash.clone(),
+                        })
+                        .await??;
+                    let parked = directory.send(Reclaim { token: token_hash }).await?;
+                    Ok::<_, Error>((user, parked))
+                };
+                let restore = lookup.into_actor(self).then(move |result, act, _| {
+                    let prepared = result.and_then(|(user, parked)| {
+                        act.authenticated(user.clone(), hash)?;
+                        let rooms = parked.map(|p| (p.session, p.rooms));
+                        if let Some((_, names)) = &rooms {
+                            names.iter().for_each(|name| act.start_joining(name));
+                        }
+                        Ok((user, rooms))
+                    });
+                    let directory = act.services.directory.clone();
+                    async move {
+                        let (user, rooms) = prepared?;
+                        let mut restored = Vec::new();
+                        if let Some((old, names)) = rooms {
+                            for name in names {
+                                let join = Join {
+                                    session,
+                                    user: user.clone(),
+                                    deliver: deliver.clone(),
+                                    after: None,
+                                    replaces: Some(old),
+                                };
+                                // A room that went away (or refuses now) is simply not restored.
+                                restored.push((
+                                    name.clone(),
+                                    ask_room(&directory, &name, join).await.ok(),
+                                ));
+                            }
+                        }
+                        Ok::<_, Error>((user, restored))
+                    }
+                    .into_actor(act)
+                });
+                let work = restore.map(|result, session, ctx| {
+                    let (user, restored) = result?;
+                    let mut rooms = Vec::new();
+                    let mut names = Vec::new();
+                    for (name, outcome) in restored {
+                        if let Some((addr, joined)) = outcome {
+                            rooms.push(json!({"name": joined.name, "last_seq": joined.last_seq}));
+                            session.rooms.insert(joined.name, addr);
+                        }
+                        names.push(name);
+                    }
+                    // Events held while restoring go out right after the reply.
+                    ctx.run_later(Duration::ZERO, move |session, ctx| {
+                        for name in names {
+                            session.finish_joining(&name, ctx);
+                        }
+                    });
+                    Ok(json!({ "user": user_json(&user), "rooms": rooms }))
+                });
                 self.respond(ctx, id, work);
             }
             Request::Logout {} => {
@@ -333,16 +475,6 @@ impl Session {
                 self.respond(ctx, id, work.into_actor(self));
             }
             Request::Join { room, after } => {
-                if after.is_some() {
-                    return self.reply(
-                        ctx,
-                        &id,
-                        Err(Rejection::bad(
-                            "join with `after` is not served by this server yet; page with history",
-                        )
-                        .into()),
-                    );
-                }
                 let Ok(user) = self.user().cloned() else {
                     return self.reply(ctx, &id, Err(Error::Unauthenticated));
                 };
@@ -350,13 +482,22 @@ impl Session {
                     session: self.id,
                     user,
                     deliver: ctx.address().recipient(),
+                    after,
+                    replaces: None,
                 };
+                self.start_joining(&room);
                 let directory = self.services.directory.clone();
+                let name = room.clone();
                 let work = async move { ask_room(&directory, &room, join).await };
-                let work = work.into_actor(self).map(|result, session, _| {
-                    let (addr, joined) = result?;
-                    session.rooms.insert(joined.name.clone(), addr);
-                    Ok(json!({ "room": { "name": joined.name, "kind": joined.kind, "last_seq": joined.last_seq } }))
+                let work = work.into_actor(self).map(move |result, session, ctx| {
+                    let reply = result.map(|(addr, joined)| {
+                        session.rooms.insert(joined.name.clone(), addr);
+                        join_json(joined)
+                    });
+                    ctx.run_later(Duration::ZERO, move |session, ctx| {
+                        session.finish_joining(&name, ctx)
+                    });
+                    reply
                 });
                 self.respond(ctx, id, work);
             }
@@ -464,6 +605,17 @@ fn already_authenticated() -> Error {
     Rejection::bad("this connection is already authenticated").into()
 }
 
+fn join_json(joined: JoinedRoom) -> Value {
+    let mut reply = json!({
+        "room": { "name": joined.name, "kind": joined.kind, "last_seq": joined.last_seq }
+    });
+    if let Some(missed) = joined.missed {
+        reply["missed"] = json!(missed);
+        reply["truncated"] = json!(joined.truncated);
+    }
+    reply
+}
+
 fn user_json(user: &UserRecord) -> Value {
     json!({ "id": user.id, "username": user.username })
 }
@@ -512,8 +664,23 @@ impl Actor for Session {
     }
 
     fn stopping(&mut self, _: &mut WsContext) -> Running {
-        for (_, room) in self.rooms.drain() {
-            room.do_send(Leave { session: self.id });
+        let token = self.user.as_ref().and_then(|u| u.token.clone());
+        let park = !self.closed_cleanly && !self.rooms.is_empty() && token.is_some();
+        let mut names = Vec::new();
+        for (name, room) in self.rooms.drain() {
+            if park {
+                room.do_send(Detach { session: self.id });
+            } else {
+                room.do_send(Leave { session: self.id });
+            }
+            names.push(name);
+        }
+        if let (true, Some(token)) = (park, token) {
+            self.services.directory.do_send(Park {
+                token,
+                session: self.id,
+                rooms: names,
+            });
         }
         let user = self
             .user
@@ -540,9 +707,11 @@ impl Handler<Deliver> for Session {
 
     fn handle(&mut self, msg: Deliver, ctx: &mut WsContext) {
         match msg {
-            Deliver::Frame { frame } => ws::send_text(ctx, frame),
-            Deliver::Evicted { room } => {
-                self.rooms.remove(&room);
+            Deliver::Frame { room, frame } => match self.joining.get_mut(&*room) {
+                Some(held) => held.push(frame),
+                None => ws::send_text(ctx, frame),
+            },
+            Deliver::Evicted { .. } => {
                 self.on_close_reason("outbound queue full");
                 ws::close(ctx, Close::TryAgainLater, "too slow; reconnect and resume");
             }

@@ -111,7 +111,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
             ws::Message::Ping(data) => ctx.pong(&data),
             ws::Message::Pong(_) | ws::Message::Nop => {}
             ws::Message::Close(reason) => {
-                self.on_close_reason("client closed");
+                self.on_client_close();
                 ctx.close(reason);
                 ctx.stop();
             }

@@ -116,6 +116,7 @@ impl TestServer {
     }
 
     pub async fn start_on(db: TestDb, data_dir: TempDir, config: Config) -> TestServer {
+        let _ = env_logger::builder().is_test(true).try_init();
         let tls = config.tls.enabled;
         let prepared = rookery::server::prepare(config.clone()).expect("prepare server");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -157,6 +158,39 @@ impl TestServer {
 
     pub async fn stop(self) {
         self.handle.stop(false).await;
+    }
+
+    /// Stops this server and starts a new one on the same database and data directory.
+    pub async fn restart(self) -> TestServer {
+        self.handle.stop(false).await;
+        Self::start_on(self.db, self.data_dir, self.config).await
+    }
+
+    /// Every stored message of `room`, for the history checker, read straight from Postgres.
+    pub fn stored(&self, room: &str) -> Vec<rookery::checker::StoredMessage> {
+        #[derive(QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            seq: i64,
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            username: String,
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+            client_msg_id: Option<String>,
+        }
+        diesel::sql_query(
+            "SELECT m.seq, u.username, m.client_msg_id FROM messages m JOIN users u ON u.id = m.sender_id \
+             JOIN rooms r ON r.id = m.room_id WHERE r.name = $1 ORDER BY m.seq",
+        )
+        .bind::<diesel::sql_types::Text, _>(room)
+        .load::<Row>(&mut self.db.conn())
+        .unwrap()
+        .into_iter()
+        .map(|r| rookery::checker::StoredMessage {
+            seq: rookery::protocol::Seq(r.seq),
+            from: r.username,
+            client_msg_id: r.client_msg_id,
+        })
+        .collect()
     }
 }
 
@@ -354,7 +388,75 @@ impl Client {
             .await
     }
 
+    /// The closing handshake: send a close frame and wait for the server's.
     pub async fn close(mut self) {
         let _ = self.framed.send(ws::Message::Close(None)).await;
+        let _ = self.closed().await;
+    }
+}
+
+/// A TCP proxy in front of Postgres, on its own thread, that a test can cut and restore.
+pub struct PgProxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: tokio::sync::watch::Sender<u64>,
+}
+
+impl PgProxy {
+    pub fn start() -> PgProxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (generation, watch) = tokio::sync::watch::channel(0u64);
+        let is_cut = cut.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if is_cut.load(Ordering::SeqCst) {
+                        continue; // dropped: the connection is refused at once
+                    }
+                    let mut watch = watch.clone();
+                    let born = *watch.borrow();
+                    tokio::spawn(async move {
+                        let Ok(mut upstream) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                            _ = async { while watch.changed().await.is_ok() { if *watch.borrow() != born { break; } } } => {}
+                        }
+                    });
+                }
+            });
+        });
+        PgProxy {
+            port,
+            cut,
+            generation,
+        }
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `db`'s URL through this proxy.
+    pub fn url(&self, db: &TestDb) -> String {
+        let mut url = url::Url::parse(&db.url).unwrap();
+        url.set_port(Some(self.port)).unwrap();
+        url.to_string()
     }
 }

@@ -1,0 +1,396 @@
+//! Nothing lost: recovery with `join {after}`, resume within and after the grace, retries
+//! with the same client_msg_id, database outages through a cuttable proxy, and restarts.
+//! Every fault test ends with the history checker's verdict.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use rookery::checker::History;
+use rookery::protocol::Seq;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use support::*;
+
+fn seqs(messages: &Value) -> Vec<i64> {
+    messages
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect()
+}
+
+/// Sends `count` messages without waiting, then reads the `count` acks; returns their seqs.
+async fn burst(client: &mut Client, room: &str, prefix: &str, count: usize) -> Vec<i64> {
+    for i in 0..count {
+        let frame = json!({"id": format!("{prefix}{i}"), "type": "send", "room": room, "body": format!("{prefix} {i}"), "client_msg_id": format!("{prefix}{i}")});
+        client.send_text(&frame.to_string()).await;
+    }
+    let mut acks = Vec::new();
+    while acks.len() < count {
+        let frame = client.read().await.unwrap();
+        if frame["type"] == "ok" {
+            acks.push(frame["seq"].as_i64().unwrap());
+        } else {
+            assert_ne!(frame["type"], "error", "{frame}");
+        }
+    }
+    acks
+}
+
+#[actix_rt::test]
+async fn join_after_returns_what_was_missed_from_memory_and_database() {
+    let server = TestServer::start_with(|c| c.rooms.history_limit = 5).await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    burst(&mut ann, "general", "m", 12).await;
+
+    // From the ring buffer (the last 5).
+    let reply = bob
+        .ok(json!({"type": "join", "room": "general", "after": 9}))
+        .await;
+    assert_eq!(reply["room"]["last_seq"], 12);
+    assert_eq!(seqs(&reply["missed"]), [10, 11, 12]);
+    assert_eq!(reply["truncated"], false);
+    assert_eq!(reply["missed"][0]["body"], "m 9");
+    // From the database.
+    let reply = bob
+        .ok(json!({"type": "join", "room": "general", "after": "2"}))
+        .await;
+    assert_eq!(seqs(&reply["missed"]), (3..=12).collect::<Vec<_>>());
+    // Nothing missed.
+    let reply = bob
+        .ok(json!({"type": "join", "room": "general", "after": 12}))
+        .await;
+    assert_eq!(reply["missed"], json!([]));
+    // A plain join has no `missed`.
+    let reply = bob.ok(json!({"type": "join", "room": "general"})).await;
+    assert!(reply.get("missed").is_none());
+}
+
+#[actix_rt::test]
+async fn join_after_truncates_at_1000_newest() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    burst(&mut ann, "general", "m", 1050).await;
+    let reply = bob
+        .ok(json!({"type": "join", "room": "general", "after": 0}))
+        .await;
+    assert_eq!(reply["truncated"], true);
+    assert_eq!(seqs(&reply["missed"]), (51..=1050).collect::<Vec<_>>());
+    let page = bob
+        .ok(json!({"type": "history", "room": "general", "before": 51, "limit": 100}))
+        .await;
+    assert_eq!(seqs(&page["messages"]), (1..=50).collect::<Vec<_>>());
+}
+
+/// A reader joins with `after` while another client sends continuously: every seq arrives
+/// exactly once, in order, first in `missed` and then live.
+#[actix_rt::test]
+async fn join_after_during_a_stream_of_sends_has_no_gap_and_no_duplicate() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    let mut carol = server.user("carol").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    let total = 400;
+    for i in 0..total {
+        let frame = json!({"id": format!("s{i}"), "type": "send", "room": "general", "body": format!("m{i}"), "client_msg_id": format!("k{i}")});
+        ann.send_text(&frame.to_string()).await;
+        if i == 150 {
+            // Join while ~250 sends are still queued or being committed.
+            carol
+                .send_text(
+                    &json!({"id": "j", "type": "join", "room": "general", "after": 0}).to_string(),
+                )
+                .await;
+        }
+    }
+    let mut history = History::new();
+    let mut acked = 0;
+    while acked < total {
+        let frame = ann.read().await.unwrap();
+        if frame["type"] == "ok" {
+            let key = format!("k{}", frame["id"].as_str().unwrap().trim_start_matches('s'));
+            history.acked(
+                "ann",
+                "ann",
+                "general",
+                &key,
+                Seq(frame["seq"].as_i64().unwrap()),
+            );
+            acked += 1;
+        }
+    }
+    history.covers("carol", "general", Seq(0), None);
+    let reply = carol.reply_to(&json!("j")).await;
+    assert_eq!(reply["type"], "ok", "{reply}");
+    for seq in seqs(&reply["missed"]) {
+        history.received("carol", "general", Seq(seq));
+    }
+    let mut last = reply["room"]["last_seq"].as_i64().unwrap();
+    assert!(
+        carol.take_events().is_empty(),
+        "live events came before the join reply"
+    );
+    while last < total as i64 {
+        let event = carol.next_event_of("message").await;
+        last = event["seq"].as_i64().unwrap();
+        history.received("carol", "general", Seq(last));
+    }
+    let stored = BTreeMap::from([("general".to_string(), server.stored("general"))]);
+    let verdict = history.verdict(&stored);
+    assert!(verdict.is_clean(), "{verdict}");
+    assert_eq!(verdict.acked, total);
+}
+
+#[actix_rt::test]
+async fn resume_within_the_grace_restores_rooms_without_a_flap() {
+    let server = TestServer::start_with(|c| c.session.resume_grace_ms = 5000).await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    bob.join("general").await;
+    ann.send("general", "before the drop").await;
+    let token = ann.token.clone().unwrap();
+    drop(ann); // the TCP connection goes away without a close frame
+
+    actix_rt::time::sleep(Duration::from_millis(200)).await;
+    bob.send("general", "while ann is away 1").await;
+    bob.send("general", "while ann is away 2").await;
+    let who = bob.ok(json!({"type": "who", "room": "general"})).await;
+    assert_eq!(
+        who["online"],
+        json!(["ann", "bob"]),
+        "ann is still joined during the grace"
+    );
+
+    let mut ann = server.connect().await;
+    let reply = ann.ok(json!({"type": "resume", "token": token})).await;
+    assert_eq!(reply["rooms"], json!([{"name": "general", "last_seq": 3}]));
+    // Already joined again: she can send without a join, and recovers with `after`.
+    let recovered = ann
+        .ok(json!({"type": "join", "room": "general", "after": 1}))
+        .await;
+    assert_eq!(seqs(&recovered["missed"]), [2, 3]);
+    bob.send("general", "welcome back").await;
+    assert_eq!(ann.next_event_of("message").await["seq"], 4);
+    ann.send("general", "thanks").await;
+
+    bob.ok(json!({"type": "ping"})).await;
+    let flaps: Vec<Value> = bob
+        .take_events()
+        .into_iter()
+        .filter(|e| e["type"] == "left" || e["type"] == "joined")
+        .collect();
+    assert!(flaps.is_empty(), "bob saw {flaps:?}");
+}
+
+#[actix_rt::test]
+async fn after_the_grace_the_user_has_left_and_resume_restores_nothing() {
+    let server = TestServer::start_with(|c| c.session.resume_grace_ms = 300).await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    bob.join("general").await;
+    let token = ann.token.clone().unwrap();
+    drop(ann);
+    assert_eq!(
+        bob.next_event_of("left").await,
+        json!({"type": "left", "room": "general", "user": "ann"})
+    );
+    let mut ann = server.connect().await;
+    let reply = ann.ok(json!({"type": "resume", "token": token})).await;
+    assert_eq!(reply["rooms"], json!([]));
+    ann.err(
+        json!({"type": "send", "room": "general", "body": "x"}),
+        "forbidden",
+    )
+    .await;
+    ann.join("general").await;
+    assert_eq!(bob.next_event_of("joined").await["user"], "ann");
+}
+
+#[actix_rt::test]
+async fn a_clean_close_leaves_at_once() {
+    let server = TestServer::start_with(|c| c.session.resume_grace_ms = 60_000).await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    bob.join("general").await;
+    ann.close().await;
+    assert_eq!(bob.next_event_of("left").await["user"], "ann");
+}
+
+/// The connection is cut right after a send, before its ack is read: the client resumes and
+/// resends with the same client_msg_id, and the message exists once.
+#[actix_rt::test]
+async fn a_resend_after_a_lost_ack_stores_once() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    bob.join("general").await;
+    let token = ann.token.clone().unwrap();
+    let send = json!({"id": "s1", "type": "send", "room": "general", "body": "did it land?", "client_msg_id": "once-1"});
+    ann.send_text(&send.to_string()).await;
+    drop(ann);
+
+    let mut ann = server.connect().await;
+    ann.ok(json!({"type": "resume", "token": token})).await;
+    ann.ok(json!({"type": "join", "room": "general", "after": 0}))
+        .await;
+    let reply = ann.ok(send.clone()).await;
+    assert_eq!(reply["seq"], 1);
+    let reply = ann.ok(send).await;
+    assert_eq!(reply["seq"], 1);
+
+    let mut history = History::new();
+    history.acked("ann", "ann", "general", "once-1", Seq(1));
+    history.covers("bob", "general", Seq(0), None);
+    bob.ok(json!({"type": "ping"})).await;
+    for event in bob
+        .take_events()
+        .into_iter()
+        .filter(|e| e["type"] == "message")
+    {
+        history.received("bob", "general", Seq(event["seq"].as_i64().unwrap()));
+    }
+    let stored = BTreeMap::from([("general".to_string(), server.stored("general"))]);
+    let verdict = history.verdict(&stored);
+    assert!(verdict.is_clean(), "{verdict}");
+}
+
+/// The database is cut away behind a proxy: sends get `unavailable` and nothing is delivered;
+/// once it is back, retries with the same client_msg_id store each message once, without a
+/// restart of the server, and the checker finds nothing lost, duplicated or out of order.
+#[actix_rt::test]
+async fn a_database_outage_gives_unavailable_and_retries_recover() {
+    let proxy = PgProxy::start();
+    let db = TestDb::new();
+    let data = TempDir::new();
+    let mut config = test_config(&db, &data);
+    config.database.url = rookery::secret::Secret::new(proxy.url(&db));
+    config.database.store_timeout_ms = 1000;
+    config.database.connect_timeout_ms = 300;
+    let server = TestServer::start_on(db, data, config).await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    bob.join("general").await;
+
+    let mut history = History::new();
+    history.covers("bob", "general", Seq(0), None);
+    let send = |client: &str, key: String| json!({"id": format!("{client}-{key}"), "type": "send", "room": "general", "body": format!("body {key}"), "client_msg_id": key});
+    for i in 0..5 {
+        let key = format!("k{i}");
+        history.sent("ann", "ann", "general", &key);
+        let reply = ann.ok(send("ann", key.clone())).await;
+        history.acked(
+            "ann",
+            "ann",
+            "general",
+            &key,
+            Seq(reply["seq"].as_i64().unwrap()),
+        );
+    }
+
+    proxy.cut();
+    let mut failed = Vec::new();
+    for i in 5..8 {
+        let key = format!("k{i}");
+        history.sent("ann", "ann", "general", &key);
+        let reply = ann.call(send("ann", key.clone())).await;
+        assert_eq!(reply["code"], "unavailable", "{reply}");
+        history.failed("ann", "ann", "general", &key, "unavailable");
+        failed.push(key);
+    }
+    // The server is up and answers what does not need the database.
+    ann.ok(json!({"type": "ping"})).await;
+
+    proxy.restore();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for key in failed {
+        loop {
+            let reply = ann.call(send("ann", key.clone())).await;
+            if reply["type"] == "ok" {
+                history.acked(
+                    "ann",
+                    "ann",
+                    "general",
+                    &key,
+                    Seq(reply["seq"].as_i64().unwrap()),
+                );
+                break;
+            }
+            assert_eq!(reply["code"], "unavailable", "{reply}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database did not come back"
+            );
+            actix_rt::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let reply = ann.ok(send("ann", "k8".into())).await;
+    history.acked(
+        "ann",
+        "ann",
+        "general",
+        "k8",
+        Seq(reply["seq"].as_i64().unwrap()),
+    );
+
+    bob.ok(json!({"type": "ping"})).await;
+    let mut events = bob.take_events();
+    while events.iter().filter(|e| e["type"] == "message").count() < 9 {
+        events.push(bob.next_event().await);
+    }
+    for event in events.iter().filter(|e| e["type"] == "message") {
+        history.received("bob", "general", Seq(event["seq"].as_i64().unwrap()));
+    }
+    let stored = BTreeMap::from([("general".to_string(), server.stored("general"))]);
+    let verdict = history.verdict(&stored);
+    assert!(verdict.is_clean(), "{verdict}");
+    assert_eq!(verdict.acked, 9);
+}
+
+/// Recovery survives a restart: messages sent after a client left are returned by
+/// `join {after}` on the new server process.
+#[actix_rt::test]
+async fn recovery_survives_a_restart() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    burst(&mut ann, "general", "a", 3).await;
+    drop(ann);
+    let server = server.restart().await;
+    let mut bob = server.user("bob").await;
+    bob.join("general").await;
+    burst(&mut bob, "general", "b", 4).await;
+
+    let mut ann = server.connect().await;
+    ann.login("ann").await;
+    let reply = ann
+        .ok(json!({"type": "join", "room": "general", "after": 3}))
+        .await;
+    assert_eq!(seqs(&reply["missed"]), [4, 5, 6, 7]);
+    let bodies: Vec<&str> = reply["missed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["b 0", "b 1", "b 2", "b 3"]);
+}
