@@ -28,6 +28,22 @@ pub struct Config {
     pub rooms: RoomsConfig,
     pub crypto: CryptoConfig,
     pub redis: RedisConfig,
+    pub auth: AuthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Failed logins per username within the window before `rate_limited`.
+    pub failed_logins_per_user: usize,
+    /// Failed logins per IP address within the window before `rate_limited`.
+    pub failed_logins_per_ip: usize,
+    /// The window for counting failed logins.
+    pub failed_login_window_ms: u64,
+    /// Threads running bcrypt.
+    pub bcrypt_threads: usize,
+    /// Password checks that may wait for a bcrypt thread before `rate_limited`.
+    pub bcrypt_queue: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -49,6 +65,11 @@ pub struct ServerConfig {
     pub keep_alive_ms: u64,
     /// Graceful shutdown budget.
     pub shutdown_timeout_ms: u64,
+    /// Most open connections from one IP address.
+    pub max_connections_per_ip: usize,
+    /// Origins (scheme://host[:port]) allowed to open a WebSocket from a browser, besides the
+    /// server's own; requests without an Origin header (non-browser clients) are allowed.
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +117,13 @@ pub struct SessionConfig {
     pub outbound_queue: usize,
     /// How long a session whose connection dropped stays joined, waiting for a `resume`.
     pub resume_grace_ms: u64,
+    /// Sustained requests per second per connection; beyond the burst, `rate_limited`.
+    pub requests_per_second: u32,
+    /// Requests a connection may send at once before the rate applies.
+    pub request_burst: u32,
+    /// Bytes written to a connection but not yet taken by the socket before the connection
+    /// is cut off as a slow reader (close 1013).
+    pub outbound_limit_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +254,44 @@ impl Config {
         }
         if self.session.max_frame_bytes < 1024 {
             bad("session.max_frame_bytes", "must be at least 1024".into());
+        }
+        if self.server.max_connections_per_ip == 0 {
+            bad("server.max_connections_per_ip", "must be at least 1".into());
+        }
+        for origin in &self.server.allowed_origins {
+            if url::Url::parse(origin)
+                .map(|u| u.host().is_none())
+                .unwrap_or(true)
+            {
+                bad(
+                    "server.allowed_origins",
+                    format!("'{origin}' is not an origin like https://chat.example.com"),
+                );
+            }
+        }
+        if self.session.requests_per_second == 0 || self.session.request_burst == 0 {
+            bad(
+                "session.requests_per_second",
+                "the rate and the burst must be at least 1".into(),
+            );
+        }
+        if self.session.outbound_limit_bytes < self.session.max_frame_bytes {
+            bad(
+                "session.outbound_limit_bytes",
+                "must be at least session.max_frame_bytes".into(),
+            );
+        }
+        if self.auth.failed_logins_per_user == 0 || self.auth.failed_logins_per_ip == 0 {
+            bad(
+                "auth.failed_logins_per_user",
+                "limits must be at least 1".into(),
+            );
+        }
+        if self.auth.bcrypt_threads == 0 || self.auth.bcrypt_threads > 64 {
+            bad("auth.bcrypt_threads", "must be 1..64".into());
+        }
+        if self.auth.bcrypt_queue == 0 {
+            bad("auth.bcrypt_queue", "must be at least 1".into());
         }
         if self.session.outbound_queue == 0 {
             bad("session.outbound_queue", "must be at least 1".into());

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use crate::actors::db::{DbExecutor, DbSettings};
 use crate::actors::directory::Directory;
+use crate::actors::gate::{DrainAll, Gate, GateSettings};
+use crate::actors::hasher::HasherHandle;
 use crate::actors::presence::{Presence, PresenceHandle};
 use crate::actors::room::{RoomSettings, StoreHandle};
 use crate::actors::session::{Services, SessionSettings};
@@ -23,6 +25,8 @@ use crate::transport;
 pub struct AppState {
     pub services: Services,
     pub sessions: Arc<SessionSettings>,
+    /// Browser origins allowed besides the server's own.
+    pub allowed_origins: Vec<String>,
 }
 
 /// Everything the server needs that takes blocking work to get.
@@ -80,10 +84,7 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
 
 /// Starts the actors and the HTTP server on `listener`. Must run inside an actix System;
 /// the returned server runs until stopped through its handle or by SIGINT/SIGTERM.
-pub fn start(
-    prepared: Prepared,
-    listener: TcpListener,
-) -> Result<actix_web::dev::Server, StartError> {
+pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, StartError> {
     let Prepared {
         config,
         pool,
@@ -95,7 +96,6 @@ pub fn start(
         pool,
         keys,
         DbSettings {
-            bcrypt_cost: config.database.bcrypt_cost,
             token_ttl: Duration::from_secs(config.database.token_ttl_hours.saturating_mul(3600)),
             max_listed_rooms: config.rooms.max_listed,
         },
@@ -118,10 +118,24 @@ pub fn start(
         },
     )
     .start();
+    let gate = Gate::new(GateSettings {
+        max_connections_per_ip: config.server.max_connections_per_ip,
+        failed_logins_per_user: config.auth.failed_logins_per_user,
+        failed_logins_per_ip: config.auth.failed_logins_per_ip,
+        failed_login_window: ms(config.auth.failed_login_window_ms),
+    })
+    .start();
+    let hasher = HasherHandle::start(
+        config.auth.bcrypt_threads,
+        config.database.bcrypt_cost,
+        config.auth.bcrypt_queue,
+    );
     let services = Services {
         db,
         directory,
         presence,
+        gate,
+        hasher,
     };
     let sessions = Arc::new(SessionSettings {
         ping_interval: ms(config.session.ping_interval_ms),
@@ -130,9 +144,17 @@ pub fn start(
         bad_frame_limit: config.session.bad_frame_limit,
         bad_frame_window: ms(config.session.bad_frame_window_ms),
         outbound_queue: config.session.outbound_queue,
+        outbound_limit_bytes: config.session.outbound_limit_bytes,
+        requests_per_second: config.session.requests_per_second,
+        request_burst: config.session.request_burst,
     });
     let tls_on = tls.is_some();
-    let state = web::Data::new(AppState { services, sessions });
+    let gate = services.gate.clone();
+    let state = web::Data::new(AppState {
+        services,
+        sessions,
+        allowed_origins: config.server.allowed_origins.clone(),
+    });
     let mut server = HttpServer::new(move || {
         let mut headers = middleware::DefaultHeaders::new()
             .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
@@ -156,7 +178,8 @@ pub fn start(
     .client_request_timeout(ms(config.server.request_timeout_ms))
     .client_disconnect_timeout(ms(config.server.disconnect_timeout_ms))
     .keep_alive(ms(config.server.keep_alive_ms))
-    .shutdown_timeout(config.server.shutdown_timeout_ms.div_ceil(1000));
+    .shutdown_timeout(config.server.shutdown_timeout_ms.div_ceil(1000))
+    .disable_signals();
     if config.server.workers > 0 {
         server = server.workers(config.server.workers);
     }
@@ -171,7 +194,41 @@ pub fn start(
         "listening on {}://{addr}/ws",
         if tls_on { "wss" } else { "ws" }
     );
-    Ok(server.run())
+    Ok(Running {
+        server: server.run(),
+        gate,
+        shutdown_timeout: ms(config.server.shutdown_timeout_ms),
+    })
+}
+
+/// A started server: await `server` to run it; `shutdown` drains it.
+pub struct Running {
+    pub server: actix_web::dev::Server,
+    gate: Addr<Gate>,
+    shutdown_timeout: Duration,
+}
+
+impl Running {
+    /// Graceful shutdown: stop accepting, let every session finish the requests it accepted
+    /// (sends are committed, acked and delivered) and close with 1001, then stop the server.
+    /// Bounded by `server.shutdown_timeout_ms`.
+    pub async fn shutdown(
+        gate: Addr<Gate>,
+        handle: actix_web::dev::ServerHandle,
+        budget: Duration,
+    ) {
+        handle.pause().await;
+        let _ = gate.send(DrainAll { deadline: budget }).await;
+        handle.stop(true).await;
+    }
+
+    pub fn gate(&self) -> Addr<Gate> {
+        self.gate.clone()
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        self.shutdown_timeout
+    }
 }
 
 async fn healthz() -> HttpResponse {
@@ -186,9 +243,33 @@ pub fn serve(config: Config) -> Result<(), StartError> {
         .map_err(|e| StartError::Io(std::io::Error::new(e.kind(), format!("bind {bind}: {e}"))))?;
     let system = System::new();
     system.block_on(async move {
-        let server = start(prepared, listener)?;
-        server.await?;
+        let running = start(prepared, listener)?;
+        let handle = running.server.handle();
+        let (gate, budget) = (running.gate(), running.shutdown_timeout());
+        actix::spawn(async move {
+            let signal = wait_for_signal().await;
+            log::info!("{signal} received: shutting down gracefully");
+            Running::shutdown(gate, handle, budget).await;
+        });
+        running.server.await?;
         log::info!("server stopped");
         Ok::<_, StartError>(())
     })
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        },
+        _ => {
+            log::error!("cannot listen for signals; stop the server with SIGKILL");
+            std::future::pending().await
+        }
+    }
 }

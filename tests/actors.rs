@@ -502,7 +502,6 @@ async fn the_db_executor_stores_batches_once_per_client_msg_id() {
         pool,
         keys,
         DbSettings {
-            bcrypt_cost: 4,
             token_ttl: Duration::from_secs(60),
             max_listed_rooms: 10,
         },

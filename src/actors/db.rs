@@ -1,9 +1,9 @@
 //! The DB-executor pool: a SyncArbiter of threads, each running `store` functions on a pooled
-//! Postgres connection. bcrypt and AES run here too, never on an async worker.
+//! Postgres connection. AES runs here too, never on an async worker (bcrypt has its own pool).
 //!
 //! Messages (each replies `Result<_, StoreError>`; a pool timeout is `StoreError::Unavailable`):
-//! - [`CreateUser`] (Session, register): hash the password, insert the user.
-//! - [`Authenticate`] (Session, login): verify the password and issue a new token.
+//! - [`CreateUser`] (Session, register): insert the user with its bcrypt hash.
+//! - [`FindLogin`], [`IssueToken`] (Session, login): the hash to verify; a new token after.
 //! - [`ResumeToken`] (Session, resume): the user holding a live token.
 //! - [`RevokeToken`] (Session, logout).
 //! - [`ListRooms`], [`CreateRoom`] (Session).
@@ -41,7 +41,6 @@ pub fn hash_token(token: &str) -> TokenHash {
 /// Settings the executor threads share.
 #[derive(Debug, Clone)]
 pub struct DbSettings {
-    pub bcrypt_cost: u32,
     pub token_ttl: Duration,
     pub max_listed_rooms: usize,
 }
@@ -50,8 +49,6 @@ pub struct DbExecutor {
     pool: PgPool,
     keys: Arc<Keyring>,
     settings: DbSettings,
-    /// Verified against when a username is unknown, so both cases cost one bcrypt.
-    decoy_hash: Option<String>,
 }
 
 impl DbExecutor {
@@ -60,7 +57,6 @@ impl DbExecutor {
             pool,
             keys,
             settings,
-            decoy_hash: None,
         }
     }
 
@@ -79,36 +75,40 @@ impl DbExecutor {
     fn conn(&self) -> Result<store::PooledConn, StoreError> {
         Ok(self.pool.get()?)
     }
-
-    fn decoy(&mut self) -> Result<&str, StoreError> {
-        if self.decoy_hash.is_none() {
-            self.decoy_hash = Some(bcrypt::hash(
-                "rookery-decoy-password",
-                self.settings.bcrypt_cost,
-            )?);
-        }
-        Ok(self.decoy_hash.as_deref().unwrap_or_default())
-    }
 }
 
 impl Actor for DbExecutor {
     type Context = SyncContext<Self>;
 }
 
-/// Session → DbExecutor: register. Replies the new user, or `Conflict` if the name is taken.
+/// Session → DbExecutor: register with a hash from the Hasher. `Conflict` if the name is taken.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<UserRecord, StoreError>")]
 pub struct CreateUser {
     pub username: String,
-    pub password: Secret,
+    pub password_hash: String,
 }
 
 impl Handler<CreateUser> for DbExecutor {
     type Result = Result<UserRecord, StoreError>;
 
     fn handle(&mut self, msg: CreateUser, _: &mut Self::Context) -> Self::Result {
-        let hash = bcrypt::hash(msg.password.expose(), self.settings.bcrypt_cost)?;
-        store::create_user(&mut *self.conn()?, &msg.username, &hash)
+        store::create_user(&mut *self.conn()?, &msg.username, &msg.password_hash)
+    }
+}
+
+/// Session → DbExecutor: login, step one. The user and its password hash, if it exists.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Option<(UserRecord, String)>, StoreError>")]
+pub struct FindLogin {
+    pub username: String,
+}
+
+impl Handler<FindLogin> for DbExecutor {
+    type Result = Result<Option<(UserRecord, String)>, StoreError>;
+
+    fn handle(&mut self, msg: FindLogin, _: &mut Self::Context) -> Self::Result {
+        store::find_login(&mut *self.conn()?, &msg.username)
     }
 }
 
@@ -119,40 +119,31 @@ pub struct IssuedToken {
     pub hash: TokenHash,
 }
 
-/// Session → DbExecutor: login. Replies the user and a new token, or `InvalidCredentials`.
+/// Session → DbExecutor: login, last step, after the password was verified: a new token.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<(UserRecord, IssuedToken), StoreError>")]
-pub struct Authenticate {
-    pub username: String,
-    pub password: Secret,
+#[rtype(result = "Result<IssuedToken, StoreError>")]
+pub struct IssueToken {
+    pub user: UserId,
 }
 
-impl Handler<Authenticate> for DbExecutor {
-    type Result = Result<(UserRecord, IssuedToken), StoreError>;
+impl Handler<IssueToken> for DbExecutor {
+    type Result = Result<IssuedToken, StoreError>;
 
-    fn handle(&mut self, msg: Authenticate, _: &mut Self::Context) -> Self::Result {
-        let mut conn = self.conn()?;
-        let found = store::find_login(&mut conn, &msg.username)?;
-        let (user, hash) = match found {
-            Some((user, hash)) => (Some(user), hash),
-            None => (None, self.decoy()?.to_string()),
-        };
-        let verified = bcrypt::verify(msg.password.expose(), &hash).unwrap_or(false);
-        let user = user
-            .filter(|_| verified)
-            .ok_or(StoreError::InvalidCredentials)?;
+    fn handle(&mut self, msg: IssueToken, _: &mut Self::Context) -> Self::Result {
         let mut raw = [0u8; 32];
         openssl::rand::rand_bytes(&mut raw).map_err(crate::error::CryptoError::from)?;
         let token = URL_SAFE_NO_PAD.encode(raw);
         let hash = hash_token(&token);
-        store::insert_token(&mut conn, user.id, &hash.0, self.settings.token_ttl)?;
-        Ok((
-            user,
-            IssuedToken {
-                token: Secret::new(token),
-                hash,
-            },
-        ))
+        store::insert_token(
+            &mut *self.conn()?,
+            msg.user,
+            &hash.0,
+            self.settings.token_ttl,
+        )?;
+        Ok(IssuedToken {
+            token: Secret::new(token),
+            hash,
+        })
     }
 }
 

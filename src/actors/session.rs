@@ -14,18 +14,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::actors::db::{
-    hash_token, Authenticate, CreateRoom, CreateUser, DbExecutor, ListRooms, ResumeToken,
+    hash_token, CreateRoom, CreateUser, DbExecutor, FindLogin, IssueToken, ListRooms, ResumeToken,
     RevokeToken, TokenHash,
 };
 use crate::actors::directory::{Directory, OpenRoom, Park, Reclaim};
+use crate::actors::gate::{Drain, Gate, LoginAllowed, LoginFailed, Register, Unregister};
+use crate::actors::hasher::HasherHandle;
 use crate::actors::presence::{PresenceHandle, SessionClosed, SessionOpened};
 use crate::actors::room::{
     Deliver, Detach, Join, JoinedRoom, Leave, Post, ReadHistory, Room, Typing, Who,
 };
+use crate::error::StoreError;
 use crate::error::{Error, RoomError};
 use crate::protocol::{self, ErrorCode, Rejection, Request};
 use crate::store::models::UserRecord;
+use crate::transport::ws::OutboundMeter;
 use crate::transport::ws::{self, Close, WsContext};
+use std::net::IpAddr;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
@@ -39,6 +44,8 @@ pub struct Services {
     pub db: Addr<DbExecutor>,
     pub directory: Addr<Directory>,
     pub presence: PresenceHandle,
+    pub gate: Addr<Gate>,
+    pub hasher: HasherHandle,
 }
 
 /// Per-connection limits from config.
@@ -50,6 +57,9 @@ pub struct SessionSettings {
     pub bad_frame_limit: usize,
     pub bad_frame_window: Duration,
     pub outbound_queue: usize,
+    pub outbound_limit_bytes: usize,
+    pub requests_per_second: u32,
+    pub request_burst: u32,
 }
 
 struct AuthUser {
@@ -60,6 +70,13 @@ struct AuthUser {
 pub struct Session {
     id: SessionId,
     peer: String,
+    ip: Option<IpAddr>,
+    outbound: OutboundMeter,
+    /// Request tokens left (a token bucket refilled at `requests_per_second`).
+    tokens: f64,
+    refilled_at: Instant,
+    /// Set by a shutdown: no new requests; close with 1001 once the ones in flight are answered.
+    draining: bool,
     services: Services,
     settings: Arc<SessionSettings>,
     user: Option<AuthUser>,
@@ -86,10 +103,21 @@ pub struct Session {
 const MAX_WAITING_REQUESTS: usize = 256;
 
 impl Session {
-    pub fn new(peer: String, services: Services, settings: Arc<SessionSettings>) -> Self {
+    pub fn new(
+        peer: String,
+        ip: Option<IpAddr>,
+        outbound: OutboundMeter,
+        services: Services,
+        settings: Arc<SessionSettings>,
+    ) -> Self {
         Session {
             id: SessionId(NEXT_SESSION.fetch_add(1, Ordering::Relaxed)),
             peer,
+            ip,
+            outbound,
+            tokens: f64::from(settings.request_burst),
+            refilled_at: Instant::now(),
+            draining: false,
             services,
             settings,
             user: None,
@@ -107,6 +135,39 @@ impl Session {
         }
     }
 
+    /// Writes a frame, unless the client has stopped reading: a connection whose unread bytes
+    /// pass the limit is cut off with 1013 (it stays joined for the grace, to resume).
+    fn write(&mut self, ctx: &mut WsContext, frame: impl Into<bytestring::ByteString>) {
+        if self.outbound.backlog() > self.settings.outbound_limit_bytes {
+            if self.close_reason.is_none() {
+                log::warn!(
+                    "session {} from {}: too slow a reader, cut off",
+                    self.id.0,
+                    self.peer
+                );
+                self.on_close_reason("slow reader");
+                ws::close(ctx, Close::TryAgainLater, "too slow; reconnect and resume");
+            }
+            return;
+        }
+        ws::send_text(ctx, &self.outbound, frame);
+    }
+
+    /// Takes one request token; false when the connection is over its rate.
+    fn take_token(&mut self) -> bool {
+        let now = Instant::now();
+        let rate = f64::from(self.settings.requests_per_second);
+        let elapsed = now.duration_since(self.refilled_at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(f64::from(self.settings.request_burst));
+        self.refilled_at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
     /// The client sent a close frame: leave rooms at once.
     pub fn on_client_close(&mut self) {
         self.closed_cleanly = true;
@@ -120,7 +181,7 @@ impl Session {
     /// Writes the events held back while `room` was joining.
     fn finish_joining(&mut self, room: &str, ctx: &mut WsContext) {
         for frame in self.joining.remove(room).unwrap_or_default() {
-            ws::send_text(ctx, frame);
+            self.write(ctx, frame);
         }
     }
 
@@ -201,7 +262,7 @@ impl Session {
             self.bad_frames.pop_front();
         }
         self.bad_frames.push_back(now);
-        ws::send_text(
+        self.write(
             ctx,
             protocol::error_frame(id, ErrorCode::BadRequest, message),
         );
@@ -229,7 +290,7 @@ impl Session {
                 protocol::error_frame(Some(id), code, &message)
             }
         };
-        ws::send_text(ctx, frame);
+        self.write(ctx, frame);
     }
 
     /// Runs `work`, then writes its reply; `work` may change the session in its `map`.
@@ -246,6 +307,7 @@ impl Session {
                 session.exclusive_in_flight = false;
             }
             session.run_waiting(ctx);
+            session.close_if_drained(ctx);
         }));
     }
 
@@ -253,6 +315,14 @@ impl Session {
     /// changes the session (login, join, ...) waits for everything before it, and everything
     /// after it waits for it. Sends, reads and pings pipeline freely in between.
     fn accept(&mut self, id: String, request: Request, ctx: &mut WsContext) {
+        if self.draining {
+            let rejection = Rejection::new(ErrorCode::Unavailable, "the server is shutting down");
+            return self.reply(ctx, &id, Err(rejection.into()));
+        }
+        if !self.take_token() {
+            let rejection = Rejection::new(ErrorCode::RateLimited, "too many requests; slow down");
+            return self.reply(ctx, &id, Err(rejection.into()));
+        }
         let must_wait = !self.waiting.is_empty()
             || self.exclusive_in_flight
             || (request.changes_session() && self.in_flight > 0);
@@ -273,6 +343,15 @@ impl Session {
         self.dispatching_exclusive = request.changes_session();
         self.dispatch(id, request, ctx);
         self.dispatching_exclusive = false;
+    }
+
+    fn close_if_drained(&mut self, ctx: &mut WsContext) {
+        if self.draining && self.in_flight == 0 {
+            self.waiting.clear();
+            self.closed_cleanly = true;
+            self.on_close_reason("server shutting down");
+            ws::close(ctx, Close::Away, "server shutting down");
+        }
     }
 
     fn run_waiting(&mut self, ctx: &mut WsContext) {
@@ -310,9 +389,16 @@ impl Session {
         match request {
             Request::Ping {} => self.reply(ctx, &id, Ok(json!({}))),
             Request::Register { username, password } => {
-                let request = self.services.db.send(CreateUser { username, password });
+                let hasher = self.services.hasher.clone();
+                let db = self.services.db.clone();
                 let work = async move {
-                    let user = request.await??;
+                    let password_hash = hasher.hash(password).await?;
+                    let user = db
+                        .send(CreateUser {
+                            username,
+                            password_hash,
+                        })
+                        .await??;
                     Ok(json!({ "user": user_json(&user) }))
                 };
                 self.respond(ctx, id, work.into_actor(self));
@@ -321,8 +407,43 @@ impl Session {
                 if self.user.is_some() {
                     return self.reply(ctx, &id, Err(already_authenticated()));
                 }
-                let request = self.services.db.send(Authenticate { username, password });
-                let work = async move { Ok(request.await??) };
+                let (gate, db, hasher, ip) = (
+                    self.services.gate.clone(),
+                    self.services.db.clone(),
+                    self.services.hasher.clone(),
+                    self.ip,
+                );
+                let work = async move {
+                    let allowed = gate
+                        .send(LoginAllowed {
+                            username: username.clone(),
+                            ip,
+                        })
+                        .await?;
+                    if !allowed {
+                        return Err(Rejection::new(
+                            ErrorCode::RateLimited,
+                            "too many failed logins; wait and retry",
+                        )
+                        .into());
+                    }
+                    let found = db
+                        .send(FindLogin {
+                            username: username.clone(),
+                        })
+                        .await??;
+                    let (user, hash) = match found {
+                        Some((user, hash)) => (Some(user), Some(hash)),
+                        None => (None, None),
+                    };
+                    let verified = hasher.verify(password, hash).await?;
+                    let Some(user) = user.filter(|_| verified) else {
+                        gate.do_send(LoginFailed { username, ip });
+                        return Err(StoreError::InvalidCredentials.into());
+                    };
+                    let token = db.send(IssueToken { user: user.id }).await??;
+                    Ok((user, token))
+                };
                 let work = work
                     .into_actor(self)
                     .map(|result: Result<_, Error>, session, _| {
@@ -652,6 +773,10 @@ impl Actor for Session {
 
     fn started(&mut self, ctx: &mut WsContext) {
         log::info!("session {} from {}: connection open", self.id.0, self.peer);
+        self.services.gate.do_send(Register {
+            session: self.id,
+            drain: ctx.address().recipient(),
+        });
         ws::set_mailbox_capacity(ctx, self.settings.outbound_queue);
         ctx.run_interval(self.settings.ping_interval, |session, ctx| {
             if session.last_heard.elapsed() > session.settings.client_timeout {
@@ -664,6 +789,10 @@ impl Actor for Session {
     }
 
     fn stopping(&mut self, _: &mut WsContext) -> Running {
+        self.services.gate.do_send(Unregister {
+            session: self.id,
+            ip: self.ip,
+        });
         let token = self.user.as_ref().and_then(|u| u.token.clone());
         let park = !self.closed_cleanly && !self.rooms.is_empty() && token.is_some();
         let mut names = Vec::new();
@@ -709,12 +838,21 @@ impl Handler<Deliver> for Session {
         match msg {
             Deliver::Frame { room, frame } => match self.joining.get_mut(&*room) {
                 Some(held) => held.push(frame),
-                None => ws::send_text(ctx, frame),
+                None => self.write(ctx, frame),
             },
             Deliver::Evicted { .. } => {
                 self.on_close_reason("outbound queue full");
                 ws::close(ctx, Close::TryAgainLater, "too slow; reconnect and resume");
             }
         }
+    }
+}
+
+impl Handler<Drain> for Session {
+    type Result = ();
+
+    fn handle(&mut self, _: Drain, ctx: &mut WsContext) {
+        self.draining = true;
+        self.close_if_drained(ctx);
     }
 }

@@ -4,9 +4,18 @@
 
 use actix::{ActorContext, StreamHandler};
 use actix_http::ws::Item;
+use actix_web::body::{BodySize, BoxBody, MessageBody};
+use actix_web::http::header;
+use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use bytestring::ByteString;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use crate::actors::gate::Admit;
 
 use crate::actors::session::Session;
 use crate::server::AppState;
@@ -44,23 +53,140 @@ impl Close {
     }
 }
 
-/// `GET /ws`: upgrade to a WebSocket run by a new Session actor.
+/// Bytes a session has handed to its connection, and bytes the connection has taken from it
+/// to write to the socket. Their difference is what a client has not read yet.
+#[derive(Clone, Default)]
+pub struct OutboundMeter {
+    queued: Arc<AtomicUsize>,
+    taken: Arc<AtomicUsize>,
+}
+
+impl OutboundMeter {
+    pub fn backlog(&self) -> usize {
+        self.queued
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.taken.load(Ordering::Relaxed))
+    }
+}
+
+/// The response body of a WebSocket, counting the bytes the connection takes from it.
+struct MeteredBody {
+    inner: BoxBody,
+    taken: Arc<AtomicUsize>,
+}
+
+impl MessageBody for MeteredBody {
+    type Error = Box<dyn std::error::Error>;
+
+    fn size(&self) -> BodySize {
+        self.inner.size()
+    }
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_next(cx);
+        if let Poll::Ready(Some(Ok(bytes))) = &polled {
+            self.taken.fetch_add(bytes.len(), Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+/// Whether a browser's Origin may open a WebSocket: its own origin, or one allowed by config.
+fn origin_allowed(req: &HttpRequest, allowed: &[String]) -> bool {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return true; // not a browser
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    if allowed
+        .iter()
+        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let host = req.connection_info().host().to_ascii_lowercase();
+    url::Url::parse(origin)
+        .ok()
+        .and_then(|u| {
+            let host_of_origin = u.host_str()?.to_ascii_lowercase();
+            Some(match u.port() {
+                Some(port) => format!("{host_of_origin}:{port}"),
+                None => host_of_origin,
+            })
+        })
+        .is_some_and(|o| o == host)
+}
+
+/// `GET /ws`: upgrade to a WebSocket run by a new Session actor, after the Origin check
+/// (403) and the per-IP connection limit (429).
 pub async fn upgrade(
     req: HttpRequest,
     stream: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    if !origin_allowed(&req, &state.allowed_origins) {
+        log::warn!(
+            "refused a WebSocket from origin {:?}",
+            req.headers().get(header::ORIGIN)
+        );
+        return Ok(
+            HttpResponse::Forbidden().json(serde_json::json!({"error": "origin not allowed"}))
+        );
+    }
+    let ip = req.peer_addr().map(|a| a.ip());
+    let admitted = state
+        .services
+        .gate
+        .send(Admit { ip })
+        .await
+        .unwrap_or(false);
+    if !admitted {
+        log::warn!("refused a connection from {ip:?}: too many connections from this address");
+        return Ok(HttpResponse::TooManyRequests()
+            .json(serde_json::json!({"error": "too many connections from this address"})));
+    }
     let peer = req
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown".into());
-    let session = Session::new(peer, state.services.clone(), state.sessions.clone());
-    ws::WsResponseBuilder::new(session, &req, stream)
+    let meter = OutboundMeter::default();
+    let session = Session::new(
+        peer,
+        ip,
+        meter.clone(),
+        state.services.clone(),
+        state.sessions.clone(),
+    );
+    let response = ws::WsResponseBuilder::new(session, &req, stream)
         .frame_size(state.sessions.max_frame_bytes)
-        .start()
+        .start();
+    match response {
+        Ok(response) => Ok(response.map_body(|_, body| {
+            BoxBody::new(MeteredBody {
+                inner: body,
+                taken: meter.taken.clone(),
+            })
+        })),
+        Err(e) => {
+            state
+                .services
+                .gate
+                .do_send(crate::actors::gate::Unregister {
+                    session: crate::actors::session::SessionId(0),
+                    ip,
+                });
+            Err(e)
+        }
+    }
 }
 
-pub fn send_text(ctx: &mut WsContext, frame: impl Into<ByteString>) {
+pub fn send_text(ctx: &mut WsContext, meter: &OutboundMeter, frame: impl Into<ByteString>) {
+    let frame = frame.into();
+    meter.queued.fetch_add(frame.len(), Ordering::Relaxed);
     ctx.text(frame);
 }
 

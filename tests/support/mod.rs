@@ -89,6 +89,9 @@ pub fn test_config(db: &TestDb, data_dir: &TempDir) -> Config {
     config.database.url = Secret::new(db.url.clone());
     config.database.executors = 2;
     config.database.bcrypt_cost = 4;
+    // Tests that burst set no limit of their own; the limits have tests of their own.
+    config.session.requests_per_second = 100_000;
+    config.session.request_burst = 100_000;
     config
 }
 
@@ -97,6 +100,7 @@ pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub tls: bool,
     pub handle: actix_web::dev::ServerHandle,
+    pub gate: actix::Addr<rookery::actors::gate::Gate>,
     pub config: Config,
     pub data_dir: TempDir,
     pub db: TestDb,
@@ -121,13 +125,15 @@ impl TestServer {
         let prepared = rookery::server::prepare(config.clone()).expect("prepare server");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let server = rookery::server::start(prepared, listener).expect("start server");
-        let handle = server.handle();
-        actix_rt::spawn(server);
+        let running = rookery::server::start(prepared, listener).expect("start server");
+        let handle = running.server.handle();
+        let gate = running.gate();
+        actix_rt::spawn(running.server);
         TestServer {
             addr,
             tls,
             handle,
+            gate,
             config,
             data_dir,
             db,
@@ -154,6 +160,12 @@ impl TestServer {
         client.register(username).await;
         client.login(username).await;
         client
+    }
+
+    /// What SIGTERM does: drain every session, then stop.
+    pub async fn shutdown_gracefully(&self) {
+        let budget = Duration::from_millis(self.config.server.shutdown_timeout_ms);
+        rookery::server::Running::shutdown(self.gate.clone(), self.handle.clone(), budget).await;
     }
 
     pub async fn stop(self) {
@@ -223,12 +235,30 @@ pub enum Closed {
 
 impl Client {
     pub async fn connect(server: &TestServer) -> Client {
-        let (_, framed) = http_client()
-            .ws(server.ws_url())
-            .max_frame_size(1 << 20)
-            .connect()
+        Self::try_connect(server, None)
             .await
-            .expect("websocket connect");
+            .expect("websocket connect")
+    }
+
+    /// Connects, sending `origin` as the Origin header when given.
+    pub async fn try_connect(
+        server: &TestServer,
+        origin: Option<&str>,
+    ) -> Result<Client, awc::error::WsClientError> {
+        let mut request = http_client().ws(server.ws_url()).max_frame_size(1 << 22);
+        if let Some(origin) = origin {
+            request = request.origin(origin);
+        }
+        let (_, framed) = request.connect().await?;
+        Ok(Client {
+            framed,
+            events: VecDeque::new(),
+            next_id: 0,
+            token: None,
+        })
+    }
+
+    pub fn from_framed(framed: Framed<BoxedSocket, ws::Codec>) -> Client {
         Client {
             framed,
             events: VecDeque::new(),

@@ -1,0 +1,220 @@
+//! The Gate: who may connect and who may try a password. It counts open connections per IP
+//! (refusing beyond the limit), keeps the windows of failed logins per username and per IP
+//! (refused without running bcrypt), and knows every live session so that a shutdown can
+//! drain them. Calls only sessions, through [`Drain`].
+//!
+//! Messages:
+//! - [`Admit`] (upgrade handler): may `ip` open one more connection? Counts it if so.
+//! - [`Register`] / [`Unregister`] (Session, on start / stop): track it; release its IP slot.
+//! - [`LoginAllowed`] / [`LoginFailed`] (Session, around `login`).
+//! - [`DrainAll`] (server, on SIGTERM/SIGINT): tell every session to finish and close with
+//!   1001; replies when all are gone or the deadline passed.
+
+use actix::prelude::*;
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+use crate::actors::session::SessionId;
+
+/// Gate → Session: finish the requests in flight, then close with 1001.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+#[derive(Debug, Clone)]
+pub struct GateSettings {
+    pub max_connections_per_ip: usize,
+    pub failed_logins_per_user: usize,
+    pub failed_logins_per_ip: usize,
+    pub failed_login_window: Duration,
+}
+
+/// Upgrade handler → Gate: replies true (and counts the connection) when `ip` is under its limit.
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct Admit {
+    pub ip: Option<IpAddr>,
+}
+
+/// Session → Gate, when it starts.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Register {
+    pub session: SessionId,
+    pub drain: Recipient<Drain>,
+}
+
+/// Session → Gate, when it stops; frees the IP slot taken by [`Admit`].
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Unregister {
+    pub session: SessionId,
+    pub ip: Option<IpAddr>,
+}
+
+/// Session → Gate: may this login attempt run? False while the username or the IP has too
+/// many recent failures.
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct LoginAllowed {
+    pub username: String,
+    pub ip: Option<IpAddr>,
+}
+
+/// Session → Gate: a login failed with invalid credentials.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct LoginFailed {
+    pub username: String,
+    pub ip: Option<IpAddr>,
+}
+
+/// Server → Gate: drain every session; replies when none is left or after `deadline`.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct DrainAll {
+    pub deadline: Duration,
+}
+
+pub struct Gate {
+    settings: GateSettings,
+    per_ip: HashMap<IpAddr, usize>,
+    sessions: HashMap<SessionId, Recipient<Drain>>,
+    failures_by_user: HashMap<String, VecDeque<Instant>>,
+    failures_by_ip: HashMap<IpAddr, VecDeque<Instant>>,
+    drained: Vec<oneshot::Sender<()>>,
+}
+
+impl Gate {
+    pub fn new(settings: GateSettings) -> Self {
+        Gate {
+            settings,
+            per_ip: HashMap::new(),
+            sessions: HashMap::new(),
+            failures_by_user: HashMap::new(),
+            failures_by_ip: HashMap::new(),
+            drained: Vec::new(),
+        }
+    }
+
+    fn recent(window: &mut VecDeque<Instant>, span: Duration) -> usize {
+        while window.front().is_some_and(|t| t.elapsed() > span) {
+            window.pop_front();
+        }
+        window.len()
+    }
+}
+
+impl Actor for Gate {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Forget windows that have run out, so the maps stay as small as the recent failures.
+        ctx.run_interval(Duration::from_secs(60), |gate, _| {
+            let span = gate.settings.failed_login_window;
+            gate.failures_by_user
+                .retain(|_, w| Gate::recent(w, span) > 0);
+            gate.failures_by_ip.retain(|_, w| Gate::recent(w, span) > 0);
+        });
+    }
+}
+
+impl Handler<Admit> for Gate {
+    type Result = bool;
+
+    fn handle(&mut self, msg: Admit, _: &mut Context<Self>) -> bool {
+        let Some(ip) = msg.ip else {
+            return true;
+        };
+        let count = self.per_ip.entry(ip).or_default();
+        if *count >= self.settings.max_connections_per_ip {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+}
+
+impl Handler<Register> for Gate {
+    type Result = ();
+
+    fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
+        self.sessions.insert(msg.session, msg.drain);
+    }
+}
+
+impl Handler<Unregister> for Gate {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unregister, _: &mut Context<Self>) {
+        self.sessions.remove(&msg.session);
+        if let Some(ip) = msg.ip {
+            if let Some(count) = self.per_ip.get_mut(&ip) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.per_ip.remove(&ip);
+                }
+            }
+        }
+        if self.sessions.is_empty() {
+            for done in self.drained.drain(..) {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+impl Handler<LoginAllowed> for Gate {
+    type Result = bool;
+
+    fn handle(&mut self, msg: LoginAllowed, _: &mut Context<Self>) -> bool {
+        let span = self.settings.failed_login_window;
+        let by_user = self
+            .failures_by_user
+            .get_mut(&msg.username)
+            .map(|w| Gate::recent(w, span))
+            .unwrap_or(0);
+        let by_ip = msg
+            .ip
+            .and_then(|ip| self.failures_by_ip.get_mut(&ip))
+            .map(|w| Gate::recent(w, span))
+            .unwrap_or(0);
+        by_user < self.settings.failed_logins_per_user && by_ip < self.settings.failed_logins_per_ip
+    }
+}
+
+impl Handler<LoginFailed> for Gate {
+    type Result = ();
+
+    fn handle(&mut self, msg: LoginFailed, _: &mut Context<Self>) {
+        let now = Instant::now();
+        self.failures_by_user
+            .entry(msg.username)
+            .or_default()
+            .push_back(now);
+        if let Some(ip) = msg.ip {
+            self.failures_by_ip.entry(ip).or_default().push_back(now);
+        }
+    }
+}
+
+impl Handler<DrainAll> for Gate {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: DrainAll, _: &mut Context<Self>) -> Self::Result {
+        log::info!("draining {} session(s)", self.sessions.len());
+        for session in self.sessions.values() {
+            session.do_send(Drain);
+        }
+        if self.sessions.is_empty() {
+            return Box::pin(async {});
+        }
+        let (done, finished) = oneshot::channel();
+        self.drained.push(done);
+        Box::pin(async move {
+            let _ = tokio::time::timeout(msg.deadline, finished).await;
+        })
+    }
+}

@@ -1,0 +1,375 @@
+//! Limits and shutdown: connections per IP, the Origin allow-list, request rate, failed
+//! logins, the bcrypt queue, slow readers, idle TCP connections, and graceful shutdown of an
+//! in-process server and of a real `rookery serve` process on SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use awc::error::WsClientError;
+use rookery::checker::History;
+use rookery::protocol::Seq;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::time::{Duration, Instant};
+use support::*;
+
+fn refused_with(result: Result<Client, WsClientError>, status: u16) {
+    match result {
+        Err(WsClientError::InvalidResponseStatus(got)) => assert_eq!(got.as_u16(), status),
+        Err(other) => panic!("expected HTTP {status}, got {other:?}"),
+        Ok(_) => panic!("expected HTTP {status}, the connection was accepted"),
+    }
+}
+
+#[actix_rt::test]
+async fn connections_per_ip_are_limited() {
+    let server = TestServer::start_with(|c| c.server.max_connections_per_ip = 2).await;
+    let first = server.connect().await;
+    let _second = server.connect().await;
+    refused_with(Client::try_connect(&server, None).await, 429);
+    first.close().await;
+    // The slot is freed once the server has seen the close.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match Client::try_connect(&server, None).await {
+            Ok(mut third) => {
+                third.ok(json!({"type": "ping"})).await;
+                break;
+            }
+            Err(_) if Instant::now() < deadline => {
+                actix_rt::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+}
+
+#[actix_rt::test]
+async fn foreign_origins_are_refused() {
+    let server = TestServer::start_with(|c| {
+        c.server.allowed_origins = vec!["https://chat.example.com".into()]
+    })
+    .await;
+    refused_with(
+        Client::try_connect(&server, Some("https://evil.example.net")).await,
+        403,
+    );
+    let own = format!("http://127.0.0.1:{}", server.addr.port());
+    Client::try_connect(&server, Some(&own))
+        .await
+        .unwrap()
+        .ok(json!({"type": "ping"}))
+        .await;
+    Client::try_connect(&server, Some("https://chat.example.com"))
+        .await
+        .unwrap();
+    // Non-browser clients send no Origin.
+    Client::try_connect(&server, None).await.unwrap();
+}
+
+#[actix_rt::test]
+async fn requests_beyond_the_rate_are_refused_and_the_connection_stays() {
+    let server = TestServer::start_with(|c| {
+        c.session.requests_per_second = 5;
+        c.session.request_burst = 5;
+    })
+    .await;
+    let mut c = server.connect().await;
+    for i in 0..12 {
+        c.send_text(&json!({"id": format!("p{i}"), "type": "ping"}).to_string())
+            .await;
+    }
+    let mut limited = 0;
+    for _ in 0..12 {
+        let reply = c.read().await.unwrap();
+        if reply["code"] == "rate_limited" {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 6, "only {limited} of 12 were refused");
+    actix_rt::time::sleep(Duration::from_millis(1100)).await;
+    c.ok(json!({"type": "ping"})).await;
+}
+
+#[actix_rt::test]
+async fn failed_logins_are_limited_per_username_and_per_ip() {
+    let server = TestServer::start_with(|c| {
+        c.auth.failed_logins_per_user = 3;
+        c.auth.failed_logins_per_ip = 6;
+    })
+    .await;
+    let mut c = server.connect().await;
+    for name in ["ann", "bob", "cat"] {
+        c.register(name).await;
+    }
+    let wrong =
+        |name: &str| json!({"type": "login", "username": name, "password": "wrong-password"});
+    for _ in 0..3 {
+        c.err(wrong("ann"), "invalid_credentials").await;
+    }
+    // Even the right password is refused now, without checking it.
+    let right = json!({"type": "login", "username": "ann", "password": PASSWORD});
+    let reply = c.err(right, "rate_limited").await;
+    assert!(reply["message"].as_str().unwrap().contains("failed logins"));
+    // Another user from the same address still may, until the address has too many failures.
+    for _ in 0..3 {
+        c.err(wrong("bob"), "invalid_credentials").await;
+    }
+    c.err(
+        json!({"type": "login", "username": "cat", "password": PASSWORD}),
+        "rate_limited",
+    )
+    .await;
+}
+
+#[actix_rt::test]
+async fn the_bcrypt_queue_is_bounded() {
+    let server = TestServer::start_with(|c| {
+        c.auth.bcrypt_threads = 1;
+        c.auth.bcrypt_queue = 1;
+        c.database.bcrypt_cost = 10;
+    })
+    .await;
+    let mut setup = server.connect().await;
+    setup.register("ann").await;
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(server.connect().await);
+    }
+    for c in &mut clients {
+        c.send_text(
+            &json!({"id": "l", "type": "login", "username": "ann", "password": PASSWORD})
+                .to_string(),
+        )
+        .await;
+    }
+    let mut codes = Vec::new();
+    for c in &mut clients {
+        let reply = c.reply_to(&json!("l")).await;
+        codes.push(reply["code"].as_str().unwrap_or("ok").to_string());
+    }
+    assert!(codes.iter().any(|c| c == "ok"), "{codes:?}");
+    assert!(codes.iter().any(|c| c == "rate_limited"), "{codes:?}");
+}
+
+#[actix_rt::test]
+async fn a_slow_reader_is_cut_off_and_the_others_get_everything() {
+    let server = TestServer::start_with(|c| {
+        c.session.max_frame_bytes = 16 * 1024;
+        c.session.outbound_limit_bytes = 1024 * 1024;
+        c.rooms.max_body_bytes = 8 * 1024;
+    })
+    .await;
+    let mut ann = server.user("ann").await;
+    let mut slow = server.user("slow").await;
+    let mut reader = server.user("reader").await;
+    ann.create_room("general", "public", &[]).await;
+    for c in [&mut ann, &mut slow, &mut reader] {
+        c.join("general").await;
+    }
+    let mut history = History::new();
+    history.covers("reader", "general", Seq(0), None);
+    let body = "x".repeat(8000);
+    let total = 3000;
+    let mut received = 0;
+    let mut acked = 0;
+    let started = Instant::now();
+    // `slow` never reads; ann sends 24 MB in all while `reader` (and ann) keep up.
+    for i in 0..total {
+        let key = format!("k{i}");
+        let frame = json!({"id": key, "type": "send", "room": "general", "body": body, "client_msg_id": key});
+        ann.send_text(&frame.to_string()).await;
+        while let Ok(event) =
+            tokio::time::timeout(Duration::ZERO, reader.next_event_of("message")).await
+        {
+            history.received("reader", "general", Seq(event["seq"].as_i64().unwrap()));
+            received += 1;
+        }
+        while let Ok(frame) = tokio::time::timeout(Duration::ZERO, ann.read()).await {
+            let frame = frame.unwrap();
+            if frame["type"] == "ok" {
+                let key = frame["id"].as_str().unwrap().to_string();
+                history.acked(
+                    "ann",
+                    "ann",
+                    "general",
+                    &key,
+                    Seq(frame["seq"].as_i64().unwrap()),
+                );
+                acked += 1;
+            }
+        }
+    }
+    while acked < total {
+        let reply = ann.read().await.unwrap();
+        if reply["type"] == "ok" {
+            let key = reply["id"].as_str().unwrap().to_string();
+            history.acked(
+                "ann",
+                "ann",
+                "general",
+                &key,
+                Seq(reply["seq"].as_i64().unwrap()),
+            );
+            acked += 1;
+        }
+    }
+    while received < total {
+        let event = reader.next_event_of("message").await;
+        history.received("reader", "general", Seq(event["seq"].as_i64().unwrap()));
+        received += 1;
+    }
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert_eq!(slow.closed().await, 1013);
+    let stored = BTreeMap::from([("general".to_string(), server.stored("general"))]);
+    let verdict = history.verdict(&stored);
+    assert!(verdict.is_clean(), "{verdict}");
+}
+
+#[actix_rt::test]
+async fn a_tcp_connection_that_sends_nothing_is_dropped() {
+    let server = TestServer::start_with(|c| c.server.request_timeout_ms = 300).await;
+    let port = server.addr.port();
+    let outcome = actix_web::rt::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 256];
+        let read = stream.read(&mut buf);
+        (
+            read.map(|n| n == 0 || buf.starts_with(b"HTTP/1.1 408"))
+                .unwrap_or(true),
+            started.elapsed(),
+        )
+    })
+    .await
+    .unwrap();
+    assert!(outcome.0, "the server kept the connection");
+    assert!(outcome.1 < Duration::from_secs(3), "{:?}", outcome.1);
+}
+
+/// Shutdown while clients send: every send the server accepted is committed and acked, the
+/// WebSockets close with 1001, and every acked message is stored.
+#[actix_rt::test]
+async fn graceful_shutdown_finishes_accepted_sends_and_closes_with_1001() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    bob.join("general").await;
+    for i in 0..200 {
+        let key = format!("k{i}");
+        ann.send_text(&json!({"id": key, "type": "send", "room": "general", "body": "x", "client_msg_id": key}).to_string())
+            .await;
+    }
+    // Shut down once the server has acked some and is still working on the rest.
+    let mut history = History::new();
+    loop {
+        let reply = ann.read().await.unwrap();
+        if reply["type"] == "ok" {
+            let key = reply["id"].as_str().unwrap().to_string();
+            history.acked(
+                "ann",
+                "ann",
+                "general",
+                &key,
+                Seq(reply["seq"].as_i64().unwrap()),
+            );
+            break;
+        }
+    }
+    server.shutdown_gracefully().await;
+    let mut code = None;
+    loop {
+        match ann.read().await {
+            Ok(reply) if reply["type"] == "ok" => {
+                let key = reply["id"].as_str().unwrap().to_string();
+                history.acked(
+                    "ann",
+                    "ann",
+                    "general",
+                    &key,
+                    Seq(reply["seq"].as_i64().unwrap()),
+                );
+            }
+            Ok(reply) if reply["type"] == "error" => {
+                assert_eq!(reply["code"], "unavailable", "{reply}")
+            }
+            Ok(_) => {}
+            Err(Closed::Code(c)) => {
+                code = Some(c);
+                break;
+            }
+            Err(Closed::NoFrame) => break,
+        }
+    }
+    assert_eq!(code, Some(1001));
+    assert_eq!(bob.closed().await, 1001);
+    let stored = BTreeMap::from([("general".to_string(), server.stored("general"))]);
+    let verdict = history.verdict(&stored);
+    assert!(verdict.is_clean(), "{verdict}");
+    assert!(verdict.acked > 0);
+}
+
+/// The real binary: SIGTERM closes WebSockets with 1001 and the process exits 0.
+#[actix_rt::test]
+async fn sigterm_stops_the_process_gracefully() {
+    let db = TestDb::new();
+    let data = TempDir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rookery"))
+        .arg("serve")
+        .env("DATABASE_URL", &db.url)
+        .env("ROOKERY__SERVER__BIND", format!("127.0.0.1:{port}"))
+        .env("ROOKERY__TLS__ENABLED", "false")
+        .env("ROOKERY__DATA_DIR", &data.0)
+        .env("ROOKERY__DATABASE__BCRYPT_COST", "4")
+        .env("ROOKERY__SERVER__SHUTDOWN_TIMEOUT_MS", "5000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let framed = loop {
+        match http_client().ws(url.as_str()).connect().await {
+            Ok((_, framed)) => break framed,
+            Err(_) if Instant::now() < deadline => {
+                actix_rt::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("server did not start: {e:?}"),
+        }
+    };
+    let mut c = Client::from_framed(framed);
+    c.register("ann").await;
+    c.login("ann").await;
+    c.create_room("general", "public", &[]).await;
+    c.join("general").await;
+    c.send("general", "before the signal").await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(c.closed().await, 1001);
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the process did not exit"
+        );
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+}
