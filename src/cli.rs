@@ -26,6 +26,8 @@ pub enum Command {
     Migrate,
     /// Validate the configuration; print every problem with its key, exit non-zero if any.
     CheckConfig,
+    /// Add a new message key (the next id) to the key file; restart to seal with it.
+    RotateKey,
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -35,6 +37,17 @@ pub fn run(cli: Cli) -> ExitCode {
             Config::load(cli.config.as_deref())
                 .map_err(StartError::from)
                 .and_then(crate::server::serve),
+        ),
+        Command::RotateKey => report(
+            Config::load(cli.config.as_deref())
+                .map_err(StartError::from)
+                .and_then(|config| Ok(crate::crypto::add_key(&config)?))
+                .map(|(id, path)| {
+                    println!(
+                        "added message key {id} to {}; restart the server to seal new messages with it",
+                        path.display()
+                    )
+                }),
         ),
         Command::Migrate => report(
             Config::load(cli.config.as_deref())

@@ -98,6 +98,8 @@ pub struct DatabaseConfig {
     pub token_ttl_hours: u64,
     /// Longest wait for a message's commit before the sender hears `unavailable`.
     pub store_timeout_ms: u64,
+    /// Postgres cancels any statement of the server's after this long.
+    pub statement_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -146,6 +148,8 @@ pub struct CryptoConfig {
     pub keys: BTreeMap<String, Secret>,
     /// Extra key file; empty for <data_dir>/message-keys.
     pub key_file: PathBuf,
+    /// Warn when one key has sealed this many messages (the safe bound is 2^32).
+    pub warn_after_messages: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

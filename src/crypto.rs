@@ -8,7 +8,8 @@ use openssl::symm::{decrypt_aead, encrypt_aead, Cipher};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::Config;
 use crate::error::CryptoError;
@@ -38,7 +39,16 @@ pub struct Sealed {
 #[derive(Debug)]
 pub struct Keyring {
     keys: BTreeMap<i32, Key>,
+    /// Messages sealed per key id (from the database at start, then counted here). Random
+    /// 96-bit nonces are safe for at most 2^32 messages per key (NIST SP 800-38D).
+    sealed: BTreeMap<i32, AtomicU64>,
+    warn_at: u64,
 }
+
+/// Once past the warning threshold, warn again every this many messages.
+const WARN_EVERY: u64 = 1 << 24;
+/// The default threshold: half of the 2^32 bound.
+pub const DEFAULT_WARN_AT: u64 = 1 << 31;
 
 /// Parses one configured key: id is a positive integer, key is base64 of exactly 32 bytes.
 pub fn parse_key(id: &str, base64: &str) -> Result<(i32, [u8; KEY_LEN]), CryptoError> {
@@ -72,7 +82,55 @@ impl Keyring {
     /// A keyring from raw keys; at least one is required.
     pub fn new(keys: impl IntoIterator<Item = (i32, [u8; KEY_LEN])>) -> Option<Keyring> {
         let keys: BTreeMap<i32, Key> = keys.into_iter().map(|(id, k)| (id, Key(k))).collect();
-        (!keys.is_empty()).then_some(Keyring { keys })
+        let sealed = keys.keys().map(|id| (*id, AtomicU64::new(0))).collect();
+        (!keys.is_empty()).then_some(Keyring {
+            keys,
+            sealed,
+            warn_at: DEFAULT_WARN_AT,
+        })
+    }
+
+    /// Warn when a key has sealed this many messages.
+    pub fn warn_at(mut self, messages: u64) -> Self {
+        self.warn_at = messages.max(1);
+        self
+    }
+
+    /// Sets the counts of messages already sealed per key (read from the database at start).
+    pub fn record_usage(&self, counts: &[(i32, i64)]) {
+        for (id, count) in counts {
+            if let Some(counter) = self.sealed.get(id) {
+                let count = u64::try_from(*count).unwrap_or(0);
+                counter.store(count, Ordering::Relaxed);
+                if count >= self.warn_at {
+                    self.warn_usage(*id, count);
+                }
+            }
+        }
+    }
+
+    /// Messages sealed with key `id` so far.
+    pub fn usage(&self, id: i32) -> u64 {
+        self.sealed
+            .get(&id)
+            .map(|c| c.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    fn warn_usage(&self, id: i32, count: u64) {
+        log::warn!(
+            "message key {id} has sealed {count} messages; random nonces are safe for at most \
+             2^32 per key: run `rookery rotate-key` (or add a key to crypto.keys) and restart"
+        );
+    }
+
+    fn count_seal(&self, id: i32) {
+        if let Some(counter) = self.sealed.get(&id) {
+            let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
+            if count >= self.warn_at && (count - self.warn_at) % WARN_EVERY == 0 {
+                self.warn_usage(id, count);
+            }
+        }
     }
 
     /// Keys from the config and the key file. With neither, generates a development key file
@@ -103,10 +161,12 @@ impl Keyring {
             );
             keys.insert(1, key);
         }
-        let ring = Keyring::new(keys).ok_or_else(|| CryptoError::BadKey {
-            id: "-".into(),
-            problem: "no message key".into(),
-        })?;
+        let ring = Keyring::new(keys)
+            .ok_or_else(|| CryptoError::BadKey {
+                id: "-".into(),
+                problem: "no message key".into(),
+            })?
+            .warn_at(config.crypto.warn_after_messages);
         log::info!(
             "message keys loaded: ids {:?}, sealing with {}",
             ring.ids(),
@@ -142,6 +202,7 @@ impl Keyring {
             &mut tag,
         )?;
         ciphertext.extend_from_slice(&tag);
+        self.count_seal(key_id);
         Ok(Sealed {
             key_id,
             nonce,
@@ -196,6 +257,37 @@ fn read_key_file(path: &Path) -> Result<Vec<(i32, [u8; KEY_LEN])>, CryptoError> 
             parse_key(id, key)
         })
         .collect()
+}
+
+/// `rookery rotate-key`: appends a new random key, with the next id, to the key file (created
+/// with mode 0600 if missing). New messages are sealed with it once the server restarts; old
+/// rows keep opening with their own key ids.
+pub fn add_key(config: &Config) -> Result<(i32, PathBuf), CryptoError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = config.key_file();
+    let mut highest = 0;
+    for (id, key) in &config.crypto.keys {
+        highest = highest.max(parse_key(id, key.expose())?.0);
+    }
+    if path.exists() {
+        for (id, _) in read_key_file(&path)? {
+            highest = highest.max(id);
+        }
+    }
+    let id = highest + 1;
+    let mut key = [0u8; KEY_LEN];
+    openssl::rand::rand_bytes(&mut key)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| key_file_error(&path, e))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| key_file_error(&path, e))?;
+    writeln!(file, "{id} {}", STANDARD.encode(key)).map_err(|e| key_file_error(&path, e))?;
+    Ok((id, path))
 }
 
 fn generate_key_file(path: &Path) -> Result<[u8; KEY_LEN], CryptoError> {
@@ -286,6 +378,31 @@ mod tests {
             without.open(RoomId(1), Seq(1), &sealed),
             Err(CryptoError::UnknownKey(1))
         ));
+    }
+
+    #[test]
+    fn usage_is_counted_per_key() {
+        let keys = ring(&[1, 2]).warn_at(3);
+        keys.record_usage(&[(1, 10)]);
+        for _ in 0..5 {
+            keys.seal(RoomId(1), Seq(1), b"x").unwrap();
+        }
+        assert_eq!((keys.usage(1), keys.usage(2)), (10, 5));
+    }
+
+    #[test]
+    fn rotation_appends_the_next_key() {
+        let dir = std::env::temp_dir().join(format!("rookery-rotate-{}", uuid::Uuid::new_v4()));
+        let config =
+            Config::from_toml(&format!("data_dir = {:?}", dir.display().to_string())).unwrap();
+        let first = Keyring::load(&config).unwrap();
+        let sealed = first.seal(RoomId(1), Seq(1), b"old").unwrap();
+        assert_eq!(add_key(&config).unwrap().0, 2);
+        assert_eq!(add_key(&config).unwrap().0, 3);
+        let rotated = Keyring::load(&config).unwrap();
+        assert_eq!(rotated.current(), 3);
+        assert_eq!(rotated.open(RoomId(1), Seq(1), &sealed).unwrap(), b"old");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -605,4 +605,105 @@ mod tests {
             serde_json::json!({"type":"message","room":"a","seq":1,"from":"ann","body":"hi","sent_at":"2026-01-01T00:00:00.000Z"})
         );
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| serde_json::Number::from_f64(f)
+                    .map(Value::Number)
+                    .unwrap_or(Value::Null)),
+                ".{0,40}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 64, 8, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::from),
+                    proptest::collection::btree_map(".{0,12}", inner, 0..8)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Objects that look like requests: a known or unknown type, and fields drawn from the
+        /// contract's names with arbitrary values.
+        fn request_like() -> impl Strategy<Value = Value> {
+            let kinds = prop_oneof![
+                proptest::sample::select(REQUEST_TYPES.to_vec()).prop_map(Value::from),
+                json_value(),
+            ];
+            let field = proptest::sample::select(vec![
+                "id",
+                "username",
+                "password",
+                "token",
+                "room",
+                "kind",
+                "members",
+                "after",
+                "body",
+                "client_msg_id",
+                "before",
+                "limit",
+                "user",
+            ]);
+            (
+                kinds,
+                proptest::collection::btree_map(field, json_value(), 0..6),
+            )
+                .prop_map(|(kind, fields)| {
+                    let mut object: Map<String, Value> = fields
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect();
+                    object.insert("type".into(), kind);
+                    object.entry("id").or_insert(Value::from("x"));
+                    Value::Object(object)
+                })
+        }
+
+        fn check(text: &str) {
+            match parse_request(text) {
+                Ok((id, request)) => {
+                    assert!(!id.is_empty());
+                    let _ = request.validate();
+                    let _ = request.changes_session();
+                }
+                Err(e) => {
+                    assert_eq!(e.rejection.code, ErrorCode::BadRequest);
+                    assert!(!e.rejection.message.is_empty());
+                    let frame: Value = serde_json::from_str(&error_frame(
+                        e.id.as_deref(),
+                        e.rejection.code,
+                        &e.rejection.message,
+                    ))
+                    .unwrap();
+                    assert_eq!(frame["type"], "error");
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+            #[test]
+            fn arbitrary_text_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+                check(&String::from_utf8_lossy(&bytes));
+            }
+
+            #[test]
+            fn arbitrary_json_never_panics(value in json_value()) {
+                check(&value.to_string());
+            }
+
+            #[test]
+            fn request_shaped_json_never_panics(value in request_like()) {
+                check(&value.to_string());
+            }
+        }
+    }
 }

@@ -41,7 +41,12 @@ pub struct Prepared {
 pub fn migrate(config: &Config) -> Result<usize, StartError> {
     let url = config.database.url.expose();
     store::ensure_database(url)?;
-    let pool = store::connect_pool(url, 1, ms(config.database.connect_timeout_ms))?;
+    let pool = store::connect_pool(
+        url,
+        1,
+        ms(config.database.connect_timeout_ms),
+        Duration::from_secs(600),
+    )?;
     let mut conn = pool.get().map_err(store_unavailable)?;
     Ok(store::run_migrations(&mut conn)?)
 }
@@ -60,8 +65,12 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
         config.database.url.expose(),
         u32::try_from(config.database.executors).unwrap_or(64),
         ms(config.database.connect_timeout_ms),
+        ms(config.database.statement_timeout_ms),
     )?;
     let keys = Arc::new(Keyring::load(&config)?);
+    let mut conn = pool.get().map_err(store_unavailable)?;
+    keys.record_usage(&store::key_usage(&mut conn)?);
+    drop(conn);
     let tls = if config.tls.enabled {
         Some(crate::tls::acceptor(&config)?)
     } else {

@@ -495,7 +495,9 @@ async fn the_db_executor_stores_batches_once_per_client_msg_id() {
     let user = rookery::store::create_user(&mut conn, "ann", "x").unwrap();
     let room =
         rookery::store::create_room(&mut conn, "hall", RoomKind::Public, &user, &[]).unwrap();
-    let pool = rookery::store::connect_pool(&db.url, 2, Duration::from_secs(2)).unwrap();
+    let pool =
+        rookery::store::connect_pool(&db.url, 2, Duration::from_secs(2), Duration::from_secs(10))
+            .unwrap();
     let keys = Arc::new(rookery::crypto::Keyring::new([(1, [7u8; 32])]).unwrap());
     let executor = DbExecutor::start(
         2,
@@ -553,4 +555,52 @@ async fn the_db_executor_stores_batches_once_per_client_msg_id() {
         .collect();
     assert_eq!(bodies, ["a", "b", "c"]);
     assert!(!page.has_more);
+}
+
+/// A commit slower than the store timeout: the sender hears `unavailable` (outcome unknown),
+/// and when the commit lands after all, the message is delivered once, in order.
+#[actix_rt::test]
+async fn a_late_commit_is_answered_unavailable_and_still_delivered_once() {
+    let store = FakeStore {
+        mode: Mode::Hold,
+        last_seq: 0,
+        held: Vec::new(),
+        batch_sizes: Vec::new(),
+    }
+    .start();
+    let handle = StoreHandle {
+        store: store.clone().recipient(),
+        history: store.clone().recipient(),
+    };
+    let presence = PresenceHandle::of(&Presence::default().start());
+    let mut quick = settings();
+    quick.store_timeout = Duration::from_millis(200);
+    let room = Room::new(
+        room_state(RoomKind::Public, &[]),
+        &quick,
+        handle,
+        presence,
+        None,
+    )
+    .start();
+    let mut ann = Peer::new(1, 1, "ann");
+    let mut bob = Peer::new(2, 2, "bob");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    room.send(bob.join_msg()).await.unwrap().unwrap();
+    ann.drain().await;
+
+    let err = room.send(ann.post("slow")).await.unwrap().unwrap_err();
+    assert_eq!(Error::from(err).to_wire().0, ErrorCode::Unavailable);
+    assert!(bob.drain().await.is_empty());
+    store.send(Release).await.unwrap();
+    let delivered = bob.message().await;
+    assert_eq!(
+        (delivered["seq"].as_i64(), delivered["body"].as_str()),
+        (Some(1), Some("slow"))
+    );
+    store.send(SetMode(Mode::Commit)).await.unwrap();
+    room.send(ann.post("next")).await.unwrap().unwrap();
+    let next = bob.message().await;
+    assert_eq!(next["seq"], 2);
+    assert!(bob.drain().await.is_empty(), "delivered twice");
 }

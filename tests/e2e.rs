@@ -967,3 +967,40 @@ async fn pipelined_requests_take_effect_in_order() {
     );
     assert_eq!(replies["8"]["code"], "forbidden");
 }
+
+#[actix_rt::test]
+async fn a_rotated_key_seals_new_messages_and_old_ones_still_open() {
+    let server = TestServer::start_with(|c| c.rooms.history_limit = 1).await;
+    let mut ann = server.user("ann").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    ann.send("general", "sealed with key 1").await;
+    drop(ann);
+
+    let data_dir = server.data_dir.0.to_str().unwrap().to_string();
+    let out = rookery_cli(&["rotate-key"], &[("ROOKERY__DATA_DIR", &data_dir)]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("added message key 2"));
+
+    let server = server.restart().await;
+    let mut ann = server.connect().await;
+    ann.login("ann").await;
+    ann.join("general").await;
+    ann.send("general", "sealed with key 2").await;
+    let page = ann
+        .ok(json!({"type": "history", "room": "general", "limit": 10}))
+        .await;
+    let bodies: Vec<&str> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["sealed with key 1", "sealed with key 2"]);
+    let key_ids: Vec<i32> = rookery::schema::messages::table
+        .select(rookery::schema::messages::key_id)
+        .order(rookery::schema::messages::seq)
+        .load(&mut server.db.conn())
+        .unwrap();
+    assert_eq!(key_ids, [1, 2]);
+}

@@ -14,6 +14,7 @@
 use actix::prelude::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,8 @@ pub struct DbExecutor {
     pool: PgPool,
     keys: Arc<Keyring>,
     settings: DbSettings,
+    /// Rows already reported as unreadable by this thread, so each is logged once.
+    reported: HashSet<(i64, i64)>,
 }
 
 impl DbExecutor {
@@ -57,6 +60,7 @@ impl DbExecutor {
             pool,
             keys,
             settings,
+            reported: HashSet::new(),
         }
     }
 
@@ -74,6 +78,20 @@ impl DbExecutor {
 
     fn conn(&self) -> Result<store::PooledConn, StoreError> {
         Ok(self.pool.get()?)
+    }
+
+    fn report_unreadable(&mut self, room: &RoomRecord, page: &HistoryPage) {
+        for (seq, why) in &page.unreadable {
+            if self.reported.len() > 100_000 {
+                self.reported.clear();
+            }
+            if self.reported.insert((room.id.0, seq.0)) {
+                log::error!(
+                    "room {} seq {seq}: stored message cannot be opened: {why}",
+                    room.name
+                );
+            }
+        }
     }
 }
 
@@ -228,7 +246,8 @@ impl Handler<LoadRoom> for DbExecutor {
     type Result = Result<RoomState, StoreError>;
 
     fn handle(&mut self, msg: LoadRoom, _: &mut Self::Context) -> Self::Result {
-        store::load_room(&mut *self.conn()?, &self.keys, &msg.name, msg.recent)
+        let state = store::load_room(&mut *self.conn()?, &self.keys, &msg.name, msg.recent)?;
+        Ok(state)
     }
 }
 
@@ -262,12 +281,14 @@ impl Handler<LoadHistory> for DbExecutor {
     type Result = Result<HistoryPage, StoreError>;
 
     fn handle(&mut self, msg: LoadHistory, _: &mut Self::Context) -> Self::Result {
-        store::load_messages(
+        let page = store::load_messages(
             &mut *self.conn()?,
             &self.keys,
             &msg.room,
             msg.before,
             msg.limit,
-        )
+        )?;
+        self.report_unreadable(&msg.room, &page);
+        Ok(page)
     }
 }

@@ -605,6 +605,7 @@ impl Room {
         Some(HistoryPage {
             messages,
             has_more: start > 1,
+            unreadable: Vec::new(),
         })
     }
 }

@@ -90,12 +90,34 @@ pub fn revert_all_migrations(conn: &mut PgConnection) -> Result<usize, StoreErro
     Ok(count)
 }
 
-/// A pool of `size` connections; a checkout waits at most `timeout`.
-pub fn connect_pool(url: &str, size: u32, timeout: Duration) -> Result<PgPool, StoreError> {
+/// Bounds every statement of a pooled connection, so a stuck query cannot hold an executor
+/// thread (and with it a room's commits) forever.
+#[derive(Debug)]
+struct StatementTimeout(Duration);
+
+impl diesel::r2d2::CustomizeConnection<PgConnection, diesel::r2d2::Error> for StatementTimeout {
+    fn on_acquire(&self, conn: &mut PgConnection) -> Result<(), diesel::r2d2::Error> {
+        let ms = self.0.as_millis().max(1);
+        conn.batch_execute(&format!(
+            "SET statement_timeout = {ms}; SET idle_in_transaction_session_timeout = {ms}"
+        ))
+        .map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// A pool of `size` connections; a checkout waits at most `timeout`; statements are cancelled
+/// by Postgres after `statement_timeout`.
+pub fn connect_pool(
+    url: &str,
+    size: u32,
+    timeout: Duration,
+    statement_timeout: Duration,
+) -> Result<PgPool, StoreError> {
     Ok(Pool::builder()
         .max_size(size)
         .min_idle(Some(0))
         .connection_timeout(timeout)
+        .connection_customizer(Box::new(StatementTimeout(statement_timeout)))
         .build_unchecked(ConnectionManager::new(url)))
 }
 
@@ -461,6 +483,15 @@ fn store_batch_once(
     Ok(results)
 }
 
+/// Messages stored per key id.
+pub fn key_usage(conn: &mut PgConnection) -> Result<Vec<(i32, i64)>, StoreError> {
+    use diesel::dsl::count_star;
+    Ok(messages::table
+        .group_by(messages::key_id)
+        .select((messages::key_id, count_star()))
+        .load(conn)?)
+}
+
 /// Postgres keeps microseconds; the in-memory copy must format the same as the stored one.
 fn now_micros() -> DateTime<Utc> {
     let now = Utc::now();
@@ -499,14 +530,26 @@ pub fn load_messages(
     let has_more = rows.len() > limit;
     rows.truncate(limit);
     rows.reverse();
+    let mut unreadable = Vec::new();
     let messages = rows
         .into_iter()
-        .map(|row| open_row(keys, room, row))
+        .map(|row| {
+            let (view, problem) = open_row(keys, room, row);
+            if let Some(problem) = problem {
+                unreadable.push((view.seq, problem));
+            }
+            view
+        })
         .collect();
-    Ok(HistoryPage { messages, has_more })
+    Ok(HistoryPage {
+        messages,
+        has_more,
+        unreadable,
+    })
 }
 
-fn open_row(keys: &Keyring, room: &RoomRecord, row: MessageRow) -> MessageView {
+/// The message of a row, and why its body is missing when it could not be opened.
+fn open_row(keys: &Keyring, room: &RoomRecord, row: MessageRow) -> (MessageView, Option<String>) {
     let seq = Seq(row.seq);
     let sealed = Sealed {
         key_id: row.key_id,
@@ -517,17 +560,11 @@ fn open_row(keys: &Keyring, room: &RoomRecord, row: MessageRow) -> MessageView {
         .open(room.id, seq, &sealed)
         .map_err(|e| e.to_string())
         .and_then(|plain| String::from_utf8(plain).map_err(|_| "not UTF-8".to_string()));
-    let (body, error) = match body {
-        Ok(body) => (Some(body), None),
-        Err(why) => {
-            log::error!(
-                "room {} seq {seq}: stored message cannot be opened: {why}",
-                room.name
-            );
-            (None, Some(UNDECRYPTABLE))
-        }
+    let (body, error, problem) = match body {
+        Ok(body) => (Some(body), None, None),
+        Err(why) => (None, Some(UNDECRYPTABLE), Some(why)),
     };
-    MessageView {
+    let view = MessageView {
         room: room.name.clone(),
         seq,
         from: row.username,
@@ -535,7 +572,8 @@ fn open_row(keys: &Keyring, room: &RoomRecord, row: MessageRow) -> MessageView {
         sent_at: format_time(row.created_at),
         client_msg_id: row.client_msg_id,
         error,
-    }
+    };
+    (view, problem)
 }
 
 pub type PooledConn = diesel::r2d2::PooledConnection<ConnectionManager<PgConnection>>;

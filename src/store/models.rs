@@ -52,6 +52,8 @@ pub struct Stored {
 pub struct HistoryPage {
     pub messages: Vec<MessageView>,
     pub has_more: bool,
+    /// Seqs of rows that failed to open, with the reason, for the operator's log.
+    pub unreadable: Vec<(Seq, String)>,
 }
 
 #[derive(Debug, Queryable)]
