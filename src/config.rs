@@ -100,6 +100,10 @@ pub struct DatabaseConfig {
     pub store_timeout_ms: u64,
     /// Postgres cancels any statement of the server's after this long.
     pub statement_timeout_ms: u64,
+    /// Group commit: most messages gathered into one transaction while executors are busy.
+    pub batch_max_messages: usize,
+    /// Group commit: longest a gathered batch waits for a busy executor before it is queued.
+    pub batch_max_wait_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -315,6 +319,9 @@ impl Config {
                 "database.url",
                 "must name a database, e.g. postgres://host/rookery".into(),
             );
+        }
+        if self.database.batch_max_messages == 0 || self.database.batch_max_messages > 5000 {
+            bad("database.batch_max_messages", "must be 1..5000".into());
         }
         if self.database.executors == 0 || self.database.executors > 64 {
             bad("database.executors", "must be 1..64".into());

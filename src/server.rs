@@ -8,6 +8,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::actors::committer::Committer;
 use crate::actors::db::{DbExecutor, DbSettings};
 use crate::actors::directory::Directory;
 use crate::actors::gate::{DrainAll, Gate, GateSettings};
@@ -110,8 +111,15 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
         },
     );
     let presence = PresenceHandle::of(&Presence::default().start());
+    let committer = Committer::new(
+        db.clone().recipient(),
+        config.database.executors,
+        config.database.batch_max_messages,
+        ms(config.database.batch_max_wait_ms),
+    )
+    .start();
     let store = StoreHandle {
-        store: db.clone().recipient(),
+        store: committer.recipient(),
         history: db.clone().recipient(),
     };
     let directory = Directory::new(

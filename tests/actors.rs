@@ -604,3 +604,154 @@ async fn a_late_commit_is_answered_unavailable_and_still_delivered_once() {
     assert_eq!(next["seq"], 2);
     assert!(bob.drain().await.is_empty(), "delivered twice");
 }
+
+// ---------------------------------------------------------------- group commit
+
+/// A DB stand-in for the committer: records the size of each combined batch and answers
+/// after a short delay, so that batches gather meanwhile.
+struct FakeDb {
+    combined: Vec<usize>,
+    fail: bool,
+}
+
+impl Actor for FakeDb {
+    type Context = Context<Self>;
+}
+
+impl Handler<rookery::actors::db::StoreBatches> for FakeDb {
+    type Result = ResponseFuture<Result<Vec<Vec<Stored>>, StoreError>>;
+
+    fn handle(
+        &mut self,
+        msg: rookery::actors::db::StoreBatches,
+        _: &mut Context<Self>,
+    ) -> Self::Result {
+        self.combined.push(msg.batches.len());
+        let fail = self.fail;
+        Box::pin(async move {
+            actix_rt::time::sleep(Duration::from_millis(30)).await;
+            if fail {
+                return Err(StoreError::Unavailable("disk on fire".into()));
+            }
+            Ok(msg
+                .batches
+                .iter()
+                .map(|b| {
+                    (1..=b.posts.len() as i64)
+                        .map(|seq| Stored {
+                            seq: Seq(seq),
+                            sent_at: Utc::now(),
+                            duplicate: false,
+                        })
+                        .collect()
+                })
+                .collect())
+        })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "Vec<usize>")]
+struct Combined;
+
+impl Handler<Combined> for FakeDb {
+    type Result = MessageResult<Combined>;
+    fn handle(&mut self, _: Combined, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.combined.clone())
+    }
+}
+
+fn batch(room: i64, n: usize) -> StoreBatch {
+    StoreBatch {
+        room: RoomId(room),
+        posts: (0..n)
+            .map(|i| rookery::store::NewPost {
+                sender: UserId(1),
+                body: format!("m{i}").into(),
+                client_msg_id: None,
+            })
+            .collect(),
+    }
+}
+
+#[actix_rt::test]
+async fn the_committer_gathers_rooms_into_one_transaction_while_the_executor_is_busy() {
+    use rookery::actors::committer::Committer;
+    let db = FakeDb {
+        combined: Vec::new(),
+        fail: false,
+    }
+    .start();
+    let committer = Committer::new(db.clone().recipient(), 1, 256, Duration::from_secs(5)).start();
+    let first = committer.send(batch(1, 1));
+    actix_rt::time::sleep(Duration::from_millis(5)).await;
+    // The only executor is busy with room 1: these gather.
+    let rest: Vec<_> = (2..=5).map(|room| committer.send(batch(room, 2))).collect();
+    assert_eq!(first.await.unwrap().unwrap().len(), 1);
+    for reply in rest {
+        assert_eq!(reply.await.unwrap().unwrap().len(), 2);
+    }
+    assert_eq!(db.send(Combined).await.unwrap(), vec![1, 4]);
+}
+
+#[actix_rt::test]
+async fn a_failed_combined_batch_fails_each_of_its_rooms() {
+    use rookery::actors::committer::Committer;
+    let db = FakeDb {
+        combined: Vec::new(),
+        fail: true,
+    }
+    .start();
+    let committer = Committer::new(db.clone().recipient(), 1, 256, Duration::from_secs(5)).start();
+    let replies: Vec<_> = (1..=3).map(|room| committer.send(batch(room, 1))).collect();
+    for reply in replies {
+        let err = reply.await.unwrap().unwrap_err();
+        assert_eq!(Error::from(err).to_wire().0, ErrorCode::Unavailable);
+    }
+}
+
+#[actix_rt::test]
+async fn store_batches_commits_rooms_together_and_never_duplicates_on_retry() {
+    use rookery::store::{store_batches, NewPost};
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    rookery::store::run_migrations(&mut conn).unwrap();
+    let user = rookery::store::create_user(&mut conn, "ann", "x").unwrap();
+    let a = rookery::store::create_room(&mut conn, "a", RoomKind::Public, &user, &[]).unwrap();
+    let b = rookery::store::create_room(&mut conn, "b", RoomKind::Public, &user, &[]).unwrap();
+    let keys = rookery::crypto::Keyring::new([(1, [9u8; 32])]).unwrap();
+    let posts = |prefix: &str, n: usize| -> Vec<NewPost> {
+        (0..n)
+            .map(|i| NewPost {
+                sender: user.id,
+                body: format!("{prefix}{i}").into(),
+                client_msg_id: Some(format!("{prefix}{i}")),
+            })
+            .collect()
+    };
+    let (pa, pb) = (posts("a", 3), posts("b", 2));
+    let first = store_batches(&mut conn, &keys, &[(a.id, &pa), (b.id, &pb)]).unwrap();
+    let seqs = |r: &Vec<Stored>| r.iter().map(|s| (s.seq.0, s.duplicate)).collect::<Vec<_>>();
+    assert_eq!(seqs(&first[0]), [(1, false), (2, false), (3, false)]);
+    assert_eq!(seqs(&first[1]), [(1, false), (2, false)]);
+
+    // The same batches again (a retry after a lost reply): all duplicates, nothing stored.
+    let again = store_batches(&mut conn, &keys, &[(a.id, &pa), (b.id, &pb)]).unwrap();
+    assert_eq!(seqs(&again[0]), [(1, true), (2, true), (3, true)]);
+    assert_eq!(seqs(&again[1]), [(1, true), (2, true)]);
+
+    // A combined batch with a room that does not exist fails as a whole: room a gets nothing
+    // and its counter does not move, so the next seq has no gap.
+    let more = posts("c", 2);
+    let missing = RoomId(999_999);
+    assert!(store_batches(&mut conn, &keys, &[(a.id, &more), (missing, &more)]).is_err());
+    let next = store_batches(&mut conn, &keys, &[(a.id, &more)]).unwrap();
+    assert_eq!(seqs(&next[0]), [(4, false), (5, false)]);
+    use diesel::dsl::count_star;
+    use diesel::prelude::*;
+    let stored: i64 = rookery::schema::messages::table
+        .select(count_star())
+        .first(&mut conn)
+        .unwrap();
+    assert_eq!(stored, 7);
+}

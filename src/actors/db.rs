@@ -8,7 +8,8 @@
 //! - [`RevokeToken`] (Session, logout).
 //! - [`ListRooms`], [`CreateRoom`] (Session).
 //! - [`LoadRoom`] (Directory): a room's record, whitelist and newest messages.
-//! - [`StoreBatch`] (Room): assign seqs and commit; the reply means "durably stored".
+//! - [`StoreBatch`] (Room, in tests): assign seqs and commit; the reply means "durably stored".
+//! - [`StoreBatches`] (Committer): several rooms' batches in one transaction.
 //! - [`LoadHistory`] (Room): a page of decrypted history.
 
 use actix::prelude::*;
@@ -265,6 +266,27 @@ impl Handler<StoreBatch> for DbExecutor {
 
     fn handle(&mut self, msg: StoreBatch, _: &mut Self::Context) -> Self::Result {
         store::store_batch(&mut *self.conn()?, &self.keys, msg.room, &msg.posts)
+    }
+}
+
+/// Committer → DbExecutor: several rooms' batches in one transaction (group commit). `Ok`
+/// holds each batch's results, in order; `Err` means nothing was stored.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<Vec<Stored>>, StoreError>")]
+pub struct StoreBatches {
+    pub batches: Vec<StoreBatch>,
+}
+
+impl Handler<StoreBatches> for DbExecutor {
+    type Result = Result<Vec<Vec<Stored>>, StoreError>;
+
+    fn handle(&mut self, msg: StoreBatches, _: &mut Self::Context) -> Self::Result {
+        let batches: Vec<(RoomId, &[NewPost])> = msg
+            .batches
+            .iter()
+            .map(|b| (b.room, b.posts.as_slice()))
+            .collect();
+        store::store_batches(&mut *self.conn()?, &self.keys, &batches)
     }
 }
 

@@ -361,8 +361,50 @@ pub fn store_batch(
     room: RoomId,
     posts: &[NewPost],
 ) -> Result<Vec<Stored>, StoreError> {
+    let mut results = store_batches(conn, keys, &[(room, posts)])?;
+    Ok(results.pop().unwrap_or_default())
+}
+
+/// Group commit: the batches of several rooms in one transaction (each room's counter updated
+/// once, one multi-row insert for all). All are committed or none is; results per batch, in order.
+pub fn store_batches(
+    conn: &mut PgConnection,
+    keys: &Keyring,
+    batches: &[(RoomId, &[NewPost])],
+) -> Result<Vec<Vec<Stored>>, StoreError> {
     let attempt = |conn: &mut PgConnection| {
-        conn.transaction(|conn| store_batch_once(conn, keys, room, posts))
+        conn.transaction(|conn| {
+            let sent_at = now_micros();
+            let mut results = Vec::with_capacity(batches.len());
+            let mut sealed = Vec::new();
+            for (room, posts) in batches {
+                let (stored, new) = plan_room(conn, keys, *room, posts, sent_at)?;
+                sealed.extend(
+                    new.into_iter()
+                        .map(|(i, seq, s)| (*room, &posts[i], seq, s)),
+                );
+                results.push(stored);
+            }
+            for chunk in sealed.chunks(1000) {
+                let rows: Vec<NewMessage> = chunk
+                    .iter()
+                    .map(|(room, post, seq, sealed)| NewMessage {
+                        room_id: room.0,
+                        seq: seq.0,
+                        sender_id: post.sender.0,
+                        client_msg_id: post.client_msg_id.as_deref(),
+                        key_id: sealed.key_id,
+                        nonce: &sealed.nonce,
+                        ciphertext: &sealed.ciphertext,
+                        created_at: sent_at,
+                    })
+                    .collect();
+                diesel::insert_into(messages::table)
+                    .values(&rows)
+                    .execute(conn)?;
+            }
+            Ok::<_, StoreError>(results)
+        })
     };
     match attempt(conn) {
         // A concurrent writer committed one of our client_msg_ids first: now it is a duplicate.
@@ -371,12 +413,17 @@ pub fn store_batch(
     }
 }
 
-fn store_batch_once(
+/// Decides, for one room's posts, which are new (assigning their seqs from the room's
+/// counter and sealing them) and which repeat a stored or earlier `client_msg_id`.
+/// Returns every post's outcome and the new ones to insert: (index, seq, sealed body).
+#[allow(clippy::type_complexity)]
+fn plan_room(
     conn: &mut PgConnection,
     keys: &Keyring,
     room: RoomId,
     posts: &[NewPost],
-) -> Result<Vec<Stored>, StoreError> {
+    sent_at: DateTime<Utc>,
+) -> Result<(Vec<Stored>, Vec<(usize, Seq, Sealed)>), StoreError> {
     enum Plan {
         New,
         Earlier(Stored),
@@ -429,7 +476,6 @@ fn store_batch_once(
         .collect();
     let new_count = plan.iter().filter(|p| matches!(p, Plan::New)).count();
     let mut next = 0;
-    let sent_at = now_micros();
     if new_count > 0 {
         let count = i64::try_from(new_count).unwrap_or(i64::MAX);
         let last: i64 = diesel::update(rooms::table.find(room.0))
@@ -462,25 +508,7 @@ fn store_batch_once(
         };
         results.push(stored);
     }
-    if !sealed.is_empty() {
-        let rows: Vec<NewMessage> = sealed
-            .iter()
-            .map(|(i, seq, sealed)| NewMessage {
-                room_id: room.0,
-                seq: seq.0,
-                sender_id: posts[*i].sender.0,
-                client_msg_id: posts[*i].client_msg_id.as_deref(),
-                key_id: sealed.key_id,
-                nonce: &sealed.nonce,
-                ciphertext: &sealed.ciphertext,
-                created_at: sent_at,
-            })
-            .collect();
-        diesel::insert_into(messages::table)
-            .values(&rows)
-            .execute(conn)?;
-    }
-    Ok(results)
+    Ok((results, sealed))
 }
 
 /// Messages stored per key id.

@@ -1,0 +1,121 @@
+//! The Committer: group commit across rooms. Rooms send it their batches (one in flight per
+//! room); it forwards them to the DB executor at once while an executor is free, and while all
+//! are busy it gathers what arrives into one combined batch, sent when an executor frees up,
+//! when `max_messages` are waiting, or after `max_wait`. One combined batch is one transaction.
+//! Calls the DB executor ([`StoreBatches`]).
+//!
+//! Messages: [`StoreBatch`] (Room): replies when the transaction holding it has committed, or
+//! `Unavailable` when it failed (then none of its messages was stored).
+
+use actix::prelude::*;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+use crate::actors::db::{StoreBatch, StoreBatches};
+use crate::error::StoreError;
+use crate::store::models::Stored;
+
+type Reply = oneshot::Sender<Result<Vec<Stored>, StoreError>>;
+
+pub struct Committer {
+    db: Recipient<StoreBatches>,
+    executors: usize,
+    max_messages: usize,
+    max_wait: Duration,
+    waiting: Vec<(StoreBatch, Reply)>,
+    waiting_messages: usize,
+    in_flight: usize,
+    timer: Option<SpawnHandle>,
+}
+
+impl Committer {
+    pub fn new(
+        db: Recipient<StoreBatches>,
+        executors: usize,
+        max_messages: usize,
+        max_wait: Duration,
+    ) -> Self {
+        Committer {
+            db,
+            executors: executors.max(1),
+            max_messages: max_messages.max(1),
+            max_wait,
+            waiting: Vec::new(),
+            waiting_messages: 0,
+            in_flight: 0,
+            timer: None,
+        }
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if let Some(timer) = self.timer.take() {
+            ctx.cancel_future(timer);
+        }
+        if self.waiting.is_empty() {
+            return;
+        }
+        let (batches, replies): (Vec<StoreBatch>, Vec<Reply>) = self.waiting.drain(..).unzip();
+        self.waiting_messages = 0;
+        self.in_flight += 1;
+        let request = self.db.send(StoreBatches { batches });
+        ctx.spawn(request.into_actor(self).map(move |result, committer, ctx| {
+            committer.in_flight -= 1;
+            match result {
+                Ok(Ok(results)) if results.len() == replies.len() => {
+                    for (reply, stored) in replies.into_iter().zip(results) {
+                        let _ = reply.send(Ok(stored));
+                    }
+                }
+                other => {
+                    let why = match other {
+                        Ok(Ok(results)) => {
+                            format!("{} results for {} batches", results.len(), replies.len())
+                        }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    for reply in replies {
+                        let _ = reply.send(Err(StoreError::Unavailable(why.clone())));
+                    }
+                }
+            }
+            committer.maybe_flush(ctx);
+        }));
+    }
+
+    /// Sends what is waiting when an executor is free or enough has gathered; otherwise makes
+    /// sure the wait is bounded.
+    fn maybe_flush(&mut self, ctx: &mut Context<Self>) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        if self.in_flight < self.executors || self.waiting_messages >= self.max_messages {
+            self.flush(ctx);
+        } else if self.timer.is_none() {
+            self.timer = Some(ctx.run_later(self.max_wait, |committer, ctx| {
+                committer.timer = None;
+                committer.flush(ctx);
+            }));
+        }
+    }
+}
+
+impl Actor for Committer {
+    type Context = Context<Self>;
+}
+
+impl Handler<StoreBatch> for Committer {
+    type Result = ResponseFuture<Result<Vec<Stored>, StoreError>>;
+
+    fn handle(&mut self, msg: StoreBatch, ctx: &mut Context<Self>) -> Self::Result {
+        let (reply, answer) = oneshot::channel();
+        self.waiting_messages += msg.posts.len();
+        self.waiting.push((msg, reply));
+        self.maybe_flush(ctx);
+        Box::pin(async move {
+            answer
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("the committer stopped".into())))
+        })
+    }
+}
