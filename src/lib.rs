@@ -12,10 +12,12 @@
 //! - [`error`]: typed errors per area and their one mapping to protocol error codes.
 //! - [`secret`]: a string whose Debug never shows it.
 //! - [`checker`]: the history checker of fault tests and the load tool.
+//! - [`client`]: the client side of the protocol, for tests, rookery-bench and clients.
 
 pub mod actors;
 pub mod checker;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod error;

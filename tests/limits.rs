@@ -5,8 +5,8 @@
 
 mod support;
 
-use awc::error::WsClientError;
 use rookery::checker::History;
+use rookery::client::ClientError;
 use rookery::protocol::Seq;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -14,9 +14,9 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 use support::*;
 
-fn refused_with(result: Result<Client, WsClientError>, status: u16) {
+fn refused_with(result: Result<Client, ClientError>, status: u16) {
     match result {
-        Err(WsClientError::InvalidResponseStatus(got)) => assert_eq!(got.as_u16(), status),
+        Err(ClientError::Refused(got)) => assert_eq!(got, status),
         Err(other) => panic!("expected HTTP {status}, got {other:?}"),
         Ok(_) => panic!("expected HTTP {status}, the connection was accepted"),
     }
@@ -339,16 +339,15 @@ async fn sigterm_stops_the_process_gracefully() {
         .unwrap();
     let url = format!("ws://127.0.0.1:{port}/ws");
     let deadline = Instant::now() + Duration::from_secs(20);
-    let framed = loop {
-        match http_client().ws(url.as_str()).connect().await {
-            Ok((_, framed)) => break framed,
+    let mut c = loop {
+        match Client::connect_url(&url, None).await {
+            Ok(client) => break client,
             Err(_) if Instant::now() < deadline => {
                 actix_rt::time::sleep(Duration::from_millis(100)).await
             }
             Err(e) => panic!("server did not start: {e:?}"),
         }
     };
-    let mut c = Client::from_framed(framed);
     c.register("ann").await;
     c.login("ann").await;
     c.create_room("general", "public", &[]).await;

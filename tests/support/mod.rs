@@ -2,14 +2,10 @@
 //! in-process on an ephemeral port, and a WebSocket client that speaks the protocol.
 #![allow(dead_code)]
 
-use actix_codec::Framed;
-use actix_web::web::Bytes;
-use awc::ws::{self, Frame};
-use awc::BoxedSocket;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
-use futures_util::{SinkExt, StreamExt};
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use rookery::client::{ClientError, ConnectOptions, Connection as WsConnection};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::net::TcpListener;
@@ -217,10 +213,10 @@ pub fn http_client() -> awc::Client {
 
 pub const PASSWORD: &str = "password-1";
 
-/// A protocol client over a real WebSocket. Events that arrive while waiting for a reply are
-/// kept, in order, for `next_event`.
+/// A protocol client over a real WebSocket ([`rookery::client::Connection`]), with asserting
+/// helpers. Events that arrive while waiting for a reply are kept, in order, for `next_event`.
 pub struct Client {
-    framed: Framed<BoxedSocket, ws::Codec>,
+    conn: WsConnection,
     events: VecDeque<Value>,
     next_id: u64,
     pub token: Option<String>,
@@ -244,63 +240,40 @@ impl Client {
     pub async fn try_connect(
         server: &TestServer,
         origin: Option<&str>,
-    ) -> Result<Client, awc::error::WsClientError> {
-        let mut request = http_client().ws(server.ws_url()).max_frame_size(1 << 22);
-        if let Some(origin) = origin {
-            request = request.origin(origin);
-        }
-        let (_, framed) = request.connect().await?;
+    ) -> Result<Client, ClientError> {
+        Self::connect_url(&server.ws_url(), origin).await
+    }
+
+    pub async fn connect_url(url: &str, origin: Option<&str>) -> Result<Client, ClientError> {
+        let options = ConnectOptions {
+            insecure: true,
+            origin: origin.map(str::to_string),
+            ..ConnectOptions::default()
+        };
         Ok(Client {
-            framed,
+            conn: WsConnection::connect(url, &options).await?,
             events: VecDeque::new(),
             next_id: 0,
             token: None,
         })
     }
 
-    pub fn from_framed(framed: Framed<BoxedSocket, ws::Codec>) -> Client {
-        Client {
-            framed,
-            events: VecDeque::new(),
-            next_id: 0,
-            token: None,
-        }
-    }
-
     pub async fn send_text(&mut self, text: &str) {
-        self.framed
-            .send(ws::Message::Text(text.to_string().into()))
-            .await
-            .unwrap();
+        self.conn.send_text(text.to_string()).await.unwrap();
     }
 
     pub async fn send_binary(&mut self, data: &[u8]) {
-        self.framed
-            .send(ws::Message::Binary(Bytes::copy_from_slice(data)))
-            .await
-            .unwrap();
+        self.conn.send_binary(data.to_vec()).await.unwrap();
     }
 
     /// The next JSON frame, answering pings; Err on close or end of stream.
     pub async fn read(&mut self) -> Result<Value, Closed> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let frame = tokio::time::timeout_at(deadline, self.framed.next())
-                .await
-                .expect("timed out waiting for a frame");
-            match frame {
-                Some(Ok(Frame::Text(bytes))) => return Ok(serde_json::from_slice(&bytes).unwrap()),
-                Some(Ok(Frame::Ping(data))) => {
-                    let _ = self.framed.send(ws::Message::Pong(data)).await;
-                }
-                Some(Ok(Frame::Close(reason))) => {
-                    return Err(Closed::Code(
-                        reason.map(|r| u16::from(r.code)).unwrap_or(1005),
-                    ))
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => return Err(Closed::NoFrame),
-            }
+        match self.conn.recv_within(WAIT).await {
+            Ok(frame) => Ok(frame),
+            Err(ClientError::Timeout) => panic!("timed out waiting for a frame"),
+            Err(ClientError::Closed(Some(code))) => Err(Closed::Code(code)),
+            Err(ClientError::Closed(None)) => Err(Closed::Code(1005)),
+            Err(_) => Err(Closed::NoFrame),
         }
     }
 
@@ -420,7 +393,7 @@ impl Client {
 
     /// The closing handshake: send a close frame and wait for the server's.
     pub async fn close(mut self) {
-        let _ = self.framed.send(ws::Message::Close(None)).await;
+        let _ = self.conn.send_close().await;
         let _ = self.closed().await;
     }
 }

@@ -1,0 +1,202 @@
+//! The client side of docs/protocol.md, written once: a WebSocket connection that sends
+//! requests and reads replies and events as JSON, answering pings. The end-to-end tests and
+//! rookery-bench are built on it (and the terminal client will be). Owns no server state;
+//! calls only the network.
+
+use actix_codec::Framed;
+use awc::ws::{self, Frame};
+use awc::BoxedSocket;
+use futures_util::{SinkExt, StreamExt};
+use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use serde_json::{json, Value};
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("the server refused the upgrade with HTTP {0}")]
+    Refused(u16),
+    #[error("the connection closed (code {0:?})")]
+    Closed(Option<u16>),
+    #[error("websocket: {0}")]
+    Protocol(String),
+    #[error("timed out")]
+    Timeout,
+    #[error("the server sent a frame that is not JSON")]
+    NotJson,
+}
+
+/// How to connect.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Accept any certificate (the development self-signed one).
+    pub insecure: bool,
+    /// Sent as the Origin header.
+    pub origin: Option<String>,
+    /// Source address (e.g. 127.0.0.2), to spread many connections over several addresses.
+    pub local_address: Option<IpAddr>,
+    /// Largest frame accepted from the server.
+    pub max_frame_bytes: Option<usize>,
+    /// Connect and handshake timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// What the server sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// A reply (`ok` or `error`) to the request with `id`.
+    Reply { id: String, frame: Value },
+    /// An event (`message`, `joined`, ...), or a reply without an id.
+    Event(Value),
+}
+
+/// One WebSocket connection speaking the protocol.
+pub struct Connection {
+    framed: Framed<BoxedSocket, ws::Codec>,
+}
+
+/// A request frame: `{"id": id, "type": kind, ...fields}`.
+pub fn request(id: &str, kind: &str, fields: Value) -> Value {
+    let mut frame = json!({ "id": id, "type": kind });
+    if let (Value::Object(target), Value::Object(fields)) = (&mut frame, fields) {
+        target.extend(fields);
+    }
+    frame
+}
+
+fn http_client(options: &ConnectOptions) -> Result<awc::Client, ClientError> {
+    let mut ssl =
+        SslConnector::builder(SslMethod::tls()).map_err(|e| ClientError::Connect(e.to_string()))?;
+    if options.insecure {
+        ssl.set_verify(SslVerifyMode::NONE);
+    }
+    let mut connector = awc::Connector::new()
+        .openssl(ssl.build())
+        .timeout(options.timeout.unwrap_or(Duration::from_secs(10)));
+    if let Some(addr) = options.local_address {
+        connector = connector.local_address(addr);
+    }
+    Ok(awc::Client::builder()
+        .connector(connector)
+        .timeout(options.timeout.unwrap_or(Duration::from_secs(10)))
+        .finish())
+}
+
+impl Connection {
+    pub async fn connect(url: &str, options: &ConnectOptions) -> Result<Connection, ClientError> {
+        let mut request = http_client(options)?
+            .ws(url)
+            .max_frame_size(options.max_frame_bytes.unwrap_or(1 << 22));
+        if let Some(origin) = &options.origin {
+            request = request.origin(origin.as_str());
+        }
+        let (_, framed) = request.connect().await.map_err(|e| match e {
+            awc::error::WsClientError::InvalidResponseStatus(status) => {
+                ClientError::Refused(status.as_u16())
+            }
+            other => ClientError::Connect(other.to_string()),
+        })?;
+        Ok(Connection { framed })
+    }
+
+    pub async fn send_text(&mut self, text: String) -> Result<(), ClientError> {
+        self.framed
+            .send(ws::Message::Text(text.into()))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    pub async fn send_json(&mut self, frame: &Value) -> Result<(), ClientError> {
+        self.send_text(frame.to_string()).await
+    }
+
+    pub async fn send_binary(&mut self, data: Vec<u8>) -> Result<(), ClientError> {
+        self.framed
+            .send(ws::Message::Binary(data.into()))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// Starts the closing handshake.
+    pub async fn send_close(&mut self) -> Result<(), ClientError> {
+        self.framed
+            .send(ws::Message::Close(None))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// The next JSON frame from the server, answering pings on the way. A close frame is
+    /// `ClientError::Closed` with its code.
+    pub async fn recv(&mut self) -> Result<Value, ClientError> {
+        loop {
+            match self.framed.next().await {
+                Some(Ok(Frame::Text(bytes))) => {
+                    return serde_json::from_slice(&bytes).map_err(|_| ClientError::NotJson)
+                }
+                Some(Ok(Frame::Ping(data))) => {
+                    let _ = self.framed.send(ws::Message::Pong(data)).await;
+                }
+                Some(Ok(Frame::Close(reason))) => {
+                    return Err(ClientError::Closed(reason.map(|r| u16::from(r.code))))
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(ClientError::Protocol(e.to_string())),
+                None => return Err(ClientError::Closed(None)),
+            }
+        }
+    }
+
+    /// Like `recv`, sorted into replies and events.
+    pub async fn next(&mut self) -> Result<Incoming, ClientError> {
+        let frame = self.recv().await?;
+        Ok(classify(frame))
+    }
+
+    /// Like `recv`, but gives up after `limit`.
+    pub async fn recv_within(&mut self, limit: Duration) -> Result<Value, ClientError> {
+        tokio::time::timeout(limit, self.recv())
+            .await
+            .map_err(|_| ClientError::Timeout)?
+    }
+}
+
+/// Sorts a frame into a reply (it has a string id and type ok/error) or an event.
+pub fn classify(frame: Value) -> Incoming {
+    let is_reply = matches!(frame["type"].as_str(), Some("ok" | "error"));
+    match (is_reply, frame["id"].as_str()) {
+        (true, Some(id)) => Incoming::Reply {
+            id: id.to_string(),
+            frame,
+        },
+        _ => Incoming::Event(frame),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_classification() {
+        let frame = request("7", "send", json!({"room": "a", "body": "hi"}));
+        assert_eq!(
+            frame,
+            json!({"id": "7", "type": "send", "room": "a", "body": "hi"})
+        );
+        assert!(matches!(
+            classify(json!({"type": "ok", "id": "7"})),
+            Incoming::Reply { .. }
+        ));
+        assert!(matches!(
+            classify(json!({"type": "error", "id": null})),
+            Incoming::Event(_)
+        ));
+        assert!(matches!(
+            classify(json!({"type": "message", "seq": 1})),
+            Incoming::Event(_)
+        ));
+    }
+}
