@@ -329,14 +329,17 @@ impl Config {
         if !(4..=31).contains(&self.database.bcrypt_cost) {
             bad("database.bcrypt_cost", "must be 4..31".into());
         }
-        if self.database.token_ttl_hours == 0 {
-            bad("database.token_ttl_hours", "must be at least 1".into());
+        if self.database.token_ttl_hours == 0 || self.database.token_ttl_hours > 87_600 {
+            bad(
+                "database.token_ttl_hours",
+                "must be 1..87600 (ten years)".into(),
+            );
         }
         if self.rooms.history_limit == 0 || self.rooms.history_limit > 10_000 {
             bad("rooms.history_limit", "must be 1..10000".into());
         }
         if self.rooms.max_body_bytes == 0
-            || self.rooms.max_body_bytes + 1024 > self.session.max_frame_bytes
+            || self.rooms.max_body_bytes.saturating_add(1024) > self.session.max_frame_bytes
         {
             bad(
                 "rooms.max_body_bytes",

@@ -274,7 +274,10 @@ pub fn add_key(config: &Config) -> Result<(i32, PathBuf), CryptoError> {
             highest = highest.max(id);
         }
     }
-    let id = highest + 1;
+    let id = highest.checked_add(1).ok_or_else(|| CryptoError::BadKey {
+        id: highest.to_string(),
+        problem: "no key id is left above it".into(),
+    })?;
     let mut key = [0u8; KEY_LEN];
     openssl::rand::rand_bytes(&mut key)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -234,10 +234,9 @@ impl Request {
             Request::CreateRoom { room, members, .. } => {
                 check_room(room)?;
                 if members.len() > MAX_MEMBERS_PER_REQUEST {
-                    return Err(Rejection::new(
-                        ErrorCode::TooLarge,
-                        format!("at most {MAX_MEMBERS_PER_REQUEST} members per request"),
-                    ));
+                    return Err(Rejection::bad(format!(
+                        "at most {MAX_MEMBERS_PER_REQUEST} members per request"
+                    )));
                 }
                 members.iter().try_for_each(|m| check_username(m))
             }
@@ -317,7 +316,7 @@ pub fn parse_request(text: &str) -> Result<(String, Request), FrameError> {
         return Err(fail(None, "a frame must be a JSON object".into()));
     };
     let id = match object.get("id") {
-        Some(Value::String(id)) if !id.is_empty() && id.len() <= MAX_ID_LEN => id.clone(),
+        Some(Value::String(id)) if !id.is_empty() && id.chars().count() <= MAX_ID_LEN => id.clone(),
         Some(Value::String(_)) => {
             return Err(fail(None, format!("id must be 1..{MAX_ID_LEN} characters")))
         }

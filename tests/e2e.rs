@@ -1004,3 +1004,78 @@ async fn a_rotated_key_seals_new_messages_and_old_ones_still_open() {
         .unwrap();
     assert_eq!(key_ids, [1, 2]);
 }
+
+/// Logout leaves every room at once (no resume grace) and nothing queued after it runs.
+#[actix_rt::test]
+async fn logout_leaves_rooms_at_once() {
+    let server = TestServer::start_with(|c| c.session.resume_grace_ms = 60_000).await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    bob.join("general").await;
+    ann.send_text(&json!({"id": "out", "type": "logout"}).to_string())
+        .await;
+    ann.send_text(
+        &json!({"id": "late", "type": "send", "room": "general", "body": "after logout"})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(bob.next_event_of("left").await["user"], "ann");
+    let mut late = None;
+    loop {
+        match ann.read().await {
+            Ok(frame) if frame["id"] == "late" => late = Some(frame),
+            Ok(_) => {}
+            Err(Closed::Code(code)) => {
+                assert_eq!(code, 1000);
+                break;
+            }
+            Err(Closed::NoFrame) => break,
+        }
+    }
+    if let Some(late) = late {
+        assert_eq!(late["type"], "error", "{late}");
+    }
+    bob.assert_no_event("message").await;
+    assert_eq!(count_messages(&server), 0);
+}
+
+/// Joining a room again with `after` returns what was missed, and no message twice.
+#[actix_rt::test]
+async fn rejoining_with_after_repeats_nothing() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    bob.join("general").await;
+    for i in 0..30 {
+        let frame = json!({"id": format!("s{i}"), "type": "send", "room": "general", "body": format!("m{i}")});
+        ann.send_text(&frame.to_string()).await;
+        if i == 10 {
+            bob.send_text(
+                &json!({"id": "again", "type": "join", "room": "general", "after": 0}).to_string(),
+            )
+            .await;
+        }
+    }
+    let mut seqs: Vec<i64> = Vec::new();
+    let mut replied = false;
+    while seqs.last() != Some(&30) {
+        let frame = bob.read().await.unwrap();
+        if frame["id"] == "again" {
+            // Everything up to last_seq is in `missed` (bob asked from 0); then live events.
+            replied = true;
+            seqs = frame["missed"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["seq"].as_i64().unwrap())
+                .collect();
+        } else if replied && frame["type"] == "message" {
+            seqs.push(frame["seq"].as_i64().unwrap());
+        }
+    }
+    assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
+}

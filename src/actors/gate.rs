@@ -6,7 +6,8 @@
 //! Messages:
 //! - [`Admit`] (upgrade handler): may `ip` open one more connection? Counts it if so.
 //! - [`Register`] / [`Unregister`] (Session, on start / stop): track it; release its IP slot.
-//! - [`LoginAllowed`] / [`LoginFailed`] (Session, around `login`).
+//! - [`LoginAllowed`] / [`LoginFinished`] (Session, around `login`).
+//! - [`Release`] (upgrade handler): a counted connection that never became a session.
 //! - [`DrainAll`] (server, on SIGTERM/SIGINT): tell every session to finish and close with
 //!   1001; replies when all are gone or the deadline passed.
 
@@ -63,11 +64,20 @@ pub struct LoginAllowed {
     pub ip: Option<IpAddr>,
 }
 
-/// Session → Gate: a login failed with invalid credentials.
+/// Session → Gate: an allowed login attempt ended; `failed` when the credentials were wrong.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct LoginFailed {
+pub struct LoginFinished {
     pub username: String,
+    pub ip: Option<IpAddr>,
+    pub failed: bool,
+}
+
+/// Upgrade handler → Gate: give back a slot taken by [`Admit`] for a connection that never
+/// became a session.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Release {
     pub ip: Option<IpAddr>,
 }
 
@@ -84,7 +94,12 @@ pub struct Gate {
     sessions: HashMap<SessionId, Recipient<Drain>>,
     failures_by_user: HashMap<String, VecDeque<Instant>>,
     failures_by_ip: HashMap<IpAddr, VecDeque<Instant>>,
+    /// Login attempts allowed and not finished yet: they count as failures until they end,
+    /// so parallel attempts cannot get past the limit together.
+    attempts_by_user: HashMap<String, usize>,
+    attempts_by_ip: HashMap<IpAddr, usize>,
     drained: Vec<oneshot::Sender<()>>,
+    draining: bool,
 }
 
 impl Gate {
@@ -95,7 +110,21 @@ impl Gate {
             sessions: HashMap::new(),
             failures_by_user: HashMap::new(),
             failures_by_ip: HashMap::new(),
+            attempts_by_user: HashMap::new(),
+            attempts_by_ip: HashMap::new(),
             drained: Vec::new(),
+            draining: false,
+        }
+    }
+
+    fn release(&mut self, ip: Option<IpAddr>) {
+        if let Some(ip) = ip {
+            if let Some(count) = self.per_ip.get_mut(&ip) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.per_ip.remove(&ip);
+                }
+            }
         }
     }
 
@@ -125,6 +154,9 @@ impl Handler<Admit> for Gate {
     type Result = bool;
 
     fn handle(&mut self, msg: Admit, _: &mut Context<Self>) -> bool {
+        if self.draining {
+            return false;
+        }
         let Some(ip) = msg.ip else {
             return true;
         };
@@ -141,6 +173,9 @@ impl Handler<Register> for Gate {
     type Result = ();
 
     fn handle(&mut self, msg: Register, _: &mut Context<Self>) {
+        if self.draining {
+            msg.drain.do_send(Drain);
+        }
         self.sessions.insert(msg.session, msg.drain);
     }
 }
@@ -150,19 +185,20 @@ impl Handler<Unregister> for Gate {
 
     fn handle(&mut self, msg: Unregister, _: &mut Context<Self>) {
         self.sessions.remove(&msg.session);
-        if let Some(ip) = msg.ip {
-            if let Some(count) = self.per_ip.get_mut(&ip) {
-                *count = count.saturating_sub(1);
-                if *count == 0 {
-                    self.per_ip.remove(&ip);
-                }
-            }
-        }
+        self.release(msg.ip);
         if self.sessions.is_empty() {
             for done in self.drained.drain(..) {
                 let _ = done.send(());
             }
         }
+    }
+}
+
+impl Handler<Release> for Gate {
+    type Result = ();
+
+    fn handle(&mut self, msg: Release, _: &mut Context<Self>) {
+        self.release(msg.ip);
     }
 }
 
@@ -175,27 +211,61 @@ impl Handler<LoginAllowed> for Gate {
             .failures_by_user
             .get_mut(&msg.username)
             .map(|w| Gate::recent(w, span))
-            .unwrap_or(0);
+            .unwrap_or(0)
+            + self
+                .attempts_by_user
+                .get(&msg.username)
+                .copied()
+                .unwrap_or(0);
         let by_ip = msg
             .ip
-            .and_then(|ip| self.failures_by_ip.get_mut(&ip))
-            .map(|w| Gate::recent(w, span))
+            .map(|ip| {
+                self.failures_by_ip
+                    .get_mut(&ip)
+                    .map(|w| Gate::recent(w, span))
+                    .unwrap_or(0)
+                    + self.attempts_by_ip.get(&ip).copied().unwrap_or(0)
+            })
             .unwrap_or(0);
-        by_user < self.settings.failed_logins_per_user && by_ip < self.settings.failed_logins_per_ip
+        let allowed = by_user < self.settings.failed_logins_per_user
+            && by_ip < self.settings.failed_logins_per_ip;
+        if allowed {
+            *self.attempts_by_user.entry(msg.username).or_default() += 1;
+            if let Some(ip) = msg.ip {
+                *self.attempts_by_ip.entry(ip).or_default() += 1;
+            }
+        }
+        allowed
     }
 }
 
-impl Handler<LoginFailed> for Gate {
+impl Handler<LoginFinished> for Gate {
     type Result = ();
 
-    fn handle(&mut self, msg: LoginFailed, _: &mut Context<Self>) {
-        let now = Instant::now();
-        self.failures_by_user
-            .entry(msg.username)
-            .or_default()
-            .push_back(now);
+    fn handle(&mut self, msg: LoginFinished, _: &mut Context<Self>) {
+        if let Some(n) = self.attempts_by_user.get_mut(&msg.username) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.attempts_by_user.remove(&msg.username);
+            }
+        }
         if let Some(ip) = msg.ip {
-            self.failures_by_ip.entry(ip).or_default().push_back(now);
+            if let Some(n) = self.attempts_by_ip.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.attempts_by_ip.remove(&ip);
+                }
+            }
+        }
+        if msg.failed {
+            let now = Instant::now();
+            self.failures_by_user
+                .entry(msg.username)
+                .or_default()
+                .push_back(now);
+            if let Some(ip) = msg.ip {
+                self.failures_by_ip.entry(ip).or_default().push_back(now);
+            }
         }
     }
 }
@@ -204,6 +274,7 @@ impl Handler<DrainAll> for Gate {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, msg: DrainAll, _: &mut Context<Self>) -> Self::Result {
+        self.draining = true;
         log::info!("draining {} session(s)", self.sessions.len());
         for session in self.sessions.values() {
             session.do_send(Drain);

@@ -45,7 +45,12 @@ pub const MAX_MISSED: usize = 1000;
 #[rtype(result = "()")]
 pub enum Deliver {
     /// An event frame of `room` to write as is; the bytes are shared with every other recipient.
-    Frame { room: Arc<str>, frame: ByteString },
+    /// `seq` is set for `message` events.
+    Frame {
+        room: Arc<str>,
+        seq: Option<Seq>,
+        frame: ByteString,
+    },
     /// The session fell too far behind in `room` and was removed from it.
     Evicted { room: String },
 }
@@ -199,6 +204,8 @@ pub struct Room {
     /// Committed messages that wait for an earlier seq to be loaded (see `fill_gap`).
     waiting: BTreeMap<Seq, MessageView>,
     filling_gap: bool,
+    /// A seq known to be stored (a retry's original) that must be delivered.
+    gap_target: Option<Seq>,
     /// Posts waiting for the batch in flight; they go together in the next one.
     queue: VecDeque<Pending>,
     /// The replies of the batch in flight, taken by the timeout if the commit is slow.
@@ -243,6 +250,7 @@ impl Room {
             settings: settings.clone(),
             waiting: BTreeMap::new(),
             filling_gap: false,
+            gap_target: None,
             queue: VecDeque::new(),
             in_flight: None,
             batches: 0,
@@ -276,6 +284,10 @@ impl Room {
     /// Sends `frame` to every attached session except `except`. A closed session is detached
     /// (it may come back within the grace); one whose queue is full is evicted.
     fn broadcast(&mut self, frame: &ByteString, except: Option<SessionId>) {
+        self.broadcast_seq(frame, None, except);
+    }
+
+    fn broadcast_seq(&mut self, frame: &ByteString, seq: Option<Seq>, except: Option<SessionId>) {
         let mut evicted = Vec::new();
         for (id, member) in self.sessions.iter_mut() {
             if Some(*id) == except || member.detached_at.is_some() {
@@ -283,6 +295,7 @@ impl Room {
             }
             let msg = Deliver::Frame {
                 room: self.name.clone(),
+                seq,
                 frame: frame.clone(),
             };
             match member.deliver.try_send(msg) {
@@ -353,8 +366,14 @@ impl Room {
         Some(member)
     }
 
-    /// Removes the sessions whose resume grace has passed.
+    /// Removes the sessions whose resume grace has passed. A session whose actor is gone
+    /// without having said so counts as detached from now.
     fn expire_detached(&mut self) {
+        for member in self.sessions.values_mut() {
+            if member.detached_at.is_none() && !member.deliver.connected() {
+                member.detached_at = Some(Instant::now());
+            }
+        }
         let grace = self.settings.resume_grace;
         let expired: Vec<SessionId> = self
             .sessions
@@ -384,7 +403,7 @@ impl Room {
         while let Some(view) = self.waiting.remove(&self.delivered.next()) {
             self.delivered = view.seq;
             let frame = self.frame(Event::Message(&view));
-            self.broadcast(&frame, None);
+            self.broadcast_seq(&frame, Some(view.seq), None);
             self.recent.push_back(view);
             if self.recent.len() > self.policy.history_limit {
                 self.recent.pop_front();
@@ -392,50 +411,56 @@ impl Room {
         }
     }
 
-    /// Loads the messages between the last delivered seq and the first waiting one.
+    /// Loads from the store, oldest first, every message between the last delivered seq and
+    /// the first waiting one (or `gap_target`), delivering as it goes. A seq the store does not
+    /// have was never committed and is skipped; a failed load is retried.
     fn fill_gap(&mut self, ctx: &mut Context<Self>) {
-        let Some(first_waiting) = self.waiting.keys().next().copied() else {
-            return;
-        };
         if self.filling_gap {
             return;
         }
+        let first_waiting = self.waiting.keys().next().map(|s| s.0).unwrap_or(0);
+        let target = self.gap_target.map(|s| s.0 + 1).unwrap_or(0);
+        let end = first_waiting.max(target);
+        let from = self.delivered.next();
+        if end <= from.0 {
+            self.gap_target = None;
+            self.deliver_waiting();
+            return;
+        }
         self.filling_gap = true;
-        let missing = usize::try_from(first_waiting.0 - self.delivered.0 - 1).unwrap_or(0);
+        let before = Seq(end.min(from.0 + MAX_MISSED as i64));
         let request = self.store.history.send(LoadHistory {
             room: self.record.clone(),
-            before: Some(first_waiting),
-            limit: missing.min(MAX_MISSED),
+            before: Some(before),
+            limit: usize::try_from(before.0 - from.0).unwrap_or(0),
         });
-        ctx.spawn(request.into_actor(self).map(|result, room, ctx| {
+        ctx.spawn(request.into_actor(self).map(move |result, room, ctx| {
             room.filling_gap = false;
-            match result {
-                Ok(Ok(page)) => {
-                    for view in page.messages {
-                        if view.seq > room.delivered {
-                            room.waiting.insert(view.seq, view);
-                        }
-                    }
-                    room.deliver_waiting();
-                    if !room.waiting.is_empty() {
-                        // Still a hole: seqs were lost for good (never committed). Skip past it.
-                        if let Some(next) = room.waiting.keys().next().copied() {
-                            log::warn!(
-                                "room {}: seqs {}..{} are missing from the store",
-                                room.record.name,
-                                room.delivered.next(),
-                                next
-                            );
-                            room.delivered = Seq(next.0 - 1);
-                            room.recent.clear();
-                            room.deliver_waiting();
-                        }
-                    }
+            let Ok(Ok(page)) = result else {
+                log::warn!("room {}: could not load a gap; retrying", room.record.name);
+                ctx.run_later(Duration::from_millis(200), |room, ctx| room.fill_gap(ctx));
+                return;
+            };
+            let found_from = page.messages.iter().any(|m| m.seq == from);
+            for view in page.messages {
+                if view.seq > room.delivered {
+                    room.waiting.insert(view.seq, view);
                 }
-                _ => {
-                    log::warn!("room {}: could not load a gap; retrying", room.record.name);
-                    ctx.run_later(Duration::from_millis(200), |room, ctx| room.fill_gap(ctx));
-                }
+            }
+            if !found_from && room.delivered.next() == from {
+                log::warn!(
+                    "room {}: seq {from} is not in the store; skipping it",
+                    room.record.name
+                );
+                room.delivered = from;
+                room.recent.clear();
+            }
+            room.deliver_waiting();
+            if room.gap_target.is_some_and(|t| t <= room.delivered) {
+                room.gap_target = None;
+            }
+            if !room.waiting.is_empty() || room.gap_target.is_some() {
+                room.fill_gap(ctx);
             }
         }));
     }
@@ -541,27 +566,8 @@ impl Room {
 
     /// Makes sure everything up to `seq` is delivered, loading it from the store.
     fn fill_gap_upto(&mut self, seq: Seq, ctx: &mut Context<Self>) {
-        if self.waiting.is_empty() {
-            // A placeholder just past `seq` makes `fill_gap` load up to and including it.
-            let request = self.store.history.send(LoadHistory {
-                room: self.record.clone(),
-                before: Some(seq.next()),
-                limit: usize::try_from(seq.0 - self.delivered.0)
-                    .unwrap_or(0)
-                    .min(MAX_MISSED),
-            });
-            self.filling_gap = true;
-            ctx.spawn(request.into_actor(self).map(|result, room, ctx| {
-                room.filling_gap = false;
-                if let Ok(Ok(page)) = result {
-                    for view in page.messages {
-                        room.committed(view, ctx);
-                    }
-                }
-            }));
-        } else {
-            self.fill_gap(ctx);
-        }
+        self.gap_target = Some(self.gap_target.map_or(seq, |t| t.max(seq)));
+        self.fill_gap(ctx);
     }
 
     /// Fails queued posts that waited longer than the store timeout (they were never sent).
@@ -652,21 +658,30 @@ impl Actor for Room {
 }
 
 impl Handler<Join> for Room {
-    type Result = ResponseFuture<Result<JoinedRoom, RoomError>>;
+    type Result = ResponseActFuture<Self, Result<JoinedRoom, RoomError>>;
 
     fn handle(&mut self, msg: Join, _: &mut Context<Self>) -> Self::Result {
         if !self.policy.admits(msg.user.id) {
-            return Box::pin(async {
-                Err(RoomError::Forbidden("this private room is not open to you"))
-            });
+            return Box::pin(fut::ready(Err(RoomError::Forbidden(
+                "this private room is not open to you",
+            ))));
         }
         self.last_active = Instant::now();
-        let swapped = msg
-            .replaces
-            .and_then(|old| self.sessions.remove(&old))
-            .filter(|old| old.user.id == msg.user.id);
-        match swapped {
-            Some(_) => {
+        let replaced = msg.replaces.filter(|old| {
+            self.sessions
+                .get(old)
+                .is_some_and(|m| m.user.id == msg.user.id)
+        });
+        if msg.replaces.is_some() && replaced.is_none() {
+            // The session to take over has already left (its grace passed): nothing to restore.
+            return Box::pin(fut::ready(Err(RoomError::Forbidden(
+                "the session to resume is gone",
+            ))));
+        }
+        let session = msg.session;
+        match replaced {
+            Some(old) => {
+                self.sessions.remove(&old);
                 self.sessions.insert(
                     msg.session,
                     Member {
@@ -688,29 +703,40 @@ impl Handler<Join> for Room {
             truncated: false,
         };
         let Some(after) = msg.after else {
-            return Box::pin(async move { Ok(joined) });
+            return Box::pin(fut::ready(Ok(joined)));
         };
         let wanted = usize::try_from(last_seq.0 - after.0.min(last_seq.0)).unwrap_or(0);
         joined.truncated = wanted > MAX_MISSED;
         let limit = wanted.min(MAX_MISSED);
         if limit == 0 {
             joined.missed = Some(Vec::new());
-            return Box::pin(async move { Ok(joined) });
+            return Box::pin(fut::ready(Ok(joined)));
         }
         if let Some(page) = self.page_from_recent(Some(last_seq.next()), limit) {
             joined.missed = Some(page.messages);
-            return Box::pin(async move { Ok(joined) });
+            return Box::pin(fut::ready(Ok(joined)));
         }
         let request = self.store.history.send(LoadHistory {
             room: self.record.clone(),
             before: Some(last_seq.next()),
             limit,
         });
-        Box::pin(async move {
-            let page = request.await.map_err(|_| RoomError::Gone)??;
-            joined.missed = Some(page.messages);
-            Ok(joined)
-        })
+        Box::pin(request.into_actor(self).map(move |result, room, _| {
+            match result {
+                Ok(Ok(page)) => {
+                    joined.missed = Some(page.messages);
+                    Ok(joined)
+                }
+                // The join fails as a whole: the session is not left half-joined.
+                failed => {
+                    room.remove_session(session);
+                    Err(match failed {
+                        Ok(Err(e)) => RoomError::Store(e),
+                        _ => RoomError::Gone,
+                    })
+                }
+            }
+        }))
     }
 }
 

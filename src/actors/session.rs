@@ -18,7 +18,7 @@ use crate::actors::db::{
     RevokeToken, TokenHash,
 };
 use crate::actors::directory::{Directory, OpenRoom, Park, Reclaim};
-use crate::actors::gate::{Drain, Gate, LoginAllowed, LoginFailed, Register, Unregister};
+use crate::actors::gate::{Drain, Gate, LoginAllowed, LoginFinished, Register, Unregister};
 use crate::actors::hasher::HasherHandle;
 use crate::actors::presence::{PresenceHandle, SessionClosed, SessionOpened};
 use crate::actors::room::{
@@ -26,7 +26,7 @@ use crate::actors::room::{
 };
 use crate::error::StoreError;
 use crate::error::{Error, RoomError};
-use crate::protocol::{self, ErrorCode, Rejection, Request};
+use crate::protocol::{self, ErrorCode, Rejection, Request, Seq};
 use crate::store::models::UserRecord;
 use crate::transport::ws::OutboundMeter;
 use crate::transport::ws::{self, Close, WsContext};
@@ -90,7 +90,7 @@ pub struct Session {
     closed_cleanly: bool,
     /// Rooms whose join reply has not been written yet, with the events that arrived for them
     /// meanwhile: they are written after the reply, so `missed` always comes before live events.
-    joining: HashMap<String, Vec<bytestring::ByteString>>,
+    joining: HashMap<String, Vec<(Option<Seq>, bytestring::ByteString)>>,
     /// Requests answered asynchronously and not yet replied to.
     in_flight: usize,
     /// Whether one of them changes the session, so that later requests must wait.
@@ -138,19 +138,26 @@ impl Session {
     /// Writes a frame, unless the client has stopped reading: a connection whose unread bytes
     /// pass the limit is cut off with 1013 (it stays joined for the grace, to resume).
     fn write(&mut self, ctx: &mut WsContext, frame: impl Into<bytestring::ByteString>) {
-        if self.outbound.backlog() > self.settings.outbound_limit_bytes {
-            if self.close_reason.is_none() {
-                log::warn!(
-                    "session {} from {}: too slow a reader, cut off",
-                    self.id.0,
-                    self.peer
-                );
-                self.on_close_reason("slow reader");
-                ws::close(ctx, Close::TryAgainLater, "too slow; reconnect and resume");
-            }
-            return;
+        if self.check_backlog(ctx) {
+            ws::send_text(ctx, &self.outbound, frame);
         }
-        ws::send_text(ctx, &self.outbound, frame);
+    }
+
+    /// False (and the connection cut off with 1013) when the client has too much unread.
+    pub fn check_backlog(&mut self, ctx: &mut WsContext) -> bool {
+        if self.outbound.backlog() <= self.settings.outbound_limit_bytes {
+            return true;
+        }
+        if self.close_reason.is_none() {
+            log::warn!(
+                "session {} from {}: too slow a reader, cut off",
+                self.id.0,
+                self.peer
+            );
+            self.on_close_reason("slow reader");
+            ws::close(ctx, Close::TryAgainLater, "too slow; reconnect and resume");
+        }
+        false
     }
 
     /// Takes one request token; false when the connection is over its rate.
@@ -168,6 +175,18 @@ impl Session {
         }
     }
 
+    fn logged_out(&mut self) {
+        if let Some(user) = self.user.take() {
+            self.services.presence.closed.do_send(SessionClosed {
+                user: user.record.id,
+            });
+        }
+        for (_, room) in self.rooms.drain() {
+            room.do_send(Leave { session: self.id });
+        }
+        self.waiting.clear();
+    }
+
     /// The client sent a close frame: leave rooms at once.
     pub fn on_client_close(&mut self) {
         self.closed_cleanly = true;
@@ -178,11 +197,20 @@ impl Session {
         self.joining.entry(room.to_string()).or_default();
     }
 
-    /// Writes the events held back while `room` was joining.
-    fn finish_joining(&mut self, room: &str, ctx: &mut WsContext) {
-        for frame in self.joining.remove(room).unwrap_or_default() {
-            self.write(ctx, frame);
+    /// Writes the events held back while `room` was joining, except messages the join reply
+    /// already covered (seq <= `covered`): each message reaches the client once.
+    fn finish_joining(&mut self, room: &str, covered: Option<Seq>, ctx: &mut WsContext) {
+        let joined = self.rooms.contains_key(room);
+        for (seq, frame) in self.joining.remove(room).unwrap_or_default() {
+            let repeat = matches!((seq, covered), (Some(seq), Some(covered)) if seq <= covered);
+            if joined && !repeat {
+                self.write(ctx, frame);
+            }
         }
+    }
+
+    pub fn outbound(&self) -> &OutboundMeter {
+        &self.outbound
     }
 
     pub fn on_activity(&mut self) {
@@ -427,22 +455,32 @@ impl Session {
                         )
                         .into());
                     }
-                    let found = db
-                        .send(FindLogin {
-                            username: username.clone(),
-                        })
-                        .await??;
-                    let (user, hash) = match found {
-                        Some((user, hash)) => (Some(user), Some(hash)),
-                        None => (None, None),
-                    };
-                    let verified = hasher.verify(password, hash).await?;
-                    let Some(user) = user.filter(|_| verified) else {
-                        gate.do_send(LoginFailed { username, ip });
-                        return Err(StoreError::InvalidCredentials.into());
-                    };
-                    let token = db.send(IssueToken { user: user.id }).await??;
-                    Ok((user, token))
+                    let attempt = async {
+                        let found = db
+                            .send(FindLogin {
+                                username: username.clone(),
+                            })
+                            .await??;
+                        let (user, hash) = match found {
+                            Some((user, hash)) => (Some(user), Some(hash)),
+                            None => (None, None),
+                        };
+                        let verified = hasher.verify(password, hash).await?;
+                        let user = user
+                            .filter(|_| verified)
+                            .ok_or(Error::Store(StoreError::InvalidCredentials))?;
+                        let token = db.send(IssueToken { user: user.id }).await??;
+                        Ok::<_, Error>((user, token))
+                    }
+                    .await;
+                    let failed =
+                        matches!(attempt, Err(Error::Store(StoreError::InvalidCredentials)));
+                    gate.do_send(LoginFinished {
+                        username,
+                        ip,
+                        failed,
+                    });
+                    attempt
                 };
                 let work = work
                     .into_actor(self)
@@ -521,7 +559,7 @@ impl Session {
                     // Events held while restoring go out right after the reply.
                     ctx.run_later(Duration::ZERO, move |session, ctx| {
                         for name in names {
-                            session.finish_joining(&name, ctx);
+                            session.finish_joining(&name, None, ctx);
                         }
                     });
                     Ok(json!({ "user": user_json(&user), "rooms": rooms }))
@@ -541,6 +579,9 @@ impl Session {
                     work.into_actor(self)
                         .map(|result: Result<Value, Error>, session, ctx| {
                             if result.is_ok() {
+                                // Leave at once, and let nothing queued after it run as this user.
+                                session.closed_cleanly = true;
+                                session.logged_out();
                                 session.on_close_reason("logout");
                                 ctx.run_later(Duration::ZERO, |_, ctx| {
                                     ws::close(ctx, Close::Normal, "logged out")
@@ -611,12 +652,20 @@ impl Session {
                 let name = room.clone();
                 let work = async move { ask_room(&directory, &room, join).await };
                 let work = work.into_actor(self).map(move |result, session, ctx| {
-                    let reply = result.map(|(addr, joined)| {
-                        session.rooms.insert(joined.name.clone(), addr);
-                        join_json(joined)
-                    });
+                    let mut covered = None;
+                    let reply = match result {
+                        Ok((addr, joined)) => {
+                            session.rooms.insert(joined.name.clone(), addr);
+                            covered = joined.missed.is_some().then_some(joined.last_seq);
+                            Ok(join_json(joined))
+                        }
+                        Err(e) => {
+                            session.rooms.remove(&name);
+                            Err(e)
+                        }
+                    };
                     ctx.run_later(Duration::ZERO, move |session, ctx| {
-                        session.finish_joining(&name, ctx)
+                        session.finish_joining(&name, covered, ctx)
                     });
                     reply
                 });
@@ -783,7 +832,7 @@ impl Actor for Session {
                 session.on_close_reason("heartbeat timeout");
                 ws::close(ctx, Close::Normal, "heartbeat timeout");
             } else {
-                ws::ping(ctx);
+                ws::ping(ctx, &session.outbound);
             }
         });
     }
@@ -803,6 +852,16 @@ impl Actor for Session {
                 room.do_send(Leave { session: self.id });
             }
             names.push(name);
+        }
+        // Rooms whose join was still in flight: the room may have added this session already.
+        for (name, _) in self.joining.drain() {
+            let directory = self.services.directory.clone();
+            let session = self.id;
+            actix::spawn(async move {
+                if let Ok(Ok(room)) = directory.send(OpenRoom { name }).await {
+                    room.do_send(Leave { session });
+                }
+            });
         }
         if let (true, Some(token)) = (park, token) {
             self.services.directory.do_send(Park {
@@ -836,9 +895,11 @@ impl Handler<Deliver> for Session {
 
     fn handle(&mut self, msg: Deliver, ctx: &mut WsContext) {
         match msg {
-            Deliver::Frame { room, frame } => match self.joining.get_mut(&*room) {
-                Some(held) => held.push(frame),
-                None => self.write(ctx, frame),
+            Deliver::Frame { room, seq, frame } => match self.joining.get_mut(&*room) {
+                Some(held) => held.push((seq, frame)),
+                // Frames still in flight after a `leave` are not for this client any more.
+                None if self.rooms.contains_key(&*room) => self.write(ctx, frame),
+                None => {}
             },
             Deliver::Evicted { .. } => {
                 self.on_close_reason("outbound queue full");

@@ -174,11 +174,14 @@ pub fn insert_token(
     ttl: Duration,
 ) -> Result<(), StoreError> {
     let ttl = TimeDelta::from_std(ttl).unwrap_or(TimeDelta::days(30));
+    let expires = Utc::now()
+        .checked_add_signed(ttl)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC);
     diesel::insert_into(session_tokens::table)
         .values((
             session_tokens::user_id.eq(user.0),
             session_tokens::token_hash.eq(token_hash),
-            session_tokens::expires_at.eq(Utc::now() + ttl),
+            session_tokens::expires_at.eq(expires),
         ))
         .execute(conn)?;
     Ok(())

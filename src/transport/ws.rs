@@ -153,6 +153,12 @@ pub async fn upgrade(
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|| "unknown".into());
+    // Give the slot back if this request ends (or its client goes) before a session exists.
+    let slot = AdmitSlot {
+        gate: state.services.gate.clone(),
+        ip,
+        armed: true,
+    };
     let meter = OutboundMeter::default();
     let session = Session::new(
         peer,
@@ -165,32 +171,60 @@ pub async fn upgrade(
         .frame_size(state.sessions.max_frame_bytes)
         .start();
     match response {
-        Ok(response) => Ok(response.map_body(|_, body| {
+        Ok(response) => Ok(slot.taken(response).map_body(|_, body| {
             BoxBody::new(MeteredBody {
                 inner: body,
                 taken: meter.taken.clone(),
             })
         })),
-        Err(e) => {
-            state
-                .services
-                .gate
-                .do_send(crate::actors::gate::Unregister {
-                    session: crate::actors::session::SessionId(0),
-                    ip,
-                });
-            Err(e)
+        Err(e) => Err(e),
+    }
+}
+
+/// A connection slot counted by the gate. It is given back on drop unless a session took it
+/// over (the session gives it back when it stops).
+struct AdmitSlot {
+    gate: actix::Addr<crate::actors::gate::Gate>,
+    ip: Option<std::net::IpAddr>,
+    armed: bool,
+}
+
+impl AdmitSlot {
+    fn taken<T>(mut self, by: T) -> T {
+        self.armed = false;
+        by
+    }
+}
+
+impl Drop for AdmitSlot {
+    fn drop(&mut self) {
+        if self.armed {
+            self.gate
+                .do_send(crate::actors::gate::Release { ip: self.ip });
         }
     }
 }
 
+/// Bytes a frame with `payload` bytes takes on the wire (server frames are not masked).
+fn wire_len(payload: usize) -> usize {
+    payload
+        + match payload {
+            0..=125 => 2,
+            126..=65535 => 4,
+            _ => 10,
+        }
+}
+
 pub fn send_text(ctx: &mut WsContext, meter: &OutboundMeter, frame: impl Into<ByteString>) {
     let frame = frame.into();
-    meter.queued.fetch_add(frame.len(), Ordering::Relaxed);
+    meter
+        .queued
+        .fetch_add(wire_len(frame.len()), Ordering::Relaxed);
     ctx.text(frame);
 }
 
-pub fn ping(ctx: &mut WsContext) {
+pub fn ping(ctx: &mut WsContext, meter: &OutboundMeter) {
+    meter.queued.fetch_add(wire_len(0), Ordering::Relaxed);
     ctx.ping(b"");
 }
 
@@ -234,7 +268,13 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
                 };
                 self.on_fragment(first_text, &data, last, ctx);
             }
-            ws::Message::Ping(data) => ctx.pong(&data),
+            ws::Message::Ping(data) => {
+                self.outbound()
+                    .queued
+                    .fetch_add(wire_len(data.len()), Ordering::Relaxed);
+                ctx.pong(&data);
+                self.check_backlog(ctx);
+            }
             ws::Message::Pong(_) | ws::Message::Nop => {}
             ws::Message::Close(reason) => {
                 self.on_client_close();
@@ -248,4 +288,46 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
         self.on_close_reason("connection lost");
         ctx.stop();
     }
+}
+
+/// The bench's baseline: the smallest WebSocket echo server on the same stack (actix-web,
+/// actix-web-actors), plain ws, no parsing and no storage.
+struct Echo;
+
+impl actix::Actor for Echo {
+    type Context = ws::WebsocketContext<Echo>;
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Echo {
+    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        match item {
+            Ok(ws::Message::Text(text)) => ctx.text(text),
+            Ok(ws::Message::Binary(data)) => ctx.binary(data),
+            Ok(ws::Message::Ping(data)) => ctx.pong(&data),
+            Ok(ws::Message::Close(reason)) => {
+                ctx.close(reason);
+                ctx.stop();
+            }
+            Ok(_) => {}
+            Err(_) => ctx.stop(),
+        }
+    }
+}
+
+async fn echo_route(
+    req: HttpRequest,
+    stream: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    ws::start(Echo, &req, stream)
+}
+
+/// Runs the echo server on `bind` until interrupted.
+pub fn run_echo_server(bind: &str) -> std::io::Result<()> {
+    let bind = bind.to_string();
+    actix::System::new().block_on(async move {
+        actix_web::HttpServer::new(|| actix_web::App::new().route("/", web::get().to(echo_route)))
+            .bind(bind)?
+            .run()
+            .await
+    })
 }
