@@ -67,6 +67,40 @@ pub fn request(id: &str, kind: &str, fields: Value) -> Value {
     frame
 }
 
+/// Opens connections with one set of options. Build it once and reuse it: setting up TLS
+/// (loading the trust store) costs far more than a connection.
+#[derive(Clone)]
+pub struct Connector {
+    client: awc::Client,
+    options: ConnectOptions,
+}
+
+impl Connector {
+    pub fn new(options: &ConnectOptions) -> Result<Connector, ClientError> {
+        Ok(Connector {
+            client: http_client(options)?,
+            options: options.clone(),
+        })
+    }
+
+    pub async fn connect(&self, url: &str) -> Result<Connection, ClientError> {
+        let mut request = self
+            .client
+            .ws(url)
+            .max_frame_size(self.options.max_frame_bytes.unwrap_or(1 << 22));
+        if let Some(origin) = &self.options.origin {
+            request = request.origin(origin.as_str());
+        }
+        let (_, framed) = request.connect().await.map_err(|e| match e {
+            awc::error::WsClientError::InvalidResponseStatus(status) => {
+                ClientError::Refused(status.as_u16())
+            }
+            other => ClientError::Connect(other.to_string()),
+        })?;
+        Ok(Connection { framed })
+    }
+}
+
 fn http_client(options: &ConnectOptions) -> Result<awc::Client, ClientError> {
     let mut ssl =
         SslConnector::builder(SslMethod::tls()).map_err(|e| ClientError::Connect(e.to_string()))?;
@@ -74,6 +108,7 @@ fn http_client(options: &ConnectOptions) -> Result<awc::Client, ClientError> {
         ssl.set_verify(SslVerifyMode::NONE);
     }
     let mut connector = awc::Connector::new()
+        .limit(0)
         .openssl(ssl.build())
         .timeout(options.timeout.unwrap_or(Duration::from_secs(10)));
     if let Some(addr) = options.local_address {
@@ -86,20 +121,9 @@ fn http_client(options: &ConnectOptions) -> Result<awc::Client, ClientError> {
 }
 
 impl Connection {
+    /// One connection; for many, build a [`Connector`] once.
     pub async fn connect(url: &str, options: &ConnectOptions) -> Result<Connection, ClientError> {
-        let mut request = http_client(options)?
-            .ws(url)
-            .max_frame_size(options.max_frame_bytes.unwrap_or(1 << 22));
-        if let Some(origin) = &options.origin {
-            request = request.origin(origin.as_str());
-        }
-        let (_, framed) = request.connect().await.map_err(|e| match e {
-            awc::error::WsClientError::InvalidResponseStatus(status) => {
-                ClientError::Refused(status.as_u16())
-            }
-            other => ClientError::Connect(other.to_string()),
-        })?;
-        Ok(Connection { framed })
+        Connector::new(options)?.connect(url).await
     }
 
     pub async fn send_text(&mut self, text: String) -> Result<(), ClientError> {

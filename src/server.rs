@@ -192,6 +192,8 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
             .route("/healthz", web::get().to(healthz))
     })
     .max_connections(config.server.max_connections_per_worker)
+    // Small frames must not wait for Nagle's algorithm (40 ms with delayed ACKs).
+    .tcp_nodelay(true)
     .client_request_timeout(ms(config.server.request_timeout_ms))
     .client_disconnect_timeout(ms(config.server.disconnect_timeout_ms))
     .keep_alive(ms(config.server.keep_alive_ms))

@@ -394,3 +394,33 @@ async fn recovery_survives_a_restart() {
         .collect();
     assert_eq!(bodies, ["b 0", "b 1", "b 2", "b 3"]);
 }
+
+/// A resume that arrives before the server has noticed that the old connection is gone (or
+/// while it is still open) takes its place at once: the old one is closed, the rooms are
+/// restored, and the others see no flap.
+#[actix_rt::test]
+async fn resume_takes_over_a_session_that_still_looks_alive() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    let mut bob = server.user("bob").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    bob.join("general").await;
+    ann.send("general", "one").await;
+    let token = ann.token.clone().unwrap();
+
+    let mut ann2 = server.connect().await;
+    let reply = ann2.ok(json!({"type": "resume", "token": token})).await;
+    assert_eq!(reply["rooms"], json!([{"name": "general", "last_seq": 1}]));
+    assert_eq!(ann.closed().await, 1000, "the old connection is closed");
+    bob.send("general", "two").await;
+    assert_eq!(ann2.next_event_of("message").await["seq"], 2);
+    ann2.send("general", "three").await;
+    bob.ok(json!({"type": "ping"})).await;
+    let flaps: Vec<Value> = bob
+        .take_events()
+        .into_iter()
+        .filter(|e| e["type"] == "left" || e["type"] == "joined")
+        .collect();
+    assert!(flaps.is_empty(), "bob saw {flaps:?}");
+}

@@ -10,7 +10,9 @@
 //! - [`OpenRoom`] (Session): the room's actor; `NotFound` when no such room exists.
 //! - [`RoomIdle`] (Room): ask it to stop, and forget it if it does.
 //! - [`Park`] (Session, when its connection drops): remember its rooms for the grace.
-//! - [`Reclaim`] (Session, `resume`): the parked session of a token and its rooms, once.
+//! - [`Reclaim`] (Session, `resume`): the parked session of a token and its rooms, once; a
+//!   session still live with that token is asked to [`Yield`] first.
+//! - [`Track`] / [`Untrack`] (Session): which live session holds which token.
 
 use actix::prelude::*;
 use std::collections::HashMap;
@@ -56,6 +58,33 @@ pub struct Parked {
     at: Instant,
 }
 
+/// Session → Directory: this session now holds `token` (after login or resume).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Track {
+    pub token: TokenHash,
+    pub session: SessionId,
+    pub yield_to: Recipient<Yield>,
+}
+
+/// Session → Directory: this session ended without parking (clean close, logout).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Untrack {
+    pub token: TokenHash,
+    pub session: SessionId,
+}
+
+/// Directory → Session: a `resume` with your token arrived on another connection. A session
+/// joined to rooms closes without leaving them and parks, so that the resume takes its place,
+/// and replies true; one without rooms has nothing to hand over, stays, and replies false.
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct Yield;
+
+/// How long a resume waits for a live session to hand over.
+const HANDOVER: Duration = Duration::from_secs(2);
+
 type Waiter = oneshot::Sender<Result<Addr<Room>, RoomError>>;
 
 enum Entry {
@@ -67,6 +96,11 @@ enum Entry {
 pub struct Directory {
     rooms: HashMap<String, Entry>,
     parked: HashMap<TokenHash, Parked>,
+    /// The live session using each token, so that a `resume` can take its place even before
+    /// the server has noticed that its connection is gone.
+    live: HashMap<TokenHash, (SessionId, Recipient<Yield>)>,
+    /// Resumes waiting for a live session to yield and park.
+    reclaiming: HashMap<TokenHash, oneshot::Sender<Option<Parked>>>,
     load: Recipient<LoadRoom>,
     store: StoreHandle,
     presence: PresenceHandle,
@@ -83,6 +117,8 @@ impl Directory {
         Directory {
             rooms: HashMap::new(),
             parked: HashMap::new(),
+            live: HashMap::new(),
+            reclaiming: HashMap::new(),
             load,
             store,
             presence,
@@ -165,24 +201,84 @@ impl Handler<Park> for Directory {
     type Result = ();
 
     fn handle(&mut self, msg: Park, _: &mut Context<Self>) {
-        self.parked.insert(
-            msg.token,
-            Parked {
-                session: msg.session,
-                rooms: msg.rooms,
-                at: Instant::now(),
-            },
-        );
+        if self
+            .live
+            .get(&msg.token)
+            .is_some_and(|(s, _)| *s == msg.session)
+        {
+            self.live.remove(&msg.token);
+        }
+        let parked = Parked {
+            session: msg.session,
+            rooms: msg.rooms,
+            at: Instant::now(),
+        };
+        match self.reclaiming.remove(&msg.token) {
+            Some(waiting) => {
+                if let Err(Some(parked)) = waiting.send(Some(parked)) {
+                    // The resume gave up meanwhile: keep it for a later one.
+                    self.parked.insert(msg.token, parked);
+                }
+            }
+            None => {
+                self.parked.insert(msg.token, parked);
+            }
+        }
+    }
+}
+
+impl Handler<Track> for Directory {
+    type Result = ();
+
+    fn handle(&mut self, msg: Track, _: &mut Context<Self>) {
+        self.live.insert(msg.token, (msg.session, msg.yield_to));
+    }
+}
+
+impl Handler<Untrack> for Directory {
+    type Result = ();
+
+    fn handle(&mut self, msg: Untrack, _: &mut Context<Self>) {
+        if self
+            .live
+            .get(&msg.token)
+            .is_some_and(|(s, _)| *s == msg.session)
+        {
+            self.live.remove(&msg.token);
+        }
     }
 }
 
 impl Handler<Reclaim> for Directory {
-    type Result = Option<Parked>;
+    type Result = ResponseFuture<Option<Parked>>;
 
-    fn handle(&mut self, msg: Reclaim, _: &mut Context<Self>) -> Option<Parked> {
-        self.parked
+    fn handle(&mut self, msg: Reclaim, _: &mut Context<Self>) -> Self::Result {
+        let grace = self.settings.resume_grace;
+        if let Some(parked) = self
+            .parked
             .remove(&msg.token)
-            .filter(|p| p.at.elapsed() < self.settings.resume_grace)
+            .filter(|p| p.at.elapsed() < grace)
+        {
+            return Box::pin(async move { Some(parked) });
+        }
+        // A session with this token may still be live (its connection lost but not noticed
+        // yet): ask it to hand over, and wait for it to park.
+        let Some((_, live)) = self.live.get(&msg.token).cloned() else {
+            return Box::pin(async { None });
+        };
+        let (tx, rx) = oneshot::channel();
+        self.reclaiming.insert(msg.token.clone(), tx);
+        let asked = live.send(Yield);
+        Box::pin(async move {
+            if !matches!(asked.await, Ok(true)) {
+                return None;
+            }
+            tokio::time::timeout(HANDOVER, rx)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten()
+        })
     }
 }
 

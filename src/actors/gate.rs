@@ -94,10 +94,9 @@ pub struct Gate {
     sessions: HashMap<SessionId, Recipient<Drain>>,
     failures_by_user: HashMap<String, VecDeque<Instant>>,
     failures_by_ip: HashMap<IpAddr, VecDeque<Instant>>,
-    /// Login attempts allowed and not finished yet: they count as failures until they end,
-    /// so parallel attempts cannot get past the limit together.
+    /// Login attempts per username allowed and not finished yet: they count as failures until
+    /// they end, so parallel attempts cannot get past the limit together.
     attempts_by_user: HashMap<String, usize>,
-    attempts_by_ip: HashMap<IpAddr, usize>,
     drained: Vec<oneshot::Sender<()>>,
     draining: bool,
 }
@@ -111,7 +110,6 @@ impl Gate {
             failures_by_user: HashMap::new(),
             failures_by_ip: HashMap::new(),
             attempts_by_user: HashMap::new(),
-            attempts_by_ip: HashMap::new(),
             drained: Vec::new(),
             draining: false,
         }
@@ -217,23 +215,17 @@ impl Handler<LoginAllowed> for Gate {
                 .get(&msg.username)
                 .copied()
                 .unwrap_or(0);
+        // Attempts in flight count against a username (so a parallel burst cannot guess more
+        // often than the limit), but not against an address, where many users may log in at once.
         let by_ip = msg
             .ip
-            .map(|ip| {
-                self.failures_by_ip
-                    .get_mut(&ip)
-                    .map(|w| Gate::recent(w, span))
-                    .unwrap_or(0)
-                    + self.attempts_by_ip.get(&ip).copied().unwrap_or(0)
-            })
+            .and_then(|ip| self.failures_by_ip.get_mut(&ip))
+            .map(|w| Gate::recent(w, span))
             .unwrap_or(0);
         let allowed = by_user < self.settings.failed_logins_per_user
             && by_ip < self.settings.failed_logins_per_ip;
         if allowed {
             *self.attempts_by_user.entry(msg.username).or_default() += 1;
-            if let Some(ip) = msg.ip {
-                *self.attempts_by_ip.entry(ip).or_default() += 1;
-            }
         }
         allowed
     }
@@ -247,14 +239,6 @@ impl Handler<LoginFinished> for Gate {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.attempts_by_user.remove(&msg.username);
-            }
-        }
-        if let Some(ip) = msg.ip {
-            if let Some(n) = self.attempts_by_ip.get_mut(&ip) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.attempts_by_ip.remove(&ip);
-                }
             }
         }
         if msg.failed {

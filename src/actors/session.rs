@@ -17,7 +17,7 @@ use crate::actors::db::{
     hash_token, CreateRoom, CreateUser, DbExecutor, FindLogin, IssueToken, ListRooms, ResumeToken,
     RevokeToken, TokenHash,
 };
-use crate::actors::directory::{Directory, OpenRoom, Park, Reclaim};
+use crate::actors::directory::{Directory, OpenRoom, Park, Reclaim, Track, Untrack, Yield};
 use crate::actors::gate::{Drain, Gate, LoginAllowed, LoginFinished, Register, Unregister};
 use crate::actors::hasher::HasherHandle;
 use crate::actors::presence::{PresenceHandle, SessionClosed, SessionOpened};
@@ -88,6 +88,8 @@ pub struct Session {
     /// Set when the connection ends by the client's close frame or logout; otherwise the
     /// session stays joined for the resume grace.
     closed_cleanly: bool,
+    /// Set when a resume on another connection takes this session's place.
+    yielding: bool,
     /// Rooms whose join reply has not been written yet, with the events that arrived for them
     /// meanwhile: they are written after the reply, so `missed` always comes before live events.
     joining: HashMap<String, Vec<(Option<Seq>, bytestring::ByteString)>>,
@@ -127,6 +129,7 @@ impl Session {
             fragments: None,
             close_reason: None,
             closed_cleanly: false,
+            yielding: false,
             joining: HashMap::new(),
             in_flight: 0,
             exclusive_in_flight: false,
@@ -484,11 +487,11 @@ impl Session {
                 };
                 let work = work
                     .into_actor(self)
-                    .map(|result: Result<_, Error>, session, _| {
+                    .map(|result: Result<_, Error>, session, ctx| {
                         let (user, token) = result?;
                         let payload =
                             json!({ "user": user_json(&user), "token": token.token.expose() });
-                        session.authenticated(user, token.hash)?;
+                        session.authenticated(user, token.hash, ctx.address().recipient())?;
                         Ok(payload)
                     });
                 self.respond(ctx, id, work);
@@ -512,9 +515,10 @@ impl Session {
                     let parked = directory.send(Reclaim { token: token_hash }).await?;
                     Ok::<_, Error>((user, parked))
                 };
-                let restore = lookup.into_actor(self).then(move |result, act, _| {
+                let restore = lookup.into_actor(self).then(move |result, act, ctx| {
+                    let yield_to = ctx.address().recipient();
                     let prepared = result.and_then(|(user, parked)| {
-                        act.authenticated(user.clone(), hash)?;
+                        act.authenticated(user.clone(), hash, yield_to)?;
                         let rooms = parked.map(|p| (p.session, p.rooms));
                         if let Some((_, names)) = &rooms {
                             names.iter().for_each(|name| act.start_joining(name));
@@ -749,7 +753,12 @@ impl Session {
         }
     }
 
-    fn authenticated(&mut self, user: UserRecord, token: TokenHash) -> Result<(), Error> {
+    fn authenticated(
+        &mut self,
+        user: UserRecord,
+        token: TokenHash,
+        yield_to: Recipient<Yield>,
+    ) -> Result<(), Error> {
         if self.user.is_some() {
             return Err(already_authenticated());
         }
@@ -763,6 +772,11 @@ impl Session {
             .presence
             .opened
             .do_send(SessionOpened { user: user.id });
+        self.services.directory.do_send(Track {
+            token: token.clone(),
+            session: self.id,
+            yield_to,
+        });
         self.user = Some(AuthUser {
             record: user,
             token: Some(token),
@@ -843,7 +857,14 @@ impl Actor for Session {
             ip: self.ip,
         });
         let token = self.user.as_ref().and_then(|u| u.token.clone());
-        let park = !self.closed_cleanly && !self.rooms.is_empty() && token.is_some();
+        let park =
+            (self.yielding || (!self.closed_cleanly && !self.rooms.is_empty())) && token.is_some();
+        if let (false, Some(token)) = (park, token.clone()) {
+            self.services.directory.do_send(Untrack {
+                token,
+                session: self.id,
+            });
+        }
         let mut names = Vec::new();
         for (name, room) in self.rooms.drain() {
             if park {
@@ -915,5 +936,20 @@ impl Handler<Drain> for Session {
     fn handle(&mut self, _: Drain, ctx: &mut WsContext) {
         self.draining = true;
         self.close_if_drained(ctx);
+    }
+}
+
+impl Handler<Yield> for Session {
+    type Result = bool;
+
+    fn handle(&mut self, _: Yield, ctx: &mut WsContext) -> bool {
+        if self.rooms.is_empty() {
+            return false;
+        }
+        self.yielding = true;
+        self.closed_cleanly = false;
+        self.on_close_reason("taken over by a resume on another connection");
+        ws::close(ctx, Close::Normal, "resumed on another connection");
+        true
     }
 }

@@ -6,7 +6,7 @@
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
 use rookery::checker::{History, StoredMessage};
-use rookery::client::{request, ClientError, ConnectOptions, Connection, Incoming};
+use rookery::client::{request, ClientError, ConnectOptions, Connection, Connector, Incoming};
 use rookery::protocol::Seq;
 use serde_json::{json, Value};
 use std::cell::RefCell;
@@ -200,6 +200,8 @@ impl Report {
 struct Bench {
     url: String,
     options: ConnectOptions,
+    /// One connector per source address, built once (TLS set-up is costly).
+    connectors: RefCell<HashMap<Option<IpAddr>, Connector>>,
     run: String,
     epoch: Instant,
 }
@@ -214,11 +216,20 @@ struct Peer {
 
 impl Bench {
     async fn connect(&self, name: &str, local: Option<IpAddr>) -> Result<Peer, ClientError> {
-        let mut options = self.options.clone();
-        options.local_address = local;
+        let connector = self.connectors.borrow().get(&local).cloned();
+        let connector = match connector {
+            Some(c) => c,
+            None => {
+                let mut options = self.options.clone();
+                options.local_address = local;
+                let c = Connector::new(&options)?;
+                self.connectors.borrow_mut().insert(local, c.clone());
+                c
+            }
+        };
         Ok(Peer {
             name: name.to_string(),
-            conn: Connection::connect(&self.url, &options).await?,
+            conn: connector.connect(&self.url).await?,
             next_id: 0,
             token: None,
         })
@@ -236,17 +247,9 @@ impl Bench {
     async fn login(&self, i: usize) -> Result<Peer, String> {
         let name = self.user(i);
         let mut peer = self.connect(&name, None).await.map_err(|e| e.to_string())?;
-        peer.call(
-            "register",
-            json!({"username": name, "password": "bench-password"}),
-        )
-        .await?;
-        let reply = peer
-            .call(
-                "login",
-                json!({"username": name, "password": "bench-password"}),
-            )
-            .await?;
+        let credentials = json!({"username": name, "password": "bench-password"});
+        peer.call_retrying("register", credentials.clone()).await?;
+        let reply = peer.call_retrying("login", credentials).await?;
         peer.token = reply["token"].as_str().map(str::to_string);
         Ok(peer)
     }
@@ -273,6 +276,20 @@ impl Peer {
     fn id(&mut self) -> String {
         self.next_id += 1;
         format!("{}-{}", self.name, self.next_id)
+    }
+
+    /// Like `call`, but waits and retries while the server answers `rate_limited` (as a
+    /// well-behaved client does when the server's bcrypt queue is full), for up to a minute.
+    async fn call_retrying(&mut self, kind: &str, fields: Value) -> Result<Value, String> {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.call(kind, fields.clone()).await {
+                Err(e) if e.contains("\"rate_limited\"") && Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Sends a request and waits for its reply, dropping events; Err for an error reply.
@@ -725,7 +742,7 @@ async fn fanout_listener(
 ) {
     let mut got = 0;
     while got < expected {
-        let Ok(frame) = peer.conn.recv_within(Duration::from_secs(10)).await else {
+        let Ok(frame) = peer.conn.recv_within(Duration::from_secs(60)).await else {
             return;
         };
         if frame["type"] != "message" {
@@ -761,51 +778,67 @@ async fn connections(
     pid: Option<u32>,
     report: &mut Report,
 ) -> Result<(), String> {
-    let mut owner = bench.login(0).await?;
+    let owner = bench.login(0).await?;
     let token = owner.token.clone().ok_or("no token")?;
     let rss_before = server_rss_kib(pid);
     let started = Instant::now();
-    let opened = bounded(args.count, args.concurrency, |i| {
-        let token = token.clone();
+    // Each connection is read from the moment it is open (so it answers the server's pings
+    // while the others are still opening); only the opening is limited in concurrency.
+    let gate = std::rc::Rc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+    let opened = shared(0usize);
+    let failed: Shared<BTreeMap<String, u64>> = shared(BTreeMap::new());
+    let dropped = shared(0u64);
+    let all_open_at: Shared<Option<Duration>> = shared(None);
+    let rss_open: Shared<Option<u64>> = shared(None);
+    let hold = Duration::from_secs_f64(args.hold);
+    let tasks = (0..args.count).map(|i| {
+        let (token, gate, opened, failed, dropped) = (
+            token.clone(),
+            gate.clone(),
+            opened.clone(),
+            failed.clone(),
+            dropped.clone(),
+        );
+        let (all_open_at, rss_open) = (all_open_at.clone(), rss_open.clone());
         async move {
+            let permit = gate.acquire().await;
             let ip = IpAddr::from([
                 127,
                 0,
                 0,
                 1 + (i % usize::from(args.source_ips.max(1))) as u8,
             ]);
-            let mut peer = bench
-                .connect(&format!("c{i}"), Some(ip))
-                .await
-                .map_err(|e| e.to_string())?;
-            peer.call("resume", json!({"token": token})).await?;
-            Ok::<_, String>(peer)
-        }
-    })
-    .await;
-    let open_time = started.elapsed();
-    let mut peers = Vec::new();
-    let mut failed: BTreeMap<String, u64> = BTreeMap::new();
-    for result in opened {
-        match result {
-            Ok(peer) => peers.push(peer),
-            Err(e) => *failed.entry(e.chars().take(80).collect()).or_default() += 1,
-        }
-    }
-    let rss_open = server_rss_kib(pid);
-    // Hold them: every connection keeps reading, so it answers the server's pings.
-    let hold = Duration::from_secs_f64(args.hold);
-    let dropped = shared(0u64);
-    let holds = peers.iter_mut().map(|peer| {
-        let dropped = dropped.clone();
-        async move {
-            let until = Instant::now() + hold;
-            while Instant::now() < until {
-                match peer
-                    .conn
-                    .recv_within(until.saturating_duration_since(Instant::now()))
+            let peer = async {
+                let mut peer = bench
+                    .connect(&format!("c{i}"), Some(ip))
                     .await
-                {
+                    .map_err(|e| e.to_string())?;
+                peer.call("resume", json!({"token": token})).await?;
+                Ok::<_, String>(peer)
+            }
+            .await;
+            drop(permit);
+            let mut peer = match peer {
+                Ok(peer) => peer,
+                Err(e) => {
+                    *failed
+                        .borrow_mut()
+                        .entry(e.chars().take(80).collect())
+                        .or_default() += 1;
+                    return;
+                }
+            };
+            *opened.borrow_mut() += 1;
+            if *opened.borrow() + failed.borrow().values().sum::<u64>() as usize == args.count {
+                *all_open_at.borrow_mut() = Some(started.elapsed());
+                *rss_open.borrow_mut() = server_rss_kib(pid);
+            }
+            // Hold it: keep reading, so it answers the server's pings, until the end.
+            while all_open_at
+                .borrow()
+                .is_none_or(|at| started.elapsed() < at + hold)
+            {
+                match peer.conn.recv_within(Duration::from_secs(1)).await {
                     Ok(_) | Err(ClientError::Timeout) => {}
                     Err(_) => {
                         *dropped.borrow_mut() += 1;
@@ -815,15 +848,19 @@ async fn connections(
             }
         }
     });
-    futures_util::future::join_all(holds).await;
+    futures_util::future::join_all(tasks).await;
+    let peers_len = *opened.borrow();
+    let open_time = all_open_at.borrow().unwrap_or_default();
+    let failed = failed.borrow().clone();
+    let rss_open = *rss_open.borrow();
     let rss_end = server_rss_kib(pid);
-    report.set("connections", peers.len() as u64);
+    report.set("connections", peers_len as u64);
     report.set("open_seconds", open_time.as_secs_f64());
     report.set("failed_to_open", json!(failed));
     report.set("dropped_while_held", *dropped.borrow());
     report.set("held_seconds", args.hold);
     if let (Some(before), Some(open), Some(end)) = (rss_before, rss_open, rss_end) {
-        let n = peers.len().max(1) as f64;
+        let n = peers_len.max(1) as f64;
         report.set("server_rss_before_kib", before);
         report.set("server_rss_open_kib", open);
         report.set("server_rss_end_kib", end);
@@ -832,7 +869,7 @@ async fn connections(
             (open.saturating_sub(before)) as f64 / n,
         );
     }
-    owner.call("ping", json!({})).await?;
+    drop(owner);
     report.verdict = Some(rookery::checker::Verdict::default());
     Ok(())
 }
@@ -868,6 +905,7 @@ async fn reconnect(bench: &Bench, args: &ReconnectArgs, report: &mut Report) -> 
     let drop_at = Instant::now() + phase;
     let back_times = shared(Vec::<Duration>::new());
     let failures = shared(BTreeMap::<String, u64>::new());
+    let restored_count = shared(0u64);
     let send_loops = senders.iter_mut().enumerate().map(|(i, peer)| {
         let room = room_of(i);
         let meter = meter.clone();
@@ -891,27 +929,28 @@ async fn reconnect(bench: &Bench, args: &ReconnectArgs, report: &mut Report) -> 
         let meter = meter.clone();
         let back_times = back_times.clone();
         let failures = failures.clone();
+        let restored_count = restored_count.clone();
         async move {
             // Listen until the drop, then cut the TCP connection without a close frame.
             listen(bench, peer, &room, &meter, drop_at).await;
             let dropped = Instant::now();
             let token = peer.token.clone().unwrap_or_default();
             let back = async {
-                let mut fresh = bench
+                let fresh = bench
                     .connect(&peer.name, None)
                     .await
                     .map_err(|e| e.to_string())?;
-                let reply = fresh.call("resume", json!({"token": token})).await?;
-                if reply["rooms"].as_array().is_none_or(|r| r.is_empty()) {
-                    return Err("resume restored no room".to_string());
-                }
+                // Cut the old connection without a close frame, as a network loss would.
+                drop(std::mem::replace(&mut peer.conn, fresh.conn));
+                let reply = peer.call("resume", json!({"token": token})).await?;
+                let restored = reply["rooms"].as_array().is_some_and(|r| !r.is_empty());
                 let after = meter
                     .borrow()
                     .last_seq
                     .get(&(peer.name.clone(), room.clone()))
                     .copied()
                     .unwrap_or(0);
-                let reply = fresh
+                let reply = peer
                     .call("join", json!({"room": room, "after": after}))
                     .await?;
                 for m in reply["missed"].as_array().cloned().unwrap_or_default() {
@@ -924,13 +963,14 @@ async fn reconnect(bench: &Bench, args: &ReconnectArgs, report: &mut Report) -> 
                 if reply["truncated"] == true {
                     return Err("missed was truncated".to_string());
                 }
-                Ok::<_, String>(fresh)
+                Ok::<_, String>(restored)
             };
-            // Replacing the connection drops the old socket without a close frame.
             match back.await {
-                Ok(fresh) => {
-                    peer.conn = fresh.conn;
+                Ok(restored) => {
                     back_times.borrow_mut().push(dropped.elapsed());
+                    if restored {
+                        *restored_count.borrow_mut() += 1;
+                    }
                     listen(
                         bench,
                         peer,
@@ -958,6 +998,7 @@ async fn reconnect(bench: &Bench, args: &ReconnectArgs, report: &mut Report) -> 
     };
     report.set("clients", args.clients as u64);
     report.set("back", back);
+    report.set("resumed_with_rooms", *restored_count.borrow());
     report.set("all_back_seconds", all_back.as_secs_f64());
     report.set("failures", json!(*failures.borrow()));
     {
@@ -1230,6 +1271,7 @@ fn main() -> ExitCode {
             timeout: Some(Duration::from_secs(30)),
             ..ConnectOptions::default()
         },
+        connectors: RefCell::new(HashMap::new()),
         run: format!("{:x}", uuid::Uuid::new_v4().as_u128() & 0xffff_ffff),
         epoch: Instant::now(),
     };

@@ -117,6 +117,9 @@ pub fn connect_pool(
         .max_size(size)
         .min_idle(Some(0))
         .connection_timeout(timeout)
+        // No `SELECT 1` before every use: a broken connection fails its one statement (the
+        // caller hears `unavailable` and retries) and is then replaced.
+        .test_on_check_out(false)
         .connection_customizer(Box::new(StatementTimeout(statement_timeout)))
         .build_unchecked(ConnectionManager::new(url)))
 }
@@ -368,47 +371,18 @@ pub fn store_batch(
     Ok(results.pop().unwrap_or_default())
 }
 
-/// Group commit: the batches of several rooms in one transaction (each room's counter updated
-/// once, one multi-row insert for all). All are committed or none is; results per batch, in order.
+/// Group commit: the batches of several rooms in one transaction, in three statements
+/// whatever the number of rooms: one look-up of repeated `client_msg_id`s, one update of the
+/// rooms' counters, one multi-row insert. All are committed or none is; results per batch, in
+/// order. A repeated `client_msg_id` (stored before, or earlier in the batch) returns the
+/// original seq and stores nothing.
 pub fn store_batches(
     conn: &mut PgConnection,
     keys: &Keyring,
     batches: &[(RoomId, &[NewPost])],
 ) -> Result<Vec<Vec<Stored>>, StoreError> {
-    let attempt = |conn: &mut PgConnection| {
-        conn.transaction(|conn| {
-            let sent_at = now_micros();
-            let mut results = Vec::with_capacity(batches.len());
-            let mut sealed = Vec::new();
-            for (room, posts) in batches {
-                let (stored, new) = plan_room(conn, keys, *room, posts, sent_at)?;
-                sealed.extend(
-                    new.into_iter()
-                        .map(|(i, seq, s)| (*room, &posts[i], seq, s)),
-                );
-                results.push(stored);
-            }
-            for chunk in sealed.chunks(1000) {
-                let rows: Vec<NewMessage> = chunk
-                    .iter()
-                    .map(|(room, post, seq, sealed)| NewMessage {
-                        room_id: room.0,
-                        seq: seq.0,
-                        sender_id: post.sender.0,
-                        client_msg_id: post.client_msg_id.as_deref(),
-                        key_id: sealed.key_id,
-                        nonce: &sealed.nonce,
-                        ciphertext: &sealed.ciphertext,
-                        created_at: sent_at,
-                    })
-                    .collect();
-                diesel::insert_into(messages::table)
-                    .values(&rows)
-                    .execute(conn)?;
-            }
-            Ok::<_, StoreError>(results)
-        })
-    };
+    let attempt =
+        |conn: &mut PgConnection| conn.transaction(|conn| store_batches_once(conn, keys, batches));
     match attempt(conn) {
         // A concurrent writer committed one of our client_msg_ids first: now it is a duplicate.
         Err(StoreError::Database(e)) if is_unique_violation(&e) => attempt(conn),
@@ -416,102 +390,164 @@ pub fn store_batches(
     }
 }
 
-/// Decides, for one room's posts, which are new (assigning their seqs from the room's
-/// counter and sealing them) and which repeat a stored or earlier `client_msg_id`.
-/// Returns every post's outcome and the new ones to insert: (index, seq, sealed body).
-#[allow(clippy::type_complexity)]
-fn plan_room(
+/// room, sender, client_msg_id, seq, time of a stored message.
+type EarlierRow = (i64, i64, Option<String>, i64, DateTime<Utc>);
+
+/// What happens to one post.
+enum Plan {
+    New,
+    Earlier(Stored),
+    SameAs(usize),
+}
+
+#[derive(QueryableByName)]
+struct Counter {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    last_seq: i64,
+}
+
+fn store_batches_once(
     conn: &mut PgConnection,
     keys: &Keyring,
-    room: RoomId,
-    posts: &[NewPost],
-    sent_at: DateTime<Utc>,
-) -> Result<(Vec<Stored>, Vec<(usize, Seq, Sealed)>), StoreError> {
-    enum Plan {
-        New,
-        Earlier(Stored),
-        SameAs(usize),
-    }
-    let retry_keys: Vec<&str> = posts
+    batches: &[(RoomId, &[NewPost])],
+) -> Result<Vec<Vec<Stored>>, StoreError> {
+    // 1. Earlier messages with the same retry keys, in every room of the batch at once.
+    let rooms: Vec<i64> = batches.iter().map(|(room, _)| room.0).collect();
+    let retry_keys: Vec<&str> = batches
         .iter()
-        .filter_map(|p| p.client_msg_id.as_deref())
+        .flat_map(|(_, posts)| posts.iter().filter_map(|p| p.client_msg_id.as_deref()))
         .collect();
-    let mut seen: HashMap<(i64, &str), Plan> = HashMap::new();
+    let mut earlier: HashMap<(i64, i64, String), Stored> = HashMap::new();
     if !retry_keys.is_empty() {
-        let found: Vec<(i64, Option<String>, i64, DateTime<Utc>)> = messages::table
-            .filter(messages::room_id.eq(room.0))
+        let found: Vec<EarlierRow> = messages::table
+            .filter(messages::room_id.eq_any(&rooms))
             .filter(messages::client_msg_id.eq_any(&retry_keys))
             .select((
+                messages::room_id,
                 messages::sender_id,
                 messages::client_msg_id,
                 messages::seq,
                 messages::created_at,
             ))
             .load(conn)?;
-        for (sender, key, seq, sent_at) in found {
-            if let Some(key) = key.and_then(|k| retry_keys.iter().find(|r| **r == k).copied()) {
+        for (room, sender, key, seq, sent_at) in found {
+            if let Some(key) = key {
                 let stored = Stored {
                     seq: Seq(seq),
                     sent_at,
                     duplicate: true,
                 };
-                seen.insert((sender, key), Plan::Earlier(stored));
+                earlier.insert((room, sender, key), stored);
             }
         }
     }
-    let plan: Vec<Plan> = posts
-        .iter()
-        .enumerate()
-        .map(|(i, post)| {
-            let Some(key) = post.client_msg_id.as_deref().map(|k| (post.sender.0, k)) else {
-                return Plan::New;
-            };
-            match seen.get(&key) {
-                Some(Plan::Earlier(stored)) => Plan::Earlier(stored.clone()),
-                Some(Plan::New) => Plan::New, // not stored in `seen`; kept for exhaustiveness
-                Some(Plan::SameAs(first)) => Plan::SameAs(*first),
-                None => {
-                    seen.insert(key, Plan::SameAs(i));
-                    Plan::New
+    // 2. Which posts are new, per room.
+    let mut plans: Vec<Vec<Plan>> = Vec::with_capacity(batches.len());
+    let mut new_counts: Vec<i64> = Vec::with_capacity(batches.len());
+    for (room, posts) in batches {
+        let mut first: HashMap<(i64, &str), usize> = HashMap::new();
+        let plan: Vec<Plan> = posts
+            .iter()
+            .enumerate()
+            .map(|(i, post)| {
+                let Some(key) = post.client_msg_id.as_deref() else {
+                    return Plan::New;
+                };
+                if let Some(stored) = earlier.get(&(room.0, post.sender.0, key.to_string())) {
+                    return Plan::Earlier(stored.clone());
                 }
-            }
-        })
-        .collect();
-    let new_count = plan.iter().filter(|p| matches!(p, Plan::New)).count();
-    let mut next = 0;
-    if new_count > 0 {
-        let count = i64::try_from(new_count).unwrap_or(i64::MAX);
-        let last: i64 = diesel::update(rooms::table.find(room.0))
-            .set(rooms::last_seq.eq(rooms::last_seq + count))
-            .returning(rooms::last_seq)
-            .get_result(conn)
-            .optional()?
-            .ok_or(StoreError::NotFound)?;
-        next = last - count + 1;
+                match first.get(&(post.sender.0, key)) {
+                    Some(at) => Plan::SameAs(*at),
+                    None => {
+                        first.insert((post.sender.0, key), i);
+                        Plan::New
+                    }
+                }
+            })
+            .collect();
+        new_counts.push(plan.iter().filter(|p| matches!(p, Plan::New)).count() as i64);
+        plans.push(plan);
     }
-    let mut results: Vec<Stored> = Vec::with_capacity(posts.len());
-    let mut sealed = Vec::with_capacity(new_count);
-    for (i, step) in plan.into_iter().enumerate() {
-        let stored = match step {
-            Plan::New => {
-                let seq = Seq(next);
-                next += 1;
-                sealed.push((i, seq, keys.seal(room, seq, posts[i].body.as_bytes())?));
-                Stored {
-                    seq,
-                    sent_at,
-                    duplicate: false,
+    // 3. Every room's counter in one statement.
+    let (ids, counts): (Vec<i64>, Vec<i64>) = rooms
+        .iter()
+        .zip(&new_counts)
+        .filter(|(_, n)| **n > 0)
+        .map(|(id, n)| (*id, *n))
+        .unzip();
+    let mut last_seqs: HashMap<i64, i64> = HashMap::new();
+    if !ids.is_empty() {
+        let counters: Vec<Counter> = diesel::sql_query(
+            "UPDATE rooms SET last_seq = rooms.last_seq + v.n \
+             FROM unnest($1::bigint[], $2::bigint[]) AS v(id, n) \
+             WHERE rooms.id = v.id RETURNING rooms.id, rooms.last_seq",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&ids)
+        .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&counts)
+        .load(conn)?;
+        last_seqs.extend(counters.into_iter().map(|c| (c.id, c.last_seq)));
+        if last_seqs.len() != ids.len() {
+            return Err(StoreError::NotFound);
+        }
+    }
+    // 4. Seal the new bodies and insert them all.
+    let sent_at = now_micros();
+    let mut results = Vec::with_capacity(batches.len());
+    let mut sealed = Vec::new();
+    for (((room, posts), plan), new_count) in batches.iter().zip(plans).zip(&new_counts) {
+        let mut next = last_seqs
+            .get(&room.0)
+            .map(|last| last - new_count + 1)
+            .unwrap_or(0);
+        let mut stored: Vec<Stored> = Vec::with_capacity(posts.len());
+        for (i, step) in plan.into_iter().enumerate() {
+            let outcome = match step {
+                Plan::New => {
+                    let seq = Seq(next);
+                    next += 1;
+                    sealed.push((
+                        *room,
+                        &posts[i],
+                        seq,
+                        keys.seal(*room, seq, posts[i].body.as_bytes())?,
+                    ));
+                    Stored {
+                        seq,
+                        sent_at,
+                        duplicate: false,
+                    }
                 }
-            }
-            Plan::Earlier(stored) => stored,
-            Plan::SameAs(first) => Stored {
-                duplicate: true,
-                ..results[first].clone()
-            },
-        };
+                Plan::Earlier(earlier) => earlier,
+                Plan::SameAs(at) => Stored {
+                    duplicate: true,
+                    ..stored[at].clone()
+                },
+            };
+            stored.push(outcome);
+        }
         results.push(stored);
     }
-    Ok((results, sealed))
+    for chunk in sealed.chunks(1000) {
+        let rows: Vec<NewMessage> = chunk
+            .iter()
+            .map(|(room, post, seq, sealed)| NewMessage {
+                room_id: room.0,
+                seq: seq.0,
+                sender_id: post.sender.0,
+                client_msg_id: post.client_msg_id.as_deref(),
+                key_id: sealed.key_id,
+                nonce: &sealed.nonce,
+                ciphertext: &sealed.ciphertext,
+                created_at: sent_at,
+            })
+            .collect();
+        diesel::insert_into(messages::table)
+            .values(&rows)
+            .execute(conn)?;
+    }
+    Ok(results)
 }
 
 /// Messages stored per key id.
