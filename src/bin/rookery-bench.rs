@@ -379,30 +379,37 @@ impl Meter {
     }
 }
 
-/// One member's send loop: keeps `inflight` sends going (paced by `rate` when > 0) until
-/// `deadline`, then waits for its acks; records acks, errors and deliveries.
-#[allow(clippy::too_many_arguments)]
+/// How a member sends: at most `inflight` unacknowledged, paced at `rate` per second when it is
+/// above 0, until `until` or `max_sends` messages, whichever comes first.
+#[derive(Clone, Copy)]
+struct SendPlan {
+    inflight: usize,
+    rate: f64,
+    body_bytes: usize,
+    until: Instant,
+    max_sends: u64,
+}
+
+/// One member's send loop: sends by `plan`, then waits for its acks and keeps reading until
+/// `quiet` passes without a frame; records acks, errors and deliveries.
 async fn member_loop(
     bench: &Bench,
     peer: &mut Peer,
     room: &str,
     meter: &Shared<Meter>,
-    inflight: usize,
-    rate: f64,
-    body_bytes: usize,
-    deadline: Instant,
+    plan: SendPlan,
     quiet: Duration,
 ) {
     let mut pending: HashMap<String, (Instant, String)> = HashMap::new();
-    let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+    let interval = (plan.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / plan.rate));
     let mut next_send = Instant::now();
     let mut sent = 0u64;
     let mut last_frame = Instant::now();
     loop {
         let now = Instant::now();
-        let sending = now < deadline;
+        let sending = now < plan.until && sent < plan.max_sends;
         while sending
-            && pending.len() < inflight
+            && pending.len() < plan.inflight
             && interval.is_none_or(|_| Instant::now() >= next_send)
         {
             sent += 1;
@@ -411,7 +418,7 @@ async fn member_loop(
             let frame = request(
                 &id,
                 "send",
-                json!({"room": room, "body": bench.body(body_bytes), "client_msg_id": key}),
+                json!({"room": room, "body": bench.body(plan.body_bytes), "client_msg_id": key}),
             );
             if peer.conn.send_json(&frame).await.is_err() {
                 return;
@@ -430,10 +437,10 @@ async fn member_loop(
         }
         let wait = if sending {
             match interval {
-                Some(_) if pending.len() < inflight => {
+                Some(_) if pending.len() < plan.inflight => {
                     next_send.saturating_duration_since(Instant::now())
                 }
-                _ => deadline.saturating_duration_since(Instant::now()),
+                _ => plan.until.saturating_duration_since(Instant::now()),
             }
         } else {
             quiet
@@ -517,18 +524,14 @@ async fn throughput(
         let room = bench.room(i / args.members);
         let meter = meter.clone();
         async move {
-            member_loop(
-                bench,
-                peer,
-                &room,
-                &meter,
-                args.inflight,
-                args.rate,
-                args.body_bytes,
-                deadline,
-                Duration::from_secs(2),
-            )
-            .await
+            let plan = SendPlan {
+                inflight: args.inflight,
+                rate: args.rate,
+                body_bytes: args.body_bytes,
+                until: deadline,
+                max_sends: u64::MAX,
+            };
+            member_loop(bench, peer, &room, &meter, plan, Duration::from_secs(2)).await
         }
     });
     futures_util::future::join_all(loops).await;
@@ -606,17 +609,15 @@ async fn fanout(bench: &Bench, args: &FanoutArgs, report: &mut Report) -> Result
         let meter = meter.clone();
         let room = room.clone();
         async move {
-            fanout_sender(
-                bench,
-                peer,
-                &room,
-                &meter,
-                per_sender,
-                args.inflight,
+            // Senders are members too; they stop after their share of the messages.
+            let plan = SendPlan {
+                inflight: args.inflight,
                 rate,
-                args.body_bytes,
-            )
-            .await
+                body_bytes: args.body_bytes,
+                until: Instant::now() + Duration::from_secs(3600),
+                max_sends: per_sender as u64,
+            };
+            member_loop(bench, peer, &room, &meter, plan, Duration::from_secs(2)).await
         }
     });
     let expected = (per_sender * senders) as u64;
@@ -648,88 +649,6 @@ async fn fanout(bench: &Bench, args: &FanoutArgs, report: &mut Report) -> Result
     }
     report.verdict = Some(verdict(bench, &mut peers[0], std::iter::once(room), &meter).await?);
     Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn fanout_sender(
-    bench: &Bench,
-    peer: &mut Peer,
-    room: &str,
-    meter: &Shared<Meter>,
-    count: usize,
-    inflight: usize,
-    rate: f64,
-    body_bytes: usize,
-) {
-    // Senders are members too: a send loop for `count` messages, then they stop.
-    let duration = if rate > 0.0 {
-        count as f64 / rate
-    } else {
-        3600.0
-    };
-    let mut pending: HashMap<String, (Instant, String)> = HashMap::new();
-    let interval = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
-    let mut next_send = Instant::now();
-    let mut sent = 0;
-    let give_up = Instant::now() + Duration::from_secs_f64(duration + 60.0);
-    while (sent < count || !pending.is_empty()) && Instant::now() < give_up {
-        while sent < count
-            && pending.len() < inflight
-            && interval.is_none_or(|_| Instant::now() >= next_send)
-        {
-            sent += 1;
-            let key = format!("{}-m{sent}", peer.name);
-            let id = peer.id();
-            let frame = request(
-                &id,
-                "send",
-                json!({"room": room, "body": bench.body(body_bytes), "client_msg_id": key}),
-            );
-            if peer.conn.send_json(&frame).await.is_err() {
-                return;
-            }
-            meter
-                .borrow_mut()
-                .history
-                .sent(&peer.name, &peer.name, room, &key);
-            pending.insert(id, (Instant::now(), key));
-            if let Some(step) = interval {
-                next_send += step;
-            }
-        }
-        let wait = match interval {
-            Some(_) if sent < count && pending.len() < inflight => {
-                next_send.saturating_duration_since(Instant::now())
-            }
-            _ => Duration::from_secs(5),
-        }
-        .max(Duration::from_millis(1));
-        let frame = match peer.conn.recv_within(wait).await {
-            Ok(frame) => frame,
-            Err(ClientError::Timeout) => continue,
-            Err(_) => return,
-        };
-        if let Incoming::Reply { id, frame } = rookery::client::classify(frame) {
-            if let Some((started, key)) = pending.remove(&id) {
-                let mut m = meter.borrow_mut();
-                if frame["type"] == "ok" {
-                    m.acked += 1;
-                    let _ = m.ack.record(micros(started.elapsed()));
-                    m.history.acked(
-                        &peer.name,
-                        &peer.name,
-                        room,
-                        &key,
-                        Seq(frame["seq"].as_i64().unwrap_or(0)),
-                    );
-                } else {
-                    let code = frame["code"].as_str().unwrap_or("?").to_string();
-                    m.history.failed(&peer.name, &peer.name, room, &key, &code);
-                    *m.errors.entry(code).or_default() += 1;
-                }
-            }
-        }
-    }
 }
 
 async fn fanout_listener(
@@ -910,18 +829,14 @@ async fn reconnect(bench: &Bench, args: &ReconnectArgs, report: &mut Report) -> 
         let room = room_of(i);
         let meter = meter.clone();
         async move {
-            member_loop(
-                bench,
-                peer,
-                &room,
-                &meter,
-                1,
-                args.rate,
-                64,
-                send_until,
-                Duration::from_secs(2),
-            )
-            .await
+            let plan = SendPlan {
+                inflight: 1,
+                rate: args.rate,
+                body_bytes: 64,
+                until: send_until,
+                max_sends: u64::MAX,
+            };
+            member_loop(bench, peer, &room, &meter, plan, Duration::from_secs(2)).await
         }
     });
     let client_loops = clients.iter_mut().enumerate().map(|(i, peer)| {
