@@ -234,6 +234,15 @@ fn settings() -> RoomSettings {
 }
 
 fn start_room(kind: RoomKind, members: &[i64], mode: Mode) -> (Addr<Room>, Addr<FakeStore>) {
+    start_room_with(kind, members, mode, settings())
+}
+
+fn start_room_with(
+    kind: RoomKind,
+    members: &[i64],
+    mode: Mode,
+    settings: RoomSettings,
+) -> (Addr<Room>, Addr<FakeStore>) {
     let store = FakeStore {
         mode,
         last_seq: 0,
@@ -246,14 +255,7 @@ fn start_room(kind: RoomKind, members: &[i64], mode: Mode) -> (Addr<Room>, Addr<
         history: store.clone().recipient(),
     };
     let presence = PresenceHandle::of(&Presence::default().start());
-    let room = Room::new(
-        room_state(kind, members),
-        &settings(),
-        handle,
-        presence,
-        None,
-    )
-    .start();
+    let room = Room::new(room_state(kind, members), &settings, handle, presence, None).start();
     (room, store)
 }
 
@@ -561,28 +563,9 @@ async fn the_db_executor_stores_batches_once_per_client_msg_id() {
 /// and when the commit lands after all, the message is delivered once, in order.
 #[actix_rt::test]
 async fn a_late_commit_is_answered_unavailable_and_still_delivered_once() {
-    let store = FakeStore {
-        mode: Mode::Hold,
-        last_seq: 0,
-        held: Vec::new(),
-        batch_sizes: Vec::new(),
-    }
-    .start();
-    let handle = StoreHandle {
-        store: store.clone().recipient(),
-        history: store.clone().recipient(),
-    };
-    let presence = PresenceHandle::of(&Presence::default().start());
     let mut quick = settings();
     quick.store_timeout = Duration::from_millis(200);
-    let room = Room::new(
-        room_state(RoomKind::Public, &[]),
-        &quick,
-        handle,
-        presence,
-        None,
-    )
-    .start();
+    let (room, store) = start_room_with(RoomKind::Public, &[], Mode::Hold, quick);
     let mut ann = Peer::new(1, 1, "ann");
     let mut bob = Peer::new(2, 2, "bob");
     room.send(ann.join_msg()).await.unwrap().unwrap();

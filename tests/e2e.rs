@@ -79,11 +79,7 @@ async fn wss_with_the_generated_certificate() {
     assert!(res.headers().contains_key("strict-transport-security"));
     assert_eq!(res.json::<Value>().await.unwrap(), json!({"status": "ok"}));
 
-    let mut ann = server.user("ann").await;
-    let mut bob = server.user("bob").await;
-    ann.create_room("lobby", "public", &[]).await;
-    ann.join("lobby").await;
-    bob.join("lobby").await;
+    let [mut ann, mut bob] = server.public_room("lobby", ["ann", "bob"]).await;
     let ack = ann.send("lobby", "over tls").await;
     assert_eq!(ack["seq"], 1);
     let event = bob.next_event_of("message").await;
@@ -428,11 +424,7 @@ async fn two_users_see_the_same_messages_in_the_same_order() {
 #[actix_rt::test]
 async fn send_is_acked_with_seq_and_time_and_retries_are_idempotent() {
     let server = TestServer::start().await;
-    let mut ann = server.user("ann").await;
-    let mut bob = server.user("bob").await;
-    ann.create_room("general", "public", &[]).await;
-    ann.join("general").await;
-    bob.join("general").await;
+    let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
 
     let send = json!({"type": "send", "room": "general", "body": "once", "client_msg_id": "c-1"});
     let first = ann.ok(send.clone()).await;
@@ -511,11 +503,7 @@ async fn send_errors() {
 #[actix_rt::test]
 async fn leave_stops_delivery_and_tells_the_others() {
     let server = TestServer::start().await;
-    let mut ann = server.user("ann").await;
-    let mut bob = server.user("bob").await;
-    ann.create_room("general", "public", &[]).await;
-    ann.join("general").await;
-    bob.join("general").await;
+    let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
     bob.ok(json!({"type": "leave", "room": "general"})).await;
     assert_eq!(
         ann.next_event_of("left").await,
@@ -1009,11 +997,7 @@ async fn a_rotated_key_seals_new_messages_and_old_ones_still_open() {
 #[actix_rt::test]
 async fn logout_leaves_rooms_at_once() {
     let server = TestServer::start_with(|c| c.session.resume_grace_ms = 60_000).await;
-    let mut ann = server.user("ann").await;
-    let mut bob = server.user("bob").await;
-    ann.create_room("general", "public", &[]).await;
-    ann.join("general").await;
-    bob.join("general").await;
+    let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
     ann.send_text(&json!({"id": "out", "type": "logout"}).to_string())
         .await;
     ann.send_text(
@@ -1045,11 +1029,7 @@ async fn logout_leaves_rooms_at_once() {
 #[actix_rt::test]
 async fn rejoining_with_after_repeats_nothing() {
     let server = TestServer::start().await;
-    let mut ann = server.user("ann").await;
-    let mut bob = server.user("bob").await;
-    ann.create_room("general", "public", &[]).await;
-    ann.join("general").await;
-    bob.join("general").await;
+    let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
     for i in 0..30 {
         let frame = json!({"id": format!("s{i}"), "type": "send", "room": "general", "body": format!("m{i}")});
         ann.send_text(&frame.to_string()).await;

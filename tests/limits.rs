@@ -190,13 +190,7 @@ async fn a_slow_reader_is_cut_off_and_the_others_get_everything() {
             let frame = frame.unwrap();
             if frame["type"] == "ok" {
                 let key = frame["id"].as_str().unwrap().to_string();
-                history.acked(
-                    "ann",
-                    "ann",
-                    "general",
-                    &key,
-                    Seq(frame["seq"].as_i64().unwrap()),
-                );
+                record_ack(&mut history, "ann", "general", &key, &frame);
                 acked += 1;
             }
         }
@@ -205,13 +199,7 @@ async fn a_slow_reader_is_cut_off_and_the_others_get_everything() {
         let reply = ann.read().await.unwrap();
         if reply["type"] == "ok" {
             let key = reply["id"].as_str().unwrap().to_string();
-            history.acked(
-                "ann",
-                "ann",
-                "general",
-                &key,
-                Seq(reply["seq"].as_i64().unwrap()),
-            );
+            record_ack(&mut history, "ann", "general", &key, &reply);
             acked += 1;
         }
     }
@@ -256,11 +244,7 @@ async fn a_tcp_connection_that_sends_nothing_is_dropped() {
 #[actix_rt::test]
 async fn graceful_shutdown_finishes_accepted_sends_and_closes_with_1001() {
     let server = TestServer::start().await;
-    let mut ann = server.user("ann").await;
-    let mut bob = server.user("bob").await;
-    ann.create_room("general", "public", &[]).await;
-    ann.join("general").await;
-    bob.join("general").await;
+    let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
     for i in 0..200 {
         let key = format!("k{i}");
         ann.send_text(&json!({"id": key, "type": "send", "room": "general", "body": "x", "client_msg_id": key}).to_string())
@@ -272,13 +256,7 @@ async fn graceful_shutdown_finishes_accepted_sends_and_closes_with_1001() {
         let reply = ann.read().await.unwrap();
         if reply["type"] == "ok" {
             let key = reply["id"].as_str().unwrap().to_string();
-            history.acked(
-                "ann",
-                "ann",
-                "general",
-                &key,
-                Seq(reply["seq"].as_i64().unwrap()),
-            );
+            record_ack(&mut history, "ann", "general", &key, &reply);
             break;
         }
     }
@@ -288,13 +266,7 @@ async fn graceful_shutdown_finishes_accepted_sends_and_closes_with_1001() {
         match ann.read().await {
             Ok(reply) if reply["type"] == "ok" => {
                 let key = reply["id"].as_str().unwrap().to_string();
-                history.acked(
-                    "ann",
-                    "ann",
-                    "general",
-                    &key,
-                    Seq(reply["seq"].as_i64().unwrap()),
-                );
+                record_ack(&mut history, "ann", "general", &key, &reply);
             }
             Ok(reply) if reply["type"] == "error" => {
                 assert_eq!(reply["code"], "unavailable", "{reply}")

@@ -118,13 +118,7 @@ async fn join_after_during_a_stream_of_sends_has_no_gap_and_no_duplicate() {
         let frame = ann.read().await.unwrap();
         if frame["type"] == "ok" {
             let key = format!("k{}", frame["id"].as_str().unwrap().trim_start_matches('s'));
-            history.acked(
-                "ann",
-                "ann",
-                "general",
-                &key,
-                Seq(frame["seq"].as_i64().unwrap()),
-            );
+            record_ack(&mut history, "ann", "general", &key, &frame);
             acked += 1;
         }
     }
@@ -153,11 +147,7 @@ async fn join_after_during_a_stream_of_sends_has_no_gap_and_no_duplicate() {
 #[actix_rt::test]
 async fn resume_within_the_grace_restores_rooms_without_a_flap() {
     let server = TestServer::start_with(|c| c.session.resume_grace_ms = 5000).await;
-    let mut ann = server.user("ann").await;
-    let mut bob = server.user("bob").await;
-    ann.create_room("general", "public", &[]).await;
-    ann.join("general").await;
-    bob.join("general").await;
+    let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
     ann.send("general", "before the drop").await;
     let token = ann.token.clone().unwrap();
     drop(ann); // the TCP connection goes away without a close frame
@@ -184,23 +174,13 @@ async fn resume_within_the_grace_restores_rooms_without_a_flap() {
     assert_eq!(ann.next_event_of("message").await["seq"], 4);
     ann.send("general", "thanks").await;
 
-    bob.ok(json!({"type": "ping"})).await;
-    let flaps: Vec<Value> = bob
-        .take_events()
-        .into_iter()
-        .filter(|e| e["type"] == "left" || e["type"] == "joined")
-        .collect();
-    assert!(flaps.is_empty(), "bob saw {flaps:?}");
+    bob.assert_no_flap().await;
 }
 
 #[actix_rt::test]
 async fn after_the_grace_the_user_has_left_and_resume_restores_nothing() {
     let server = TestServer::start_with(|c| c.session.resume_grace_ms = 300).await;
-    let mut ann = server.user("ann").await;
-    let mut bob = server.user("bob").await;
-    ann.create_room("general", "public", &[]).await;
-    ann.join("general").await;
-    bob.join("general").await;
+    let [ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
     let token = ann.token.clone().unwrap();
     drop(ann);
     assert_eq!(
@@ -222,11 +202,7 @@ async fn after_the_grace_the_user_has_left_and_resume_restores_nothing() {
 #[actix_rt::test]
 async fn a_clean_close_leaves_at_once() {
     let server = TestServer::start_with(|c| c.session.resume_grace_ms = 60_000).await;
-    let mut ann = server.user("ann").await;
-    let mut bob = server.user("bob").await;
-    ann.create_room("general", "public", &[]).await;
-    ann.join("general").await;
-    bob.join("general").await;
+    let [ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
     ann.close().await;
     assert_eq!(bob.next_event_of("left").await["user"], "ann");
 }
@@ -236,11 +212,7 @@ async fn a_clean_close_leaves_at_once() {
 #[actix_rt::test]
 async fn a_resend_after_a_lost_ack_stores_once() {
     let server = TestServer::start().await;
-    let mut ann = server.user("ann").await;
-    let mut bob = server.user("bob").await;
-    ann.create_room("general", "public", &[]).await;
-    ann.join("general").await;
-    bob.join("general").await;
+    let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
     let token = ann.token.clone().unwrap();
     let send = json!({"id": "s1", "type": "send", "room": "general", "body": "did it land?", "client_msg_id": "once-1"});
     ann.send_text(&send.to_string()).await;
@@ -284,11 +256,7 @@ async fn a_database_outage_gives_unavailable_and_retries_recover() {
     config.database.store_timeout_ms = 1000;
     config.database.connect_timeout_ms = 300;
     let server = TestServer::start_on(db, data, config).await;
-    let mut ann = server.user("ann").await;
-    let mut bob = server.user("bob").await;
-    ann.create_room("general", "public", &[]).await;
-    ann.join("general").await;
-    bob.join("general").await;
+    let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
 
     let mut history = History::new();
     history.covers("bob", "general", Seq(0), None);
@@ -297,13 +265,7 @@ async fn a_database_outage_gives_unavailable_and_retries_recover() {
         let key = format!("k{i}");
         history.sent("ann", "ann", "general", &key);
         let reply = ann.ok(send("ann", key.clone())).await;
-        history.acked(
-            "ann",
-            "ann",
-            "general",
-            &key,
-            Seq(reply["seq"].as_i64().unwrap()),
-        );
+        record_ack(&mut history, "ann", "general", &key, &reply);
     }
 
     proxy.cut();
@@ -325,13 +287,7 @@ async fn a_database_outage_gives_unavailable_and_retries_recover() {
         loop {
             let reply = ann.call(send("ann", key.clone())).await;
             if reply["type"] == "ok" {
-                history.acked(
-                    "ann",
-                    "ann",
-                    "general",
-                    &key,
-                    Seq(reply["seq"].as_i64().unwrap()),
-                );
+                record_ack(&mut history, "ann", "general", &key, &reply);
                 break;
             }
             assert_eq!(reply["code"], "unavailable", "{reply}");
@@ -343,13 +299,7 @@ async fn a_database_outage_gives_unavailable_and_retries_recover() {
         }
     }
     let reply = ann.ok(send("ann", "k8".into())).await;
-    history.acked(
-        "ann",
-        "ann",
-        "general",
-        "k8",
-        Seq(reply["seq"].as_i64().unwrap()),
-    );
+    record_ack(&mut history, "ann", "general", "k8", &reply);
 
     bob.ok(json!({"type": "ping"})).await;
     let mut events = bob.take_events();
@@ -401,11 +351,7 @@ async fn recovery_survives_a_restart() {
 #[actix_rt::test]
 async fn resume_takes_over_a_session_that_still_looks_alive() {
     let server = TestServer::start().await;
-    let mut ann = server.user("ann").await;
-    let mut bob = server.user("bob").await;
-    ann.create_room("general", "public", &[]).await;
-    ann.join("general").await;
-    bob.join("general").await;
+    let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
     ann.send("general", "one").await;
     let token = ann.token.clone().unwrap();
 
@@ -416,11 +362,5 @@ async fn resume_takes_over_a_session_that_still_looks_alive() {
     bob.send("general", "two").await;
     assert_eq!(ann2.next_event_of("message").await["seq"], 2);
     ann2.send("general", "three").await;
-    bob.ok(json!({"type": "ping"})).await;
-    let flaps: Vec<Value> = bob
-        .take_events()
-        .into_iter()
-        .filter(|e| e["type"] == "left" || e["type"] == "joined")
-        .collect();
-    assert!(flaps.is_empty(), "bob saw {flaps:?}");
+    bob.assert_no_flap().await;
 }

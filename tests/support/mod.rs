@@ -164,6 +164,23 @@ impl TestServer {
         rookery::server::Running::shutdown(self.gate.clone(), self.handle.clone(), budget).await;
     }
 
+    /// Users `names` (registered, logged in), a public `room` created by the first, and every
+    /// one of them joined to it, in order.
+    pub async fn public_room<const N: usize>(&self, room: &str, names: [&str; N]) -> [Client; N] {
+        let mut clients = Vec::with_capacity(N);
+        for name in names {
+            clients.push(self.user(name).await);
+        }
+        clients[0].create_room(room, "public", &[]).await;
+        for client in &mut clients {
+            client.join(room).await;
+        }
+        match clients.try_into() {
+            Ok(clients) => clients,
+            Err(_) => unreachable!("one client per name"),
+        }
+    }
+
     pub async fn stop(self) {
         self.handle.stop(false).await;
     }
@@ -349,6 +366,17 @@ impl Client {
         );
     }
 
+    /// Asserts that no `joined` or `left` event has arrived (after a ping round trip).
+    pub async fn assert_no_flap(&mut self) {
+        self.ok(json!({"type": "ping"})).await;
+        let flaps: Vec<&Value> = self
+            .events
+            .iter()
+            .filter(|e| e["type"] == "left" || e["type"] == "joined")
+            .collect();
+        assert!(flaps.is_empty(), "saw {flaps:?}");
+    }
+
     pub fn take_events(&mut self) -> Vec<Value> {
         self.events.drain(..).collect()
     }
@@ -396,6 +424,18 @@ impl Client {
         let _ = self.conn.send_close().await;
         let _ = self.closed().await;
     }
+}
+
+/// Records the `ok` reply to a send of `key` as acked, for `who` (client and user name alike).
+pub fn record_ack(
+    history: &mut rookery::checker::History,
+    who: &str,
+    room: &str,
+    key: &str,
+    reply: &Value,
+) {
+    let seq = reply["seq"].as_i64().expect("an ack carries a seq");
+    history.acked(who, who, room, key, rookery::protocol::Seq(seq));
 }
 
 /// A TCP proxy in front of Postgres, on its own thread, that a test can cut and restore.
