@@ -97,7 +97,6 @@ pub struct Session {
     in_flight: usize,
     /// Whether one of them changes the session, so that later requests must wait.
     exclusive_in_flight: bool,
-    dispatching_exclusive: bool,
     waiting: VecDeque<(String, Request)>,
 }
 
@@ -133,7 +132,6 @@ impl Session {
             joining: HashMap::new(),
             in_flight: 0,
             exclusive_in_flight: false,
-            dispatching_exclusive: false,
             waiting: VecDeque::new(),
         }
     }
@@ -330,7 +328,6 @@ impl Session {
         F: ActorFuture<Session, Output = Result<Value, Error>> + 'static,
     {
         self.in_flight += 1;
-        self.exclusive_in_flight |= self.dispatching_exclusive;
         ctx.spawn(work.map(move |result, session, ctx| {
             session.reply(ctx, &id, result);
             session.in_flight -= 1;
@@ -371,9 +368,13 @@ impl Session {
     }
 
     fn run(&mut self, id: String, request: Request, ctx: &mut WsContext) {
-        self.dispatching_exclusive = request.changes_session();
+        let changes_session = request.changes_session();
+        let before = self.in_flight;
         self.dispatch(id, request, ctx);
-        self.dispatching_exclusive = false;
+        // Answered later: what comes after waits for it.
+        if changes_session && self.in_flight > before {
+            self.exclusive_in_flight = true;
+        }
     }
 
     fn close_if_drained(&mut self, ctx: &mut WsContext) {
