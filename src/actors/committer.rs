@@ -1,7 +1,8 @@
 //! The Committer: group commit across rooms. Rooms send it their batches (one in flight per
-//! room); it forwards them to the DB executor at once while an executor is free, and while all
-//! are busy it gathers what arrives into one combined batch, sent when an executor frees up,
-//! when `max_messages` are waiting, or after `max_wait`. One combined batch is one transaction.
+//! room); it forwards them to the DB executor at once while fewer than `max_in_flight`
+//! transactions run, and otherwise gathers what arrives into one combined batch, sent when a
+//! transaction finishes, when `max_messages` are waiting, or after `max_wait`. One combined
+//! batch is one transaction, so under load the batches grow instead of the transactions.
 //! Calls the DB executor ([`StoreBatches`]).
 //!
 //! Messages: [`StoreBatch`] (Room): replies when the transaction holding it has committed, or
@@ -19,7 +20,7 @@ type Reply = oneshot::Sender<Result<Vec<Stored>, StoreError>>;
 
 pub struct Committer {
     db: Recipient<StoreBatches>,
-    executors: usize,
+    max_in_flight: usize,
     max_messages: usize,
     max_wait: Duration,
     waiting: Vec<(StoreBatch, Reply)>,
@@ -31,13 +32,13 @@ pub struct Committer {
 impl Committer {
     pub fn new(
         db: Recipient<StoreBatches>,
-        executors: usize,
+        max_in_flight: usize,
         max_messages: usize,
         max_wait: Duration,
     ) -> Self {
         Committer {
             db,
-            executors: executors.max(1),
+            max_in_flight: max_in_flight.max(1),
             max_messages: max_messages.max(1),
             max_wait,
             waiting: Vec::new(),
@@ -83,13 +84,13 @@ impl Committer {
         }));
     }
 
-    /// Sends what is waiting when an executor is free or enough has gathered; otherwise makes
+    /// Sends what is waiting when a transaction may start or enough has gathered; otherwise makes
     /// sure the wait is bounded.
     fn maybe_flush(&mut self, ctx: &mut Context<Self>) {
         if self.waiting.is_empty() {
             return;
         }
-        if self.in_flight < self.executors || self.waiting_messages >= self.max_messages {
+        if self.in_flight < self.max_in_flight || self.waiting_messages >= self.max_messages {
             self.flush(ctx);
         } else if self.timer.is_none() {
             self.timer = Some(ctx.run_later(self.max_wait, |committer, ctx| {

@@ -490,7 +490,9 @@ impl Room {
                 })
                 .collect(),
         });
-        ctx.run_later(self.settings.store_timeout, move |room, _| {
+        // Cancelled when the batch completes: a context polls every timer it holds on each
+        // wake-up, so finished batches must not leave theirs behind.
+        let deadline = ctx.run_later(self.settings.store_timeout, move |room, _| {
             if room.in_flight.as_ref().is_some_and(|(id, _)| *id == batch) {
                 if let Some((_, replies)) = room.in_flight.as_mut() {
                     fail_all(std::mem::take(replies), "the commit did not finish in time");
@@ -498,6 +500,7 @@ impl Room {
             }
         });
         ctx.spawn(request.into_actor(self).map(move |result, room, ctx| {
+            ctx.cancel_future(deadline);
             let replies = room.in_flight.take().map(|(_, r)| r).unwrap_or_default();
             room.last_active = Instant::now();
             let outcome = match result {

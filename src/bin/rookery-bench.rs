@@ -168,6 +168,14 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
 }
 
+/// A fraction in [0, 1) fixed by `name`, spreading members over their send interval.
+fn phase(name: &str) -> f64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    name.hash(&mut hasher);
+    (hasher.finish() % 1_000_000) as f64 / 1_000_000.0
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
@@ -256,7 +264,15 @@ impl Bench {
 
     /// A body carrying its send time, padded to `bytes`.
     fn body(&self, bytes: usize) -> String {
-        let stamp = self.epoch.elapsed().as_micros().to_string();
+        self.body_due(bytes, Instant::now())
+    }
+
+    /// A body carrying the time its send was due, padded to `bytes`.
+    fn body_due(&self, bytes: usize, due: Instant) -> String {
+        let stamp = due
+            .saturating_duration_since(self.epoch)
+            .as_micros()
+            .to_string();
         let pad = bytes.saturating_sub(stamp.len() + 1);
         format!("{stamp} {}", "x".repeat(pad))
     }
@@ -402,7 +418,10 @@ async fn member_loop(
 ) {
     let mut pending: HashMap<String, (Instant, String)> = HashMap::new();
     let interval = (plan.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / plan.rate));
-    let mut next_send = Instant::now();
+    // Members start at spread-out phases of their interval: starting all at once would send
+    // every member's message in one burst per interval and measure the burst, not the rate.
+    let mut next_send =
+        Instant::now() + interval.map_or(Duration::ZERO, |step| step.mul_f64(phase(&peer.name)));
     let mut sent = 0u64;
     let mut last_frame = Instant::now();
     loop {
@@ -415,10 +434,17 @@ async fn member_loop(
             sent += 1;
             let key = format!("{}-m{sent}", peer.name);
             let id = peer.id();
+            // At a fixed rate latency counts from when the send was due, so a send held back
+            // by the in-flight bound is not measured as fast (no coordinated omission).
+            let due = if interval.is_some() {
+                next_send
+            } else {
+                Instant::now()
+            };
             let frame = request(
                 &id,
                 "send",
-                json!({"room": room, "body": bench.body(plan.body_bytes), "client_msg_id": key}),
+                json!({"room": room, "body": bench.body_due(plan.body_bytes, due), "client_msg_id": key}),
             );
             if peer.conn.send_json(&frame).await.is_err() {
                 return;
@@ -427,7 +453,7 @@ async fn member_loop(
                 .borrow_mut()
                 .history
                 .sent(&peer.name, &peer.name, room, &key);
-            pending.insert(id, (Instant::now(), key));
+            pending.insert(id, (due, key));
             if let Some(step) = interval {
                 next_send += step;
             }

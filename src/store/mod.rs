@@ -8,6 +8,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::sql_types::{Array, BigInt, Text, Timestamptz};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -390,8 +391,20 @@ pub fn store_batches(
     }
 }
 
-/// room, sender, client_msg_id, seq, time of a stored message.
-type EarlierRow = (i64, i64, Option<String>, i64, DateTime<Utc>);
+/// A stored message found by its retry key.
+#[derive(QueryableByName)]
+struct EarlierRow {
+    #[diesel(sql_type = BigInt)]
+    room_id: i64,
+    #[diesel(sql_type = BigInt)]
+    sender_id: i64,
+    #[diesel(sql_type = Text)]
+    client_msg_id: String,
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+}
 
 /// What happens to one post.
 enum Plan {
@@ -402,9 +415,9 @@ enum Plan {
 
 #[derive(QueryableByName)]
 struct Counter {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    #[diesel(sql_type = BigInt)]
     id: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    #[diesel(sql_type = BigInt)]
     last_seq: i64,
 }
 
@@ -413,34 +426,48 @@ fn store_batches_once(
     keys: &Keyring,
     batches: &[(RoomId, &[NewPost])],
 ) -> Result<Vec<Vec<Stored>>, StoreError> {
-    // 1. Earlier messages with the same retry keys, in every room of the batch at once.
+    // 1. Earlier messages with the same retry keys, in every room of the batch at once. Each
+    //    key is looked up as a whole (room, sender, key) so the unique index answers it without
+    //    reading the rest of the room.
     let rooms: Vec<i64> = batches.iter().map(|(room, _)| room.0).collect();
-    let retry_keys: Vec<&str> = batches
-        .iter()
-        .flat_map(|(_, posts)| posts.iter().filter_map(|p| p.client_msg_id.as_deref()))
-        .collect();
+    let mut key_rooms: Vec<i64> = Vec::new();
+    let mut key_senders: Vec<i64> = Vec::new();
+    let mut retry_keys: Vec<&str> = Vec::new();
+    for (room, posts) in batches {
+        for post in posts.iter() {
+            if let Some(key) = post.client_msg_id.as_deref() {
+                key_rooms.push(room.0);
+                key_senders.push(post.sender.0);
+                retry_keys.push(key);
+            }
+        }
+    }
     let mut earlier: HashMap<(i64, i64, String), Stored> = HashMap::new();
     if !retry_keys.is_empty() {
-        let found: Vec<EarlierRow> = messages::table
-            .filter(messages::room_id.eq_any(&rooms))
-            .filter(messages::client_msg_id.eq_any(&retry_keys))
-            .select((
-                messages::room_id,
-                messages::sender_id,
-                messages::client_msg_id,
-                messages::seq,
-                messages::created_at,
-            ))
-            .load(conn)?;
-        for (room, sender, key, seq, sent_at) in found {
-            if let Some(key) = key {
-                let stored = Stored {
-                    seq: Seq(seq),
-                    sent_at,
-                    duplicate: true,
-                };
-                earlier.insert((room, sender, key), stored);
-            }
+        let found: Vec<EarlierRow> = diesel::sql_query(
+            "SELECT m.room_id, m.sender_id, m.client_msg_id, m.seq, m.created_at \
+             FROM messages m \
+             JOIN unnest($1::bigint[], $2::bigint[], $3::text[]) AS k(room_id, sender_id, key) \
+             ON m.room_id = k.room_id AND m.sender_id = k.sender_id AND m.client_msg_id = k.key",
+        )
+        .bind::<Array<BigInt>, _>(&key_rooms)
+        .bind::<Array<BigInt>, _>(&key_senders)
+        .bind::<Array<Text>, _>(&retry_keys)
+        .load(conn)?;
+        for EarlierRow {
+            room_id,
+            sender_id,
+            client_msg_id,
+            seq,
+            created_at,
+        } in found
+        {
+            let stored = Stored {
+                seq: Seq(seq),
+                sent_at: created_at,
+                duplicate: true,
+            };
+            earlier.insert((room_id, sender_id, client_msg_id), stored);
         }
     }
     // 2. Which posts are new, per room.
@@ -484,8 +511,8 @@ fn store_batches_once(
              FROM unnest($1::bigint[], $2::bigint[]) AS v(id, n) \
              WHERE rooms.id = v.id RETURNING rooms.id, rooms.last_seq",
         )
-        .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&ids)
-        .bind::<diesel::sql_types::Array<diesel::sql_types::BigInt>, _>(&counts)
+        .bind::<Array<BigInt>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&counts)
         .load(conn)?;
         last_seqs.extend(counters.into_iter().map(|c| (c.id, c.last_seq)));
         if last_seqs.len() != ids.len() {
