@@ -433,8 +433,8 @@ mod tests {
         assert!(err.to_string().starts_with("crypto.keys.1"), "{err}");
         let err = Config::from_toml("[server]\nbind = \"nowhere\"").unwrap_err();
         assert!(err.to_string().starts_with("server.bind"), "{err}");
-        let err = Config::from_toml("[database]\nexecutors = 2\ncommits_in_flight = 3")
-            .unwrap_err();
+        let err =
+            Config::from_toml("[database]\nexecutors = 2\ncommits_in_flight = 3").unwrap_err();
         assert!(
             err.to_string().starts_with("database.commits_in_flight"),
             "{err}"

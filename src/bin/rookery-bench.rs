@@ -331,6 +331,25 @@ impl Peer {
 }
 
 /// Runs `count` futures made by `make`, at most `limit` at a time, collecting results in order.
+/// Reads and drops what set-up left queued on every connection (`joined` events: a room that
+/// M members join one by one sends about M²/2 of them) until each has been quiet for a moment,
+/// so that the measurement does not start behind a backlog.
+async fn settle(peers: &mut [Peer]) {
+    let quiet = Duration::from_millis(300);
+    all(peers
+        .iter_mut()
+        .map(|peer| async move { while peer.conn.recv_within(quiet).await.is_ok() {} }))
+    .await;
+}
+
+/// Runs `futures` together in this task, outside tokio's cooperative budget. One task polls
+/// thousands of connections here; with the budget, once it was spent every further socket
+/// read answered Pending and re-woke itself, and the task spun through all its connections
+/// without reading them (so pongs went out late and the server cut the connections).
+async fn all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    tokio::task::unconstrained(futures_util::future::join_all(futures)).await
+}
+
 async fn bounded<T, F, Fut>(count: usize, limit: usize, make: F) -> Vec<T>
 where
     F: Fn(usize) -> Fut,
@@ -544,6 +563,7 @@ async fn throughput(
             .history
             .covers(&peer.name, &room, last, None);
     }
+    settle(&mut peers).await;
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.duration);
     let loops = peers.iter_mut().enumerate().map(|(i, peer)| {
@@ -560,7 +580,7 @@ async fn throughput(
             member_loop(bench, peer, &room, &meter, plan, Duration::from_secs(2)).await
         }
     });
-    futures_util::future::join_all(loops).await;
+    all(loops).await;
     let elapsed = started
         .elapsed()
         .as_secs_f64()
@@ -621,6 +641,7 @@ async fn fanout(bench: &Bench, args: &FanoutArgs, report: &mut Report) -> Result
                 .covers(&peer.name, &room, last, None);
         }
     }
+    settle(&mut peers).await;
     // Per seq: the latest delivery time across members, for latency to the last member.
     let last_delivery: Shared<HashMap<i64, Duration>> = shared(HashMap::new());
     let per_sender = args.messages.div_ceil(senders);
@@ -653,10 +674,10 @@ async fn fanout(bench: &Bench, args: &FanoutArgs, report: &mut Report) -> Result
         let room = room.clone();
         async move { fanout_listener(bench, peer, &room, &meter, &last_delivery, expected).await }
     });
-    futures_util::future::join(
-        futures_util::future::join_all(send_loops),
-        futures_util::future::join_all(listen_loops),
-    )
+    tokio::task::unconstrained(futures_util::future::join(
+        all(send_loops),
+        all(listen_loops),
+    ))
     .await;
     let elapsed = started.elapsed().as_secs_f64();
     let mut to_last = histogram();
@@ -723,8 +744,13 @@ async fn connections(
     pid: Option<u32>,
     report: &mut Report,
 ) -> Result<(), String> {
-    let owner = bench.login(0).await?;
-    let token = owner.token.clone().ok_or("no token")?;
+    // Every connection logs in (a session of its own; a shared token would make each `resume`
+    // take over the one before) as one of a few users, like users with many devices. Few
+    // enough to register quickly, enough that the per-user limit on parallel logins does not
+    // serialize the opening.
+    let users = args.count.clamp(1, 200);
+    let owners = bounded(users, 100, |i| bench.login(i)).await;
+    let owners: Vec<Peer> = owners.into_iter().collect::<Result<_, _>>()?;
     let rss_before = server_rss_kib(pid);
     let started = Instant::now();
     // Each connection is read from the moment it is open (so it answers the server's pings
@@ -737,8 +763,8 @@ async fn connections(
     let rss_open: Shared<Option<u64>> = shared(None);
     let hold = Duration::from_secs_f64(args.hold);
     let tasks = (0..args.count).map(|i| {
-        let (token, gate, opened, failed, dropped) = (
-            token.clone(),
+        let credentials = json!({"username": bench.user(i % users), "password": "bench-password"});
+        let (gate, opened, failed, dropped) = (
             gate.clone(),
             opened.clone(),
             failed.clone(),
@@ -758,7 +784,7 @@ async fn connections(
                     .connect(&format!("c{i}"), Some(ip))
                     .await
                     .map_err(|e| e.to_string())?;
-                peer.call("resume", json!({"token": token})).await?;
+                peer.call_retrying("login", credentials).await?;
                 Ok::<_, String>(peer)
             }
             .await;
@@ -770,7 +796,7 @@ async fn connections(
                         .borrow_mut()
                         .entry(e.chars().take(80).collect())
                         .or_default() += 1;
-                    return;
+                    return None;
                 }
             };
             *opened.borrow_mut() += 1;
@@ -787,18 +813,21 @@ async fn connections(
                     Ok(_) | Err(ClientError::Timeout) => {}
                     Err(_) => {
                         *dropped.borrow_mut() += 1;
-                        return;
+                        return None;
                     }
                 }
             }
+            Some(peer)
         }
     });
-    futures_util::future::join_all(tasks).await;
+    // The held connections stay open until the server's RSS is read.
+    let held = all(tasks).await;
     let peers_len = *opened.borrow();
     let open_time = all_open_at.borrow().unwrap_or_default();
     let failed = failed.borrow().clone();
     let rss_open = *rss_open.borrow();
     let rss_end = server_rss_kib(pid);
+    drop(held);
     report.set("connections", peers_len as u64);
     report.set("open_seconds", open_time.as_secs_f64());
     report.set("failed_to_open", json!(failed));
@@ -809,12 +838,18 @@ async fn connections(
         report.set("server_rss_before_kib", before);
         report.set("server_rss_open_kib", open);
         report.set("server_rss_end_kib", end);
+        // The figure is taken at the end of the hold, when the connections have been idle;
+        // right after opening, the allocator has not yet given back the handshakes' memory.
         report.set(
             "server_rss_per_connection_kib",
+            (end.saturating_sub(before)) as f64 / n,
+        );
+        report.set(
+            "server_rss_per_connection_at_open_kib",
             (open.saturating_sub(before)) as f64 / n,
         );
     }
-    drop(owner);
+    drop(owners);
     report.verdict = Some(rookery::checker::Verdict::default());
     Ok(())
 }
@@ -925,10 +960,10 @@ async fn reconnect(bench: &Bench, args: &ReconnectArgs, report: &mut Report) -> 
             }
         }
     });
-    futures_util::future::join(
-        futures_util::future::join_all(send_loops),
-        futures_util::future::join_all(client_loops),
-    )
+    tokio::task::unconstrained(futures_util::future::join(
+        all(send_loops),
+        all(client_loops),
+    ))
     .await;
     let (all_back, back) = {
         let times = back_times.borrow();
@@ -1048,7 +1083,7 @@ async fn history(bench: &Bench, args: &HistoryArgs, report: &mut Report) -> Resu
             }
         }
     });
-    futures_util::future::join_all(loops).await;
+    all(loops).await;
     let elapsed = started.elapsed().as_secs_f64();
     report.set("pages_per_s", *pages.borrow() as f64 / elapsed);
     report.set("pages", *pages.borrow());
@@ -1108,7 +1143,7 @@ async fn echo(bench: &Bench, args: &EchoArgs, report: &mut Report) -> Result<(),
             }
         }
     });
-    futures_util::future::join_all(loops).await;
+    all(loops).await;
     report.set(
         "frames_per_s",
         *frames.borrow() as f64 / started.elapsed().as_secs_f64(),
