@@ -730,11 +730,37 @@ async fn store_batches_commits_rooms_together_and_never_duplicates_on_retry() {
     assert!(store_batches(&mut conn, &keys, &[(a.id, &more), (missing, &more)]).is_err());
     let next = store_batches(&mut conn, &keys, &[(a.id, &more)]).unwrap();
     assert_eq!(seqs(&next[0]), [(4, false), (5, false)]);
+    let unkeyed = [NewPost {
+        sender: user.id,
+        body: "no retry key".into(),
+        client_msg_id: None,
+    }];
+    let last = store_batches(&mut conn, &keys, &[(a.id, &unkeyed)]).unwrap();
+    assert_eq!(seqs(&last[0]), [(6, false)]);
+
+    // Read back: every stored body opens under its room and seq, keys are kept as sent.
+    let page = rookery::store::load_messages(&mut conn, &keys, &a, None, 10).unwrap();
+    let rows: Vec<(i64, Option<&str>, Option<&str>)> = page
+        .messages
+        .iter()
+        .map(|m| (m.seq.0, m.body.as_deref(), m.client_msg_id.as_deref()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (1, Some("a0"), Some("a0")),
+            (2, Some("a1"), Some("a1")),
+            (3, Some("a2"), Some("a2")),
+            (4, Some("c0"), Some("c0")),
+            (5, Some("c1"), Some("c1")),
+            (6, Some("no retry key"), None),
+        ]
+    );
     use diesel::dsl::count_star;
     use diesel::prelude::*;
     let stored: i64 = rookery::schema::messages::table
         .select(count_star())
         .first(&mut conn)
         .unwrap();
-    assert_eq!(stored, 7);
+    assert_eq!(stored, 8);
 }

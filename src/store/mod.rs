@@ -8,7 +8,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel::sql_types::{Array, BigInt, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bytea, Integer, Nullable, Text, Timestamptz};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -556,23 +556,41 @@ fn store_batches_once(
         }
         results.push(stored);
     }
-    for chunk in sealed.chunks(1000) {
-        let rows: Vec<NewMessage> = chunk
-            .iter()
-            .map(|(room, post, seq, sealed)| NewMessage {
-                room_id: room.0,
-                seq: seq.0,
-                sender_id: post.sender.0,
-                client_msg_id: post.client_msg_id.as_deref(),
-                key_id: sealed.key_id,
-                nonce: &sealed.nonce,
-                ciphertext: &sealed.ciphertext,
-                created_at: sent_at,
-            })
-            .collect();
-        diesel::insert_into(messages::table)
-            .values(&rows)
-            .execute(conn)?;
+    // One statement of column arrays: its text never changes, so Postgres plans it once,
+    // where a multi-row VALUES list is a new statement with 8 parameters per row each time.
+    if !sealed.is_empty() {
+        let mut room_ids = Vec::with_capacity(sealed.len());
+        let mut seqs = Vec::with_capacity(sealed.len());
+        let mut senders = Vec::with_capacity(sealed.len());
+        let mut retry_keys = Vec::with_capacity(sealed.len());
+        let mut key_ids = Vec::with_capacity(sealed.len());
+        let mut nonces = Vec::with_capacity(sealed.len());
+        let mut ciphertexts = Vec::with_capacity(sealed.len());
+        for (room, post, seq, sealed) in &sealed {
+            room_ids.push(room.0);
+            seqs.push(seq.0);
+            senders.push(post.sender.0);
+            retry_keys.push(post.client_msg_id.as_deref());
+            key_ids.push(sealed.key_id);
+            nonces.push(sealed.nonce.as_slice());
+            ciphertexts.push(sealed.ciphertext.as_slice());
+        }
+        diesel::sql_query(
+            "INSERT INTO messages \
+             (room_id, seq, sender_id, client_msg_id, key_id, nonce, ciphertext, created_at) \
+             SELECT r, s, u, k, kid, n, c, $8 FROM unnest($1::bigint[], $2::bigint[], \
+             $3::bigint[], $4::text[], $5::integer[], $6::bytea[], $7::bytea[]) \
+             AS t(r, s, u, k, kid, n, c)",
+        )
+        .bind::<Array<BigInt>, _>(&room_ids)
+        .bind::<Array<BigInt>, _>(&seqs)
+        .bind::<Array<BigInt>, _>(&senders)
+        .bind::<Array<Nullable<Text>>, _>(&retry_keys)
+        .bind::<Array<Integer>, _>(&key_ids)
+        .bind::<Array<Bytea>, _>(&nonces)
+        .bind::<Array<Bytea>, _>(&ciphertexts)
+        .bind::<Timestamptz, _>(sent_at)
+        .execute(conn)?;
     }
     Ok(results)
 }

@@ -66,16 +66,3 @@ pub struct MessageRow {
     pub created_at: DateTime<Utc>,
     pub username: String,
 }
-
-#[derive(Debug, Insertable)]
-#[diesel(table_name = crate::schema::messages)]
-pub struct NewMessage<'a> {
-    pub room_id: i64,
-    pub seq: i64,
-    pub sender_id: i64,
-    pub client_msg_id: Option<&'a str>,
-    pub key_id: i32,
-    pub nonce: &'a [u8],
-    pub ciphertext: &'a [u8],
-    pub created_at: DateTime<Utc>,
-}
