@@ -178,6 +178,73 @@ async fn resume_within_the_grace_restores_rooms_without_a_flap() {
 }
 
 #[actix_rt::test]
+async fn pipelined_resume_and_join_after_during_a_stream_deliver_each_message_once_in_order() {
+    let server = TestServer::start_with(|c| c.session.resume_grace_ms = 5000).await;
+    let [mut ann, mut carol] = server.public_room("general", ["ann", "carol"]).await;
+    carol.send("general", "before the drop").await;
+    let token = carol.token.clone().unwrap();
+    drop(carol); // the TCP connection goes away without a close frame
+    actix_rt::time::sleep(Duration::from_millis(200)).await;
+    let who = ann.ok(json!({"type": "who", "room": "general"})).await;
+    assert_eq!(
+        who["online"],
+        json!(["ann", "carol"]),
+        "carol is within the grace"
+    );
+
+    let total = 300;
+    let mut carol = server.connect().await;
+    for i in 0..total {
+        let frame = json!({"id": format!("s{i}"), "type": "send", "room": "general", "body": format!("m{i}"), "client_msg_id": format!("k{i}")});
+        ann.send_text(&frame.to_string()).await;
+        if i == 100 {
+            // Resume and recover in one go, while about 200 sends are still in flight.
+            let resume = json!({"id": "r", "type": "resume", "token": token});
+            let join = json!({"id": "j", "type": "join", "room": "general", "after": 1});
+            carol.send_text(&resume.to_string()).await;
+            carol.send_text(&join.to_string()).await;
+        }
+    }
+    let mut history = History::new();
+    let mut acked = 0;
+    while acked < total {
+        let frame = ann.read().await.unwrap();
+        if frame["type"] == "ok" {
+            let key = format!("k{}", frame["id"].as_str().unwrap().trim_start_matches('s'));
+            record_ack(&mut history, "ann", "general", &key, &frame);
+            acked += 1;
+        }
+    }
+    history.covers("carol", "general", Seq(1), None);
+    let resumed = carol.reply_to(&json!("r")).await;
+    assert_eq!(resumed["rooms"][0]["name"], "general", "{resumed}");
+    let joined = carol.reply_to(&json!("j")).await;
+    assert_eq!(joined["type"], "ok", "{joined}");
+    let early: Vec<Value> = carol
+        .take_events()
+        .into_iter()
+        .filter(|e| e["type"] == "message")
+        .collect();
+    assert!(
+        early.is_empty(),
+        "messages before the join reply: {early:?}"
+    );
+    for seq in seqs(&joined["missed"]) {
+        history.received("carol", "general", Seq(seq));
+    }
+    let mut last = joined["room"]["last_seq"].as_i64().unwrap();
+    while last < total as i64 + 1 {
+        let event = carol.next_event_of("message").await;
+        last = event["seq"].as_i64().unwrap();
+        history.received("carol", "general", Seq(last));
+    }
+    let stored = BTreeMap::from([("general".to_string(), server.stored("general"))]);
+    let verdict = history.verdict(&stored);
+    assert!(verdict.is_clean(), "{verdict}");
+    assert_eq!(verdict.acked, total);
+}
+
+#[actix_rt::test]
 async fn after_the_grace_the_user_has_left_and_resume_restores_nothing() {
     let server = TestServer::start_with(|c| c.session.resume_grace_ms = 300).await;
     let [ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;

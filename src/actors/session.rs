@@ -34,6 +34,15 @@ use std::net::IpAddr;
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+/// A room being joined: how many joins (a resume's restore, a `join`) are in flight, the
+/// newest seq their replies covered, and the events held back until the last one is answered.
+#[derive(Default)]
+struct Joining {
+    pending: usize,
+    covered: Option<Seq>,
+    held: Vec<(Option<Seq>, bytestring::ByteString)>,
+}
+
 /// Identifies one connection within this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SessionId(pub u64);
@@ -92,7 +101,7 @@ pub struct Session {
     yielding: bool,
     /// Rooms whose join reply has not been written yet, with the events that arrived for them
     /// meanwhile: they are written after the reply, so `missed` always comes before live events.
-    joining: HashMap<String, Vec<(Option<Seq>, bytestring::ByteString)>>,
+    joining: HashMap<String, Joining>,
     /// Requests answered asynchronously and not yet replied to.
     in_flight: usize,
     /// Whether one of them changes the session, so that later requests must wait.
@@ -195,15 +204,29 @@ impl Session {
     }
 
     fn start_joining(&mut self, room: &str) {
-        self.joining.entry(room.to_string()).or_default();
+        self.joining.entry(room.to_string()).or_default().pending += 1;
     }
 
-    /// Writes the events held back while `room` was joining, except messages the join reply
-    /// already covered (seq <= `covered`): each message reaches the client once.
+    /// Ends one join of `room`. When none is left, writes the events held back meanwhile,
+    /// except messages a join reply already covered (seq <= `covered`): each message reaches
+    /// the client once, in order. A `join {after}` that follows a `resume` before the resume's
+    /// held events went out (pipelined) thus holds them until its own reply.
     fn finish_joining(&mut self, room: &str, covered: Option<Seq>, ctx: &mut WsContext) {
+        let Some(joining) = self.joining.get_mut(room) else {
+            return;
+        };
+        joining.pending = joining.pending.saturating_sub(1);
+        joining.covered = joining.covered.max(covered);
+        if joining.pending > 0 {
+            return;
+        }
+        let Some(joining) = self.joining.remove(room) else {
+            return;
+        };
         let joined = self.rooms.contains_key(room);
-        for (seq, frame) in self.joining.remove(room).unwrap_or_default() {
-            let repeat = matches!((seq, covered), (Some(seq), Some(covered)) if seq <= covered);
+        for (seq, frame) in joining.held {
+            let repeat =
+                matches!((seq, joining.covered), (Some(seq), Some(covered)) if seq <= covered);
             if joined && !repeat {
                 self.write(ctx, frame);
             }
@@ -918,7 +941,7 @@ impl Handler<Deliver> for Session {
     fn handle(&mut self, msg: Deliver, ctx: &mut WsContext) {
         match msg {
             Deliver::Frame { room, seq, frame } => match self.joining.get_mut(&*room) {
-                Some(held) => held.push((seq, frame)),
+                Some(joining) => joining.held.push((seq, frame)),
                 // Frames still in flight after a `leave` are not for this client any more.
                 None if self.rooms.contains_key(&*room) => self.write(ctx, frame),
                 None => {}
