@@ -431,3 +431,23 @@ async fn resume_takes_over_a_session_that_still_looks_alive() {
     ann2.send("general", "three").await;
     bob.assert_no_flap().await;
 }
+
+#[actix_rt::test]
+async fn a_drop_right_after_the_join_reply_keeps_the_grace() {
+    let server = TestServer::start_with(|c| c.session.resume_grace_ms = 5000).await;
+    let [mut ann, carol] = server.public_room("general", ["ann", "carol"]).await;
+    let token = carol.token.clone().unwrap();
+    drop(carol); // right after her join reply, before the server's next timer tick
+    assert_eq!(ann.next_event_of("joined").await["user"], "carol");
+    actix_rt::time::sleep(Duration::from_millis(200)).await;
+    let who = ann.ok(json!({"type": "who", "room": "general"})).await;
+    assert_eq!(
+        who["online"],
+        json!(["ann", "carol"]),
+        "carol is within the grace"
+    );
+    let mut carol = server.connect().await;
+    let reply = carol.ok(json!({"type": "resume", "token": token})).await;
+    assert_eq!(reply["rooms"], json!([{"name": "general", "last_seq": 0}]));
+    ann.assert_no_flap().await;
+}

@@ -899,7 +899,12 @@ impl Actor for Session {
             names.push(name);
         }
         // Rooms whose join was still in flight: the room may have added this session already.
+        // A room whose join was answered but whose held events were not written yet is joined,
+        // and was detached or left above.
         for (name, _) in self.joining.drain() {
+            if names.contains(&name) {
+                continue;
+            }
             let directory = self.services.directory.clone();
             let session = self.id;
             actix::spawn(async move {
