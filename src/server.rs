@@ -113,7 +113,10 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
     let presence = PresenceHandle::of(&Presence::default().start());
     let committer = Committer::new(
         db.clone().recipient(),
-        config.database.commits_in_flight,
+        config
+            .database
+            .commits_in_flight
+            .min(config.database.executors),
         config.database.batch_max_messages,
         ms(config.database.batch_max_wait_ms),
     )

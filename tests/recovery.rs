@@ -245,6 +245,83 @@ async fn pipelined_resume_and_join_after_during_a_stream_deliver_each_message_on
 }
 
 #[actix_rt::test]
+async fn pipelined_resume_and_joins_of_two_rooms_hold_each_room_until_its_own_reply() {
+    let server = TestServer::start_with(|c| c.session.resume_grace_ms = 5000).await;
+    let [mut ann, mut carol] = server.public_room("a", ["ann", "carol"]).await;
+    ann.create_room("b", "public", &[]).await;
+    ann.join("b").await;
+    carol.join("b").await;
+    let token = carol.token.clone().unwrap();
+    drop(carol);
+    actix_rt::time::sleep(Duration::from_millis(200)).await;
+
+    let total = 300;
+    let mut carol = server.connect().await;
+    for i in 0..total {
+        let room = if i % 2 == 0 { "a" } else { "b" };
+        let frame = json!({"id": format!("s{i}"), "type": "send", "room": room, "body": format!("m{i}"), "client_msg_id": format!("k{i}")});
+        ann.send_text(&frame.to_string()).await;
+        if i == 100 {
+            for request in [
+                json!({"id": "r", "type": "resume", "token": token}),
+                json!({"id": "ja", "type": "join", "room": "a", "after": 0}),
+                json!({"id": "jb", "type": "join", "room": "b", "after": 0}),
+            ] {
+                carol.send_text(&request.to_string()).await;
+            }
+        }
+    }
+    let mut history = History::new();
+    let mut acked = 0;
+    while acked < total {
+        let frame = ann.read().await.unwrap();
+        if frame["type"] == "ok" {
+            let i: usize = frame["id"].as_str().unwrap()[1..].parse().unwrap();
+            let room = if i % 2 == 0 { "a" } else { "b" };
+            record_ack(&mut history, "ann", room, &format!("k{i}"), &frame);
+            acked += 1;
+        }
+    }
+    let mut answered = BTreeMap::new();
+    let mut last = BTreeMap::new();
+    while last.get("a") != Some(&150) || last.get("b") != Some(&150) {
+        let frame = carol.read().await.unwrap();
+        match (frame["type"].as_str(), frame["id"].as_str()) {
+            (Some("ok"), Some(id @ ("ja" | "jb"))) => {
+                let room = &id[1..];
+                history.covers("carol", room, Seq(0), None);
+                for seq in seqs(&frame["missed"]) {
+                    history.received("carol", room, Seq(seq));
+                }
+                last.insert(
+                    room.to_string(),
+                    frame["room"]["last_seq"].as_i64().unwrap(),
+                );
+                answered.insert(room.to_string(), true);
+            }
+            (Some("message"), _) => {
+                let room = frame["room"].as_str().unwrap().to_string();
+                assert!(
+                    answered.contains_key(&room),
+                    "{frame} came before its join reply"
+                );
+                let seq = frame["seq"].as_i64().unwrap();
+                history.received("carol", &room, Seq(seq));
+                last.insert(room, seq);
+            }
+            _ => {}
+        }
+    }
+    let stored = BTreeMap::from([
+        ("a".to_string(), server.stored("a")),
+        ("b".to_string(), server.stored("b")),
+    ]);
+    let verdict = history.verdict(&stored);
+    assert!(verdict.is_clean(), "{verdict}");
+    assert_eq!(verdict.acked, total);
+}
+
+#[actix_rt::test]
 async fn after_the_grace_the_user_has_left_and_resume_restores_nothing() {
     let server = TestServer::start_with(|c| c.session.resume_grace_ms = 300).await;
     let [ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;

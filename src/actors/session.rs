@@ -207,6 +207,19 @@ impl Session {
         self.joining.entry(room.to_string()).or_default().pending += 1;
     }
 
+    fn join_is_waiting(&self, room: &str) -> bool {
+        self.waiting
+            .iter()
+            .any(|(_, request)| matches!(request, Request::Join { room: r, .. } if r == room))
+    }
+
+    /// Ends one join of `room` but keeps its events held for a join that has not started yet.
+    fn hand_over_joining(&mut self, room: &str) {
+        if let Some(joining) = self.joining.get_mut(room) {
+            joining.pending = joining.pending.saturating_sub(1);
+        }
+    }
+
     /// Ends one join of `room`. When none is left, writes the events held back meanwhile,
     /// except messages a join reply already covered (seq <= `covered`): each message reaches
     /// the client once, in order. A `join {after}` that follows a `resume` before the resume's
@@ -584,10 +597,15 @@ impl Session {
                         }
                         names.push(name);
                     }
-                    // Events held while restoring go out right after the reply.
+                    // Events held while restoring go out right after the reply, unless a `join`
+                    // of the room was read already and waits its turn: its reply releases them.
                     ctx.run_later(Duration::ZERO, move |session, ctx| {
                         for name in names {
-                            session.finish_joining(&name, None, ctx);
+                            if session.join_is_waiting(&name) {
+                                session.hand_over_joining(&name);
+                            } else {
+                                session.finish_joining(&name, None, ctx);
+                            }
                         }
                     });
                     Ok(json!({ "user": user_json(&user), "rooms": rooms }))
@@ -702,6 +720,12 @@ impl Session {
             Request::Leave { room } => {
                 if let Some(addr) = self.rooms.remove(&room) {
                     addr.do_send(Leave { session: self.id });
+                }
+                // Events held for an answered join are from before the leave: not for the
+                // client any more, even if it joins again before they would have been written.
+                if let Some(joining) = self.joining.get_mut(&room) {
+                    joining.held.clear();
+                    joining.covered = None;
                 }
                 self.reply(ctx, &id, Ok(json!({})));
             }

@@ -556,8 +556,8 @@ fn store_batches_once(
         }
         results.push(stored);
     }
-    // One statement of column arrays: its text never changes, so Postgres plans it once,
-    // where a multi-row VALUES list is a new statement with 8 parameters per row each time.
+    // One statement of column arrays, 8 parameters for any number of rows, where a multi-row
+    // VALUES list has 8 per row for Postgres to parse and plan on every batch.
     if !sealed.is_empty() {
         let mut room_ids = Vec::with_capacity(sealed.len());
         let mut seqs = Vec::with_capacity(sealed.len());
