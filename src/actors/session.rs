@@ -213,24 +213,18 @@ impl Session {
             .any(|(_, request)| matches!(request, Request::Join { room: r, .. } if r == room))
     }
 
-    /// Ends one join of `room` but keeps its events held for a join that has not started yet.
-    fn hand_over_joining(&mut self, room: &str) {
-        if let Some(joining) = self.joining.get_mut(room) {
-            joining.pending = joining.pending.saturating_sub(1);
-        }
-    }
-
-    /// Ends one join of `room`. When none is left, writes the events held back meanwhile,
-    /// except messages a join reply already covered (seq <= `covered`): each message reaches
-    /// the client once, in order. A `join {after}` that follows a `resume` before the resume's
-    /// held events went out (pipelined) thus holds them until its own reply.
+    /// Ends one join of `room`. When none is left running or waiting its turn, writes the
+    /// events held back meanwhile, except messages a join reply already covered (seq <=
+    /// `covered`): each message reaches the client once, in order. A `join {after}` read right
+    /// behind a `resume` thus holds the room's events until its own reply.
     fn finish_joining(&mut self, room: &str, covered: Option<Seq>, ctx: &mut WsContext) {
+        let join_waiting = self.join_is_waiting(room);
         let Some(joining) = self.joining.get_mut(room) else {
             return;
         };
         joining.pending = joining.pending.saturating_sub(1);
         joining.covered = joining.covered.max(covered);
-        if joining.pending > 0 {
+        if joining.pending > 0 || join_waiting {
             return;
         }
         let Some(joining) = self.joining.remove(room) else {
@@ -597,15 +591,10 @@ impl Session {
                         }
                         names.push(name);
                     }
-                    // Events held while restoring go out right after the reply, unless a `join`
-                    // of the room was read already and waits its turn: its reply releases them.
+                    // Events held while restoring go out right after the reply.
                     ctx.run_later(Duration::ZERO, move |session, ctx| {
                         for name in names {
-                            if session.join_is_waiting(&name) {
-                                session.hand_over_joining(&name);
-                            } else {
-                                session.finish_joining(&name, None, ctx);
-                            }
+                            session.finish_joining(&name, None, ctx);
                         }
                     });
                     Ok(json!({ "user": user_json(&user), "rooms": rooms }))
