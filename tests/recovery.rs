@@ -39,6 +39,31 @@ async fn burst(client: &mut Client, room: &str, prefix: &str, count: usize) -> V
     acks
 }
 
+/// Sends message `i` of a stream into `room` without waiting: id `s{i}`, client_msg_id `k{i}`.
+async fn send_in_stream(client: &mut Client, i: usize, room: &str) {
+    let frame = json!({"id": format!("s{i}"), "type": "send", "room": room, "body": format!("m{i}"), "client_msg_id": format!("k{i}")});
+    client.send_text(&frame.to_string()).await;
+}
+
+/// Reads the acks of a stream of `total` sends by `sender` and records them in `history`.
+async fn record_stream_acks(
+    client: &mut Client,
+    history: &mut History,
+    sender: &str,
+    total: usize,
+    room_of: impl Fn(usize) -> &'static str,
+) {
+    let mut acked = 0;
+    while acked < total {
+        let frame = client.read().await.unwrap();
+        if frame["type"] == "ok" {
+            let i: usize = frame["id"].as_str().unwrap()[1..].parse().unwrap();
+            record_ack(history, sender, room_of(i), &format!("k{i}"), &frame);
+            acked += 1;
+        }
+    }
+}
+
 #[actix_rt::test]
 async fn join_after_returns_what_was_missed_from_memory_and_database() {
     let server = TestServer::start_with(|c| c.rooms.history_limit = 5).await;
@@ -101,8 +126,7 @@ async fn join_after_during_a_stream_of_sends_has_no_gap_and_no_duplicate() {
     ann.join("general").await;
     let total = 400;
     for i in 0..total {
-        let frame = json!({"id": format!("s{i}"), "type": "send", "room": "general", "body": format!("m{i}"), "client_msg_id": format!("k{i}")});
-        ann.send_text(&frame.to_string()).await;
+        send_in_stream(&mut ann, i, "general").await;
         if i == 150 {
             // Join while ~250 sends are still queued or being committed.
             carol
@@ -113,15 +137,7 @@ async fn join_after_during_a_stream_of_sends_has_no_gap_and_no_duplicate() {
         }
     }
     let mut history = History::new();
-    let mut acked = 0;
-    while acked < total {
-        let frame = ann.read().await.unwrap();
-        if frame["type"] == "ok" {
-            let key = format!("k{}", frame["id"].as_str().unwrap().trim_start_matches('s'));
-            record_ack(&mut history, "ann", "general", &key, &frame);
-            acked += 1;
-        }
-    }
+    record_stream_acks(&mut ann, &mut history, "ann", total, |_| "general").await;
     history.covers("carol", "general", Seq(0), None);
     let reply = carol.reply_to(&json!("j")).await;
     assert_eq!(reply["type"], "ok", "{reply}");
@@ -195,8 +211,7 @@ async fn pipelined_resume_and_join_after_during_a_stream_deliver_each_message_on
     let total = 300;
     let mut carol = server.connect().await;
     for i in 0..total {
-        let frame = json!({"id": format!("s{i}"), "type": "send", "room": "general", "body": format!("m{i}"), "client_msg_id": format!("k{i}")});
-        ann.send_text(&frame.to_string()).await;
+        send_in_stream(&mut ann, i, "general").await;
         if i == 100 {
             // Resume and recover in one go, while about 200 sends are still in flight.
             let resume = json!({"id": "r", "type": "resume", "token": token});
@@ -206,15 +221,7 @@ async fn pipelined_resume_and_join_after_during_a_stream_deliver_each_message_on
         }
     }
     let mut history = History::new();
-    let mut acked = 0;
-    while acked < total {
-        let frame = ann.read().await.unwrap();
-        if frame["type"] == "ok" {
-            let key = format!("k{}", frame["id"].as_str().unwrap().trim_start_matches('s'));
-            record_ack(&mut history, "ann", "general", &key, &frame);
-            acked += 1;
-        }
-    }
+    record_stream_acks(&mut ann, &mut history, "ann", total, |_| "general").await;
     history.covers("carol", "general", Seq(1), None);
     let resumed = carol.reply_to(&json!("r")).await;
     assert_eq!(resumed["rooms"][0]["name"], "general", "{resumed}");
@@ -257,10 +264,9 @@ async fn pipelined_resume_and_joins_of_two_rooms_hold_each_room_until_its_own_re
 
     let total = 300;
     let mut carol = server.connect().await;
+    let room_of = |i: usize| if i % 2 == 0 { "a" } else { "b" };
     for i in 0..total {
-        let room = if i % 2 == 0 { "a" } else { "b" };
-        let frame = json!({"id": format!("s{i}"), "type": "send", "room": room, "body": format!("m{i}"), "client_msg_id": format!("k{i}")});
-        ann.send_text(&frame.to_string()).await;
+        send_in_stream(&mut ann, i, room_of(i)).await;
         if i == 100 {
             for request in [
                 json!({"id": "r", "type": "resume", "token": token}),
@@ -272,16 +278,7 @@ async fn pipelined_resume_and_joins_of_two_rooms_hold_each_room_until_its_own_re
         }
     }
     let mut history = History::new();
-    let mut acked = 0;
-    while acked < total {
-        let frame = ann.read().await.unwrap();
-        if frame["type"] == "ok" {
-            let i: usize = frame["id"].as_str().unwrap()[1..].parse().unwrap();
-            let room = if i % 2 == 0 { "a" } else { "b" };
-            record_ack(&mut history, "ann", room, &format!("k{i}"), &frame);
-            acked += 1;
-        }
-    }
+    record_stream_acks(&mut ann, &mut history, "ann", total, room_of).await;
     let mut answered = BTreeMap::new();
     let mut last = BTreeMap::new();
     while last.get("a") != Some(&150) || last.get("b") != Some(&150) {

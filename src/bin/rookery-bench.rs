@@ -331,6 +331,24 @@ impl Peer {
 }
 
 /// Runs `count` futures made by `make`, at most `limit` at a time, collecting results in order.
+/// Joins peer `i` to `room_of(i)`, one after the other; from its join on, each must receive
+/// every message of its room (recorded for the checker, with the seq it joined at).
+async fn join_each(
+    peers: &mut [Peer],
+    meter: &Shared<Meter>,
+    room_of: impl Fn(usize) -> String,
+) -> Result<(), String> {
+    for (i, peer) in peers.iter_mut().enumerate() {
+        let room = room_of(i);
+        let reply = peer.call("join", json!({"room": room})).await?;
+        let last = Seq(reply["room"]["last_seq"].as_i64().unwrap_or(0));
+        let mut m = meter.borrow_mut();
+        m.history.covers(&peer.name, &room, last, None);
+        m.last_seq.insert((peer.name.clone(), room), last.0);
+    }
+    Ok(())
+}
+
 /// Reads and drops what set-up left queued on every connection (`joined` events: a room that
 /// M members join one by one sends about M²/2 of them) until each has been quiet for a moment,
 /// so that the measurement does not start behind a backlog.
@@ -554,15 +572,7 @@ async fn throughput(
             .await?;
     }
     let meter = shared(Meter::new());
-    for (i, peer) in peers.iter_mut().enumerate() {
-        let room = bench.room(i / args.members);
-        let reply = peer.call("join", json!({"room": room})).await?;
-        let last = Seq(reply["room"]["last_seq"].as_i64().unwrap_or(0));
-        meter
-            .borrow_mut()
-            .history
-            .covers(&peer.name, &room, last, None);
-    }
+    join_each(&mut peers, &meter, |i| bench.room(i / args.members)).await?;
     settle(&mut peers).await;
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.duration);
@@ -866,19 +876,7 @@ async fn reconnect(bench: &Bench, args: &ReconnectArgs, report: &mut Report) -> 
     }
     let meter = shared(Meter::new());
     let room_of = |i: usize| rooms[i % rooms.len()].clone();
-    for (i, peer) in peers.iter_mut().enumerate() {
-        let room = room_of(i);
-        let reply = peer.call("join", json!({"room": room})).await?;
-        let last = Seq(reply["room"]["last_seq"].as_i64().unwrap_or(0));
-        meter
-            .borrow_mut()
-            .history
-            .covers(&peer.name, &room, last, None);
-        meter
-            .borrow_mut()
-            .last_seq
-            .insert((peer.name.clone(), room), last.0);
-    }
+    join_each(&mut peers, &meter, room_of).await?;
     let (senders, clients) = peers.split_at_mut(args.senders);
     let phase = Duration::from_secs_f64(args.phase);
     let send_until = Instant::now() + phase * 2;
