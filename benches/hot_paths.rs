@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use rookery::actors::db::{LoadHistory, StoreBatch};
 use rookery::actors::presence::{Presence, PresenceHandle};
 use rookery::actors::room::{Deliver, Join, Post, Room, RoomSettings, StoreHandle};
-use rookery::actors::session::SessionId;
 use rookery::crypto::Keyring;
 use rookery::error::StoreError;
-use rookery::protocol::{parse_request, Event, MessageView, RoomId, RoomKind, Seq, UserId};
+use rookery::ids::{RoomId, Seq, SessionId, UserId};
+use rookery::protocol::{parse_request, Event, MessageView, RoomKind};
 use rookery::store::models::{HistoryPage, RoomRecord, RoomState, Stored, UserRecord};
 
 fn parsing(c: &mut Criterion) {

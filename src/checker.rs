@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
-use crate::protocol::Seq;
+use crate::ids::Seq;
 
 /// One stored message as the database (or a full history read) has it.
 #[derive(Debug, Clone, PartialEq, Eq)]

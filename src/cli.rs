@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::config::Config;
-use crate::error::{ConfigError, StartError};
+use crate::error::StartError;
 
 #[derive(Debug, Parser)]
 #[command(name = "rookery", version, about = "Rookery: a real-time chat server")]
@@ -41,7 +41,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::RotateKey => report(
             Config::load(cli.config.as_deref())
                 .map_err(StartError::from)
-                .and_then(|config| Ok(crate::crypto::add_key(&config)?))
+                .and_then(|config| {
+                    let key_file = config.key_file();
+                    Ok(crate::crypto::add_key(&config.key_source(&key_file))?)
+                })
                 .map(|(id, path)| {
                     println!(
                         "added message key {id} to {}; restart the server to seal new messages with it",
@@ -85,16 +88,11 @@ fn check_config(file: Option<&std::path::Path>) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(ConfigError::Load(problems)) => {
+        Err(e) => {
             eprintln!("configuration is invalid:");
-            for problem in problems.split("; ") {
+            for problem in e.problems() {
                 eprintln!("  {problem}");
             }
-            ExitCode::FAILURE
-        }
-        Err(first @ ConfigError::Invalid { .. }) => {
-            eprintln!("configuration is invalid:");
-            eprintln!("  {first}");
             ExitCode::FAILURE
         }
     }

@@ -1,16 +1,20 @@
 //! The configuration tree: config/default.toml (compiled in), then `--config FILE`, then
 //! ROOKERY__SECTION__KEY environment variables and DATABASE_URL. [`Config::load`] reads and
-//! validates it all; nothing is global, so tests and a later live reload build their own.
+//! validates it all and reports every problem at once, each with its key and where its value
+//! came from (file:line:col, or the environment variable); nothing is global, so tests and a
+//! later live reload build their own. Calls only [`crate::crypto::parse_key`] to check keys.
 
-use figment::providers::{Env, Format, Toml};
-use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Value};
+use figment::{Figment, Profile, Source};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::error::ConfigError;
+use crate::crypto::KeySource;
+use crate::error::{ConfigError, ConfigProblem};
 use crate::secret::Secret;
 
 /// The checked-in defaults; every key has a value there.
@@ -40,6 +44,8 @@ pub struct AuthConfig {
     pub failed_logins_per_ip: usize,
     /// The window for counting failed logins.
     pub failed_login_window_ms: u64,
+    /// How often the windows of failed logins that have run out are forgotten.
+    pub failed_login_sweep_ms: u64,
     /// Threads running bcrypt.
     pub bcrypt_threads: usize,
     /// Password checks that may wait for a bcrypt thread before `rate_limited`.
@@ -126,6 +132,10 @@ pub struct SessionConfig {
     pub outbound_queue: usize,
     /// How long a session whose connection dropped stays joined, waiting for a `resume`.
     pub resume_grace_ms: u64,
+    /// How long a `resume` waits for a session that still looks alive to hand its rooms over.
+    pub resume_handover_ms: u64,
+    /// Requests that may wait behind a session-changing one before `rate_limited`.
+    pub max_waiting_requests: usize,
     /// Sustained requests per second per connection; beyond the burst, `rate_limited`.
     pub requests_per_second: u32,
     /// Requests a connection may send at once before the rate applies.
@@ -173,13 +183,13 @@ impl Config {
         if let Some(path) = file {
             figment = figment.merge(Toml::file_exact(path));
         }
-        Self::from_figment(figment.merge(Self::env()))
+        Self::from_figment(&figment.merge(Self::env()))
     }
 
     /// Defaults with `overlay` (TOML text) on top; no file and no environment. For tests.
     pub fn from_toml(overlay: &str) -> Result<Config, ConfigError> {
         Self::from_figment(
-            Figment::new()
+            &Figment::new()
                 .merge(Toml::string(DEFAULT_TOML))
                 .merge(Toml::string(overlay)),
         )
@@ -195,31 +205,75 @@ impl Config {
             )
     }
 
-    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment.extract().map_err(|e| {
-            ConfigError::Load(
-                e.into_iter()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        })?;
-        let problems = config.problems();
-        if let Some(first) = problems.into_iter().next() {
-            return Err(first);
+    /// Reads every layer, then deserializes and validates, collecting every problem: a value
+    /// of the wrong type or an unknown key is noted and replaced by its default (or dropped),
+    /// and deserializing goes on, so one mistake does not hide the next.
+    fn from_figment(figment: &Figment) -> Result<Config, ConfigError> {
+        let unreadable = |e: figment::Error| {
+            let problems = e
+                .into_iter()
+                .map(|e| ConfigProblem {
+                    key: e.path.join("."),
+                    problem: e.kind.to_string(),
+                    origin: e
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.source.as_ref())
+                        .map(|s| s.to_string()),
+                })
+                .collect();
+            ConfigError::Invalid(problems)
+        };
+        let mut merged: Dict = figment.extract().map_err(unreadable)?;
+        let defaults: Dict = Figment::from(Toml::string(DEFAULT_TOML))
+            .extract()
+            .map_err(unreadable)?;
+        let mut problems = Vec::new();
+        let config = loop {
+            match Figment::from(Serialized::defaults(&merged)).extract::<Config>() {
+                Ok(config) => break config,
+                Err(e) if problems.len() < 100 => {
+                    let (key, problem) = match &e.kind {
+                        figment::error::Kind::UnknownField(field, _) => {
+                            let mut path = e.path.clone();
+                            if path.last() != Some(field) {
+                                path.push(field.clone());
+                            }
+                            (path, "unknown key".to_string())
+                        }
+                        kind => (e.path.clone(), kind.to_string()),
+                    };
+                    if !replace_with_default(&mut merged, &defaults, &key) {
+                        return Err(ConfigError::Invalid(vec![ConfigProblem::new(
+                            &key.join("."),
+                            problem,
+                        )]));
+                    }
+                    problems.push(ConfigProblem::new(&key.join("."), problem));
+                }
+                Err(e) => return Err(unreadable(e)),
+            }
+        };
+        let reported: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
+        problems.extend(
+            config
+                .problems()
+                .into_iter()
+                .filter(|p| !reported.contains(&p.key)),
+        );
+        if problems.is_empty() {
+            return Ok(config);
         }
-        Ok(config)
+        for problem in &mut problems {
+            problem.origin = origin_of(figment, &problem.key);
+        }
+        Err(ConfigError::Invalid(problems))
     }
 
-    /// Every problem found, each naming its key.
-    pub fn problems(&self) -> Vec<ConfigError> {
+    /// Every problem of the values found, each naming its key.
+    pub fn problems(&self) -> Vec<ConfigProblem> {
         let mut out = Vec::new();
-        let mut bad = |key: &str, problem: String| {
-            out.push(ConfigError::Invalid {
-                key: key.to_string(),
-                problem,
-            })
-        };
+        let mut bad = |key: &str, problem: String| out.push(ConfigProblem::new(key, problem));
         if self.server.bind.parse::<SocketAddr>().is_err() {
             bad(
                 "server.bind",
@@ -243,6 +297,14 @@ impl Config {
                 self.server.disconnect_timeout_ms,
             ),
             ("session.ping_interval_ms", self.session.ping_interval_ms),
+            (
+                "session.resume_handover_ms",
+                self.session.resume_handover_ms,
+            ),
+            (
+                "auth.failed_login_sweep_ms",
+                self.auth.failed_login_sweep_ms,
+            ),
             ("session.client_timeout_ms", self.session.client_timeout_ms),
             (
                 "session.bad_frame_window_ms",
@@ -303,6 +365,9 @@ impl Config {
         }
         if self.auth.bcrypt_queue == 0 {
             bad("auth.bcrypt_queue", "must be at least 1".into());
+        }
+        if self.session.max_waiting_requests == 0 {
+            bad("session.max_waiting_requests", "must be at least 1".into());
         }
         if self.session.outbound_queue == 0 {
             bad("session.outbound_queue", "must be at least 1".into());
@@ -373,6 +438,86 @@ impl Config {
             self.crypto.key_file.clone()
         }
     }
+
+    /// Where the message keys come from (`key_file` is [`Config::key_file`]).
+    pub fn key_source<'a>(&'a self, key_file: &'a Path) -> KeySource<'a> {
+        KeySource {
+            configured: &self.crypto.keys,
+            key_file,
+            warn_after_messages: self.crypto.warn_after_messages,
+        }
+    }
+}
+
+/// Puts the default value at `key` of `dict` (or removes the key when it has no default);
+/// false when `key` names nothing that can be replaced.
+fn replace_with_default(dict: &mut Dict, defaults: &Dict, key: &[String]) -> bool {
+    let Some((last, parents)) = key.split_last() else {
+        return false;
+    };
+    let mut target = dict;
+    let mut default = Some(defaults);
+    for part in parents {
+        default = default.and_then(|d| match d.get(part) {
+            Some(Value::Dict(_, inner)) => Some(inner),
+            _ => None,
+        });
+        match target.get_mut(part) {
+            Some(Value::Dict(_, inner)) => target = inner,
+            _ => return false,
+        }
+    }
+    match default.and_then(|d| d.get(last)) {
+        Some(value) => target.insert(last.clone(), value.clone()).is_some(),
+        None => target.remove(last).is_some(),
+    }
+}
+
+/// Where the value of `key` was set: "FILE:LINE:COL" for a file, the variable's name for the
+/// environment; None for the compiled-in defaults.
+fn origin_of(figment: &Figment, key: &str) -> Option<String> {
+    let metadata = figment.find_metadata(key)?;
+    match &metadata.source {
+        Some(Source::File(path)) => {
+            let located = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|text| locate_key(&text, key));
+            Some(match located {
+                Some((line, col)) => format!("{}:{line}:{col}", path.display()),
+                None => path.display().to_string(),
+            })
+        }
+        Some(Source::Code(_)) => None,
+        _ if metadata.name.contains("environment") => {
+            let parts: Vec<&str> = key.split('.').collect();
+            Some(metadata.interpolate(&Profile::Default, &parts))
+        }
+        _ => None,
+    }
+}
+
+/// The line and column (from 1) of `key` (dotted) in TOML `text`.
+pub fn locate_key(text: &str, key: &str) -> Option<(usize, usize)> {
+    let table = toml::de::DeTable::parse(text).ok()?;
+    let mut current = table.get_ref();
+    let mut span = None;
+    for part in key.split('.') {
+        let (name, value) = current.get_key_value(part)?;
+        span = Some(name.span());
+        match value.get_ref() {
+            toml::de::DeValue::Table(inner) => current = inner,
+            _ => break,
+        }
+    }
+    span.map(|span| line_col(text, span.start))
+}
+
+/// Line and column (from 1, in characters) of byte `offset` of `text`.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
 }
 
 /// The database named by a Postgres URL, if any.
@@ -434,6 +579,38 @@ mod tests {
             err.to_string().starts_with("database.commits_in_flight"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_where_it_was_set() {
+        let dir = std::env::temp_dir().join(format!("rookery-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("three.toml");
+        std::fs::write(
+            &file,
+            "[session]\nping_interval_ms = \"often\"\n\n[rooms]\nhistory_limitt = 3\n\n[server]\nbind = \"nowhere\"\n",
+        )
+        .unwrap();
+        let err = Config::load(Some(&file)).unwrap_err();
+        let shown: Vec<String> = err.problems().iter().map(ToString::to_string).collect();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let at = |line: usize, key: &str| {
+            shown
+                .iter()
+                .any(|p| p.starts_with(&format!("{}:{line}:1: {key}:", file.display())))
+        };
+        assert_eq!(shown.len(), 3, "{shown:#?}");
+        assert!(at(2, "session.ping_interval_ms"), "{shown:#?}");
+        assert!(at(5, "rooms.history_limitt"), "{shown:#?}");
+        assert!(at(8, "server.bind"), "{shown:#?}");
+    }
+
+    #[test]
+    fn locations_count_lines_and_characters_from_one() {
+        let text = "a = 1\n[b]\n  c = 2\n";
+        assert_eq!(locate_key(text, "a"), Some((1, 1)));
+        assert_eq!(locate_key(text, "b.c"), Some((3, 3)));
+        assert_eq!(locate_key(text, "b.d"), None);
     }
 
     #[test]

@@ -11,9 +11,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::config::Config;
 use crate::error::CryptoError;
-use crate::protocol::{RoomId, Seq};
+use crate::ids::{RoomId, Seq};
+use crate::secret::Secret;
 
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
@@ -33,6 +33,15 @@ pub struct Sealed {
     pub key_id: i32,
     pub nonce: Vec<u8>,
     pub ciphertext: Vec<u8>,
+}
+
+/// Where the message keys come from: keys given in configuration (id -> base64) and a key
+/// file of "id base64" lines, and when to start warning about a key's use.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySource<'a> {
+    pub configured: &'a BTreeMap<String, Secret>,
+    pub key_file: &'a Path,
+    pub warn_after_messages: u64,
 }
 
 /// The message keys by id. The highest id seals; every id opens.
@@ -135,15 +144,15 @@ impl Keyring {
 
     /// Keys from the config and the key file. With neither, generates a development key file
     /// (mode 0600) and warns loudly.
-    pub fn load(config: &Config) -> Result<Keyring, CryptoError> {
+    pub fn load(source: &KeySource<'_>) -> Result<Keyring, CryptoError> {
         let mut keys = BTreeMap::new();
-        for (id, key) in &config.crypto.keys {
+        for (id, key) in source.configured {
             let (id, key) = parse_key(id, key.expose())?;
             keys.insert(id, key);
         }
-        let path = config.key_file();
+        let path = source.key_file;
         if path.exists() {
-            for (id, key) in read_key_file(&path)? {
+            for (id, key) in read_key_file(path)? {
                 if keys.get(&id).is_some_and(|k| *k != key) {
                     return Err(CryptoError::BadKey {
                         id: id.to_string(),
@@ -153,7 +162,7 @@ impl Keyring {
                 keys.insert(id, key);
             }
         } else if keys.is_empty() {
-            let key = generate_key_file(&path)?;
+            let key = generate_key_file(path)?;
             log::warn!(
                 "NO MESSAGE KEY CONFIGURED: generated a development key in {}. Anyone with this \
                  file can read every stored message; configure crypto.keys for production.",
@@ -166,7 +175,7 @@ impl Keyring {
                 id: "-".into(),
                 problem: "no message key".into(),
             })?
-            .warn_at(config.crypto.warn_after_messages);
+            .warn_at(source.warn_after_messages);
         log::info!(
             "message keys loaded: ids {:?}, sealing with {}",
             ring.ids(),
@@ -262,11 +271,11 @@ fn read_key_file(path: &Path) -> Result<Vec<(i32, [u8; KEY_LEN])>, CryptoError> 
 /// `rookery rotate-key`: appends a new random key, with the next id, to the key file (created
 /// with mode 0600 if missing). New messages are sealed with it once the server restarts; old
 /// rows keep opening with their own key ids.
-pub fn add_key(config: &Config) -> Result<(i32, PathBuf), CryptoError> {
+pub fn add_key(source: &KeySource<'_>) -> Result<(i32, PathBuf), CryptoError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let path = config.key_file();
+    let path = source.key_file.to_path_buf();
     let mut highest = 0;
-    for (id, key) in &config.crypto.keys {
+    for (id, key) in source.configured {
         highest = highest.max(parse_key(id, key.expose())?.0);
     }
     if path.exists() {
@@ -393,11 +402,20 @@ mod tests {
         assert_eq!((keys.usage(1), keys.usage(2)), (10, 5));
     }
 
+    /// Keys from a key file in `dir` only, as with the default configuration.
+    fn source<'a>(none: &'a BTreeMap<String, Secret>, file: &'a Path) -> KeySource<'a> {
+        KeySource {
+            configured: none,
+            key_file: file,
+            warn_after_messages: DEFAULT_WARN_AT,
+        }
+    }
+
     #[test]
     fn rotation_appends_the_next_key() {
         let dir = std::env::temp_dir().join(format!("rookery-rotate-{}", uuid::Uuid::new_v4()));
-        let config =
-            Config::from_toml(&format!("data_dir = {:?}", dir.display().to_string())).unwrap();
+        let (none, file) = (BTreeMap::new(), dir.join("message-keys"));
+        let config = source(&none, &file);
         let first = Keyring::load(&config).unwrap();
         let sealed = first.seal(RoomId(1), Seq(1), b"old").unwrap();
         assert_eq!(add_key(&config).unwrap().0, 2);
@@ -421,13 +439,10 @@ mod tests {
     fn generated_key_file_is_private_and_reloads() {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("rookery-keys-{}", uuid::Uuid::new_v4()));
-        let config =
-            Config::from_toml(&format!("data_dir = {:?}", dir.display().to_string())).unwrap();
+        let (none, file) = (BTreeMap::new(), dir.join("message-keys"));
+        let config = source(&none, &file);
         let first = Keyring::load(&config).unwrap();
-        let mode = std::fs::metadata(config.key_file())
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let sealed = first.seal(RoomId(1), Seq(1), b"x").unwrap();
         let second = Keyring::load(&config).unwrap();

@@ -1,6 +1,8 @@
-//! Typed errors of each area and the one function, [`Error::to_wire`], that maps them to
+//! Typed errors, one enum per area, and the one function, [`Error::to_wire`], that maps them to
 //! protocol error codes with a message that is safe to show a client. Causes go to the log.
+//! Imports only the protocol's codes and the crates whose errors it wraps.
 
+use std::borrow::Cow;
 use thiserror::Error;
 
 use crate::protocol::{ErrorCode, Rejection};
@@ -14,18 +16,12 @@ pub enum StoreError {
     Conflict(&'static str),
     #[error("unknown user '{0}'")]
     UnknownMember(String),
-    #[error("invalid credentials")]
-    InvalidCredentials,
-    #[error("token unknown, expired or revoked")]
-    InvalidToken,
     #[error("database unavailable: {0}")]
     Unavailable(String),
     #[error("database error: {0}")]
     Database(#[from] diesel::result::Error),
     #[error("migration failed: {0}")]
     Migration(String),
-    #[error("password hashing failed: {0}")]
-    Hash(#[from] bcrypt::BcryptError),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
 }
@@ -59,28 +55,114 @@ pub enum CryptoError {
     },
 }
 
+/// Who a connection is, and who may try to be someone.
+#[derive(Debug, Error)]
+pub enum AuthError {
+    #[error("authentication required")]
+    Unauthenticated,
+    #[error("this connection is already authenticated")]
+    AlreadyAuthenticated,
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    #[error("token unknown, expired or revoked")]
+    InvalidToken,
+    #[error("too many failed logins")]
+    TooManyFailures,
+    #[error("the password hasher's queue is full")]
+    HasherBusy,
+    #[error("password hashing failed: {0}")]
+    Hashing(#[from] bcrypt::BcryptError),
+}
+
+/// Refusals of the connection itself, before any other actor is asked.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("over the request rate")]
+    TooManyRequests,
+    #[error("too many requests waiting")]
+    TooManyWaiting,
+}
+
+/// Why a room refused a request (`forbidden` on the wire, with this message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum Forbidden {
+    #[error("this private room is not open to you")]
+    NotMember,
+    #[error("join the room first")]
+    NotJoined,
+    #[error("the session to resume is gone")]
+    SessionGone,
+}
+
 /// Refusals and failures of a Room actor.
 #[derive(Debug, Error)]
 pub enum RoomError {
     #[error("room not found")]
     NotFound,
-    #[error("{0}")]
-    Forbidden(&'static str),
+    #[error("forbidden: {0}")]
+    Forbidden(Forbidden),
     #[error("body is larger than this room's limit of {max} bytes")]
     TooLarge { max: usize },
+    #[error("the commit did not finish within the store timeout")]
+    CommitTimeout,
+    #[error("the message waited longer than the store timeout for its batch")]
+    StoreBusy,
     #[error("the room actor is gone")]
     Gone,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-/// Failures reading or validating the configuration. `key` names the setting.
+/// The configuration could not be read or is invalid: every problem found, in order.
 #[derive(Debug, Error)]
 pub enum ConfigError {
-    #[error("{0}")]
-    Load(String),
-    #[error("{key}: {problem}")]
-    Invalid { key: String, problem: String },
+    #[error("{}", list(.0))]
+    Invalid(Vec<ConfigProblem>),
+}
+
+impl ConfigError {
+    pub fn problems(&self) -> &[ConfigProblem] {
+        match self {
+            ConfigError::Invalid(problems) => problems,
+        }
+    }
+}
+
+fn list(problems: &[ConfigProblem]) -> String {
+    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    lines.join("; ")
+}
+
+/// One problem of the configuration: the setting (dotted key), what is wrong, and where its
+/// value was set ("FILE:LINE:COL", or an environment variable), when known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub problem: String,
+    pub origin: Option<String>,
+}
+
+impl ConfigProblem {
+    pub fn new(key: &str, problem: impl Into<String>) -> Self {
+        ConfigProblem {
+            key: key.to_string(),
+            problem: problem.into(),
+            origin: None,
+        }
+    }
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.origin, self.key.is_empty()) {
+            (Some(origin), true) => write!(f, "{origin}: {}", self.problem),
+            (Some(origin), false) => write!(f, "{origin}: {}: {}", self.key, self.problem),
+            (None, true) => f.write_str(&self.problem),
+            (None, false) => write!(f, "{}: {}", self.key, self.problem),
+        }
+    }
 }
 
 /// Errors that stop the server from starting or a CLI command from completing.
@@ -102,9 +184,11 @@ pub enum StartError {
 #[derive(Debug, Error)]
 pub enum Error {
     #[error("{}", .0.message)]
-    Rejected(Rejection),
-    #[error("authentication required")]
-    Unauthenticated,
+    Invalid(Rejection),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
     #[error(transparent)]
     Room(#[from] RoomError),
     #[error(transparent)]
@@ -115,7 +199,7 @@ pub enum Error {
 
 impl From<Rejection> for Error {
     fn from(r: Rejection) -> Self {
-        Error::Rejected(r)
+        Error::Invalid(r)
     }
 }
 
@@ -123,17 +207,15 @@ impl Error {
     /// The one mapping from internal errors to the contract's codes. Internal causes are
     /// replaced by a generic message; the caller logs `self` for the operator.
     pub fn to_wire(&self) -> (ErrorCode, String) {
-        match self {
-            Error::Rejected(r) => (r.code, r.message.clone()),
-            Error::Unauthenticated => (ErrorCode::Unauthorized, "log in or resume first".into()),
-            Error::Room(RoomError::NotFound) => (ErrorCode::NotFound, "no such room".into()),
-            Error::Room(RoomError::Forbidden(why)) => (ErrorCode::Forbidden, (*why).into()),
-            Error::Room(e @ RoomError::TooLarge { .. }) => (ErrorCode::TooLarge, e.to_string()),
-            Error::Room(RoomError::Gone) | Error::Mailbox(_) => {
-                (ErrorCode::Unavailable, "try again".into())
-            }
-            Error::Room(RoomError::Store(e)) | Error::Store(e) => store_to_wire(e),
-        }
+        let (code, message) = match self {
+            Error::Invalid(r) => (r.code, Cow::Borrowed(r.message.as_str())),
+            Error::Auth(e) => auth_to_wire(e),
+            Error::Session(e) => session_to_wire(e),
+            Error::Room(e) => room_to_wire(e),
+            Error::Store(e) => store_to_wire(e),
+            Error::Mailbox(_) => (ErrorCode::Unavailable, "try again".into()),
+        };
+        (code, message.into_owned())
     }
 
     /// Whether the operator should hear about this error (it is not the client's doing).
@@ -145,38 +227,83 @@ impl Error {
     }
 }
 
-fn store_to_wire(e: &StoreError) -> (ErrorCode, String) {
-    match e {
-        StoreError::NotFound => (ErrorCode::NotFound, "not found".into()),
-        StoreError::Conflict(what) => (ErrorCode::Conflict, format!("{what} already exists")),
-        StoreError::UnknownMember(name) => (ErrorCode::NotFound, format!("unknown user '{name}'")),
-        StoreError::InvalidCredentials => (
-            ErrorCode::InvalidCredentials,
-            "wrong username or password".into(),
+fn auth_to_wire(e: &AuthError) -> (ErrorCode, Cow<'static, str>) {
+    let (code, message) = match e {
+        AuthError::Unauthenticated => (ErrorCode::Unauthorized, "log in or resume first"),
+        AuthError::AlreadyAuthenticated => (
+            ErrorCode::BadRequest,
+            "this connection is already authenticated",
         ),
-        StoreError::InvalidToken => (
-            ErrorCode::Unauthorized,
-            "token unknown, expired or revoked".into(),
+        AuthError::InvalidCredentials => {
+            (ErrorCode::InvalidCredentials, "wrong username or password")
+        }
+        AuthError::InvalidToken => (ErrorCode::Unauthorized, "token unknown, expired or revoked"),
+        AuthError::TooManyFailures => (
+            ErrorCode::RateLimited,
+            "too many failed logins; wait and retry",
         ),
-        StoreError::Unavailable(_) => (
+        AuthError::HasherBusy => (
+            ErrorCode::RateLimited,
+            "too many password checks in progress; retry shortly",
+        ),
+        AuthError::Hashing(_) => (ErrorCode::Internal, "internal error"),
+    };
+    (code, message.into())
+}
+
+fn session_to_wire(e: &SessionError) -> (ErrorCode, Cow<'static, str>) {
+    let (code, message) = match e {
+        SessionError::ShuttingDown => (ErrorCode::Unavailable, "the server is shutting down"),
+        SessionError::TooManyRequests => (ErrorCode::RateLimited, "too many requests; slow down"),
+        SessionError::TooManyWaiting => (
+            ErrorCode::RateLimited,
+            "too many requests waiting; slow down",
+        ),
+    };
+    (code, message.into())
+}
+
+fn room_to_wire(e: &RoomError) -> (ErrorCode, Cow<'static, str>) {
+    let (code, message) = match e {
+        RoomError::NotFound => (ErrorCode::NotFound, "no such room"),
+        RoomError::Forbidden(why) => return (ErrorCode::Forbidden, why.to_string().into()),
+        RoomError::CommitTimeout | RoomError::StoreBusy => (
+            ErrorCode::Unavailable,
+            "the database is unavailable; try again",
+        ),
+        RoomError::Gone => (ErrorCode::Unavailable, "try again"),
+        RoomError::TooLarge { .. } => return (ErrorCode::TooLarge, e.to_string().into()),
+        RoomError::Store(e) => return store_to_wire(e),
+    };
+    (code, message.into())
+}
+
+fn store_to_wire(e: &StoreError) -> (ErrorCode, Cow<'static, str>) {
+    let unavailable = || {
+        (
             ErrorCode::Unavailable,
             "the database is unavailable; try again".into(),
-        ),
-        StoreError::Database(diesel::result::Error::NotFound) => {
+        )
+    };
+    match e {
+        StoreError::NotFound | StoreError::Database(diesel::result::Error::NotFound) => {
             (ErrorCode::NotFound, "not found".into())
         }
+        StoreError::Conflict(what) => {
+            (ErrorCode::Conflict, format!("{what} already exists").into())
+        }
+        StoreError::UnknownMember(name) => {
+            (ErrorCode::NotFound, format!("unknown user '{name}'").into())
+        }
+        StoreError::Unavailable(_) => unavailable(),
         StoreError::Database(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::ClosedConnection
             | diesel::result::DatabaseErrorKind::UnableToSendCommand,
             _,
-        )) => (
-            ErrorCode::Unavailable,
-            "the database is unavailable; try again".into(),
-        ),
-        StoreError::Database(_)
-        | StoreError::Migration(_)
-        | StoreError::Hash(_)
-        | StoreError::Crypto(_) => (ErrorCode::Internal, "internal error".into()),
+        )) => unavailable(),
+        StoreError::Database(_) | StoreError::Migration(_) | StoreError::Crypto(_) => {
+            (ErrorCode::Internal, "internal error".into())
+        }
     }
 }
 
@@ -203,6 +330,25 @@ mod tests {
             Error::Store(StoreError::UnknownMember("zed".into())).to_wire(),
             (ErrorCode::NotFound, "unknown user 'zed'".into())
         );
-        assert!(!Error::Unauthenticated.is_server_fault());
+        assert!(!Error::Auth(AuthError::Unauthenticated).is_server_fault());
+    }
+
+    #[test]
+    fn timeouts_and_limits_have_their_codes() {
+        assert_eq!(
+            Error::Room(RoomError::CommitTimeout).to_wire().0,
+            ErrorCode::Unavailable
+        );
+        assert_eq!(
+            Error::Session(SessionError::TooManyWaiting).to_wire().0,
+            ErrorCode::RateLimited
+        );
+        assert_eq!(
+            Error::Auth(AuthError::InvalidCredentials).to_wire(),
+            (
+                ErrorCode::InvalidCredentials,
+                "wrong username or password".into()
+            )
+        );
     }
 }

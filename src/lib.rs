@@ -1,30 +1,38 @@
-//! Rookery: a real-time chat server on the actor model.
+//! Rookery: a real-time chat server on the actor model. The layers, each importing only the
+//! ones below it:
 //!
-//! - [`cli`]: command line (`serve`, `migrate`, `check-config`).
-//! - [`config`]: the layered configuration tree and its validation.
-//! - [`server`]: prepares the database, keys and TLS, starts the actors and serves HTTP until shutdown.
-//! - [`transport`]: the WebSocket binding; the only place that names actix-web-actors.
-//! - [`protocol`]: the wire contract of docs/protocol.md: requests, replies, events, error codes, name rules.
-//! - [`actors`]: `Session` (one per connection), `Room` and its `Directory`, `Presence`, `DbExecutor`.
+//! - [`cli`] and [`server`]: the command line; bring-up, serving and shutdown.
+//! - [`transport`]: the WebSocket upgrade and frame stream; starts and feeds sessions.
+//! - [`session`]: one per connection: the actor shell and its plain parts (frame guard,
+//!   request pipeline, room joins, phase).
+//! - [`actors`]: `Room` and its `Directory`, `Presence`, `Gate`, `Hasher`, `Committer`, and
+//!   the `DbExecutor` pool.
 //! - [`store`]: plain functions over a Postgres connection; [`schema`] is diesel's table map.
-//! - [`crypto`]: AES-256-GCM sealing of message bodies with rotating keys.
-//! - [`tls`]: the TLS acceptor and the development self-signed certificate.
+//! - [`crypto`]: AES-256-GCM sealing of message bodies with rotating keys; [`tls`]: the TLS
+//!   acceptor and the development certificate.
+//! - [`protocol`]: the wire contract of docs/protocol.md: requests, replies, events, names.
 //! - [`error`]: typed errors per area and their one mapping to protocol error codes.
-//! - [`secret`]: a string whose Debug never shows it.
-//! - [`checker`]: the history checker of fault tests and the load tool.
-//! - [`client`]: the client side of the protocol, for tests, rookery-bench and clients.
+//! - [`config`]: the layered configuration tree, read and checked all at once.
+//! - [`ids`]: the identifiers every layer shares; [`secret`]: a string Debug never shows.
+//!
+//! With the `tools` feature (tests and rookery-bench; never the server): [`client`], the client
+//! side of the protocol, and [`checker`], the history checker of fault and load runs.
 
 pub mod actors;
+#[cfg(feature = "tools")]
 pub mod checker;
 pub mod cli;
+#[cfg(feature = "tools")]
 pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod ids;
 pub mod protocol;
 pub mod schema;
 pub mod secret;
 pub mod server;
+pub mod session;
 pub mod store;
 pub mod tls;
 pub mod transport;

@@ -1,9 +1,12 @@
 //! Bring-up and serving: prepares the database (create, migrate), the message keys and TLS;
-//! starts the DB-executor pool, Presence and the room Directory; serves `GET /ws` and
-//! `GET /healthz` on a listener the caller bound (tests bind port 0) until shutdown.
+//! starts the DB-executor pool, Presence, the room Directory and the rest of the actors; serves
+//! `GET /ws` and `GET /healthz` on a listener the caller bound (tests bind port 0) until the
+//! shutdown future the caller gives resolves ([`run`]). Nothing imports this module but the
+//! command line.
 
 use actix::prelude::*;
 use actix_web::{http::header, middleware, web, App, HttpResponse, HttpServer};
+use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,20 +18,14 @@ use crate::actors::gate::{DrainAll, Gate, GateSettings};
 use crate::actors::hasher::HasherHandle;
 use crate::actors::presence::{Presence, PresenceHandle};
 use crate::actors::room::{RoomSettings, StoreHandle};
-use crate::actors::session::{Services, SessionSettings};
 use crate::config::{ms, Config};
 use crate::crypto::Keyring;
 use crate::error::StartError;
+use crate::ids::SessionIds;
+use crate::session::guard::GuardSettings;
+use crate::session::{Services, SessionSettings};
 use crate::store::{self, PgPool};
-use crate::transport;
-
-/// What every HTTP worker shares.
-pub struct AppState {
-    pub services: Services,
-    pub sessions: Arc<SessionSettings>,
-    /// Browser origins allowed besides the server's own.
-    pub allowed_origins: Vec<String>,
-}
+use crate::transport::ws::{self as transport, Transport};
 
 /// Everything the server needs that takes blocking work to get.
 pub struct Prepared {
@@ -68,7 +65,8 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
         ms(config.database.connect_timeout_ms),
         ms(config.database.statement_timeout_ms),
     )?;
-    let keys = Arc::new(Keyring::load(&config)?);
+    let key_file = config.key_file();
+    let keys = Arc::new(Keyring::load(&config.key_source(&key_file))?);
     let mut conn = pool.get().map_err(store_unavailable)?;
     keys.record_usage(&store::key_usage(&mut conn)?);
     drop(conn);
@@ -92,8 +90,29 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
     })
 }
 
-/// Starts the actors and the HTTP server on `listener`. Must run inside an actix System;
-/// the returned server runs until stopped through its handle or by SIGINT/SIGTERM.
+/// How the shutdown future asks the server to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Stop accepting, let every session finish the requests it accepted (sends are
+    /// committed, acked and delivered) and close with 1001, then stop; bounded by
+    /// `server.shutdown_timeout_ms`. What SIGTERM and SIGINT do.
+    Graceful,
+    /// Stop at once, as a crash would (tests of recovery).
+    Now,
+}
+
+/// Serves on `listener` until `shutdown` resolves, then stops as it says. Must run inside an
+/// actix System.
+pub async fn run(
+    prepared: Prepared,
+    listener: TcpListener,
+    shutdown: impl Future<Output = Stop>,
+) -> Result<(), StartError> {
+    start(prepared, listener)?.run_until(shutdown).await
+}
+
+/// Starts the actors and the HTTP server on `listener` (the part of [`run`] that can fail at
+/// once). Must run inside an actix System.
 pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, StartError> {
     let Prepared {
         config,
@@ -136,6 +155,7 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
             store_timeout: ms(config.database.store_timeout_ms),
             resume_grace: ms(config.session.resume_grace_ms),
         },
+        ms(config.session.resume_handover_ms),
     )
     .start();
     let gate = Gate::new(GateSettings {
@@ -143,6 +163,7 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
         failed_logins_per_user: config.auth.failed_logins_per_user,
         failed_logins_per_ip: config.auth.failed_logins_per_ip,
         failed_login_window: ms(config.auth.failed_login_window_ms),
+        sweep_interval: ms(config.auth.failed_login_sweep_ms),
     })
     .start();
     let hasher = HasherHandle::start(
@@ -160,20 +181,24 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
     let sessions = Arc::new(SessionSettings {
         ping_interval: ms(config.session.ping_interval_ms),
         client_timeout: ms(config.session.client_timeout_ms),
-        max_frame_bytes: config.session.max_frame_bytes,
-        bad_frame_limit: config.session.bad_frame_limit,
-        bad_frame_window: ms(config.session.bad_frame_window_ms),
         outbound_queue: config.session.outbound_queue,
         outbound_limit_bytes: config.session.outbound_limit_bytes,
-        requests_per_second: config.session.requests_per_second,
-        request_burst: config.session.request_burst,
+        max_waiting_requests: config.session.max_waiting_requests,
+        guard: GuardSettings {
+            max_message_bytes: config.session.max_frame_bytes,
+            bad_frame_limit: config.session.bad_frame_limit,
+            bad_frame_window: ms(config.session.bad_frame_window_ms),
+            requests_per_second: config.session.requests_per_second,
+            request_burst: config.session.request_burst,
+        },
     });
     let tls_on = tls.is_some();
     let gate = services.gate.clone();
-    let state = web::Data::new(AppState {
+    let state = web::Data::new(Transport {
         services,
         sessions,
         allowed_origins: config.server.allowed_origins.clone(),
+        ids: SessionIds::default(),
     });
     let mut server = HttpServer::new(move || {
         let mut headers = middleware::DefaultHeaders::new()
@@ -191,7 +216,7 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
         App::new()
             .app_data(state.clone())
             .wrap(headers)
-            .route("/ws", web::get().to(transport::ws::upgrade))
+            .route("/ws", web::get().to(transport::upgrade))
             .route("/healthz", web::get().to(healthz))
     })
     .max_connections(config.server.max_connections_per_worker)
@@ -223,33 +248,42 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
     })
 }
 
-/// A started server: await `server` to run it; `shutdown` drains it.
+/// A started server; [`Running::run_until`] serves until shutdown.
 pub struct Running {
-    pub server: actix_web::dev::Server,
+    server: actix_web::dev::Server,
     gate: Addr<Gate>,
     shutdown_timeout: Duration,
 }
 
 impl Running {
-    /// Graceful shutdown: stop accepting, let every session finish the requests it accepted
-    /// (sends are committed, acked and delivered) and close with 1001, then stop the server.
-    /// Bounded by `server.shutdown_timeout_ms`.
-    pub async fn shutdown(
-        gate: Addr<Gate>,
-        handle: actix_web::dev::ServerHandle,
-        budget: Duration,
-    ) {
-        handle.pause().await;
-        let _ = gate.send(DrainAll { deadline: budget }).await;
-        handle.stop(true).await;
+    /// Serves until `shutdown` resolves, then stops as it says; returns once stopped.
+    pub async fn run_until(self, shutdown: impl Future<Output = Stop>) -> Result<(), StartError> {
+        let handle = self.server.handle();
+        // The server's future also carries out its handle's commands: keep it polled.
+        let mut serving = actix::spawn(self.server);
+        let stop = tokio::select! {
+            finished = &mut serving => return finished_server(finished),
+            stop = shutdown => stop,
+        };
+        match stop {
+            Stop::Graceful => {
+                handle.pause().await;
+                let deadline = self.shutdown_timeout;
+                let _ = self.gate.send(DrainAll { deadline }).await;
+                handle.stop(true).await;
+            }
+            Stop::Now => handle.stop(false).await,
+        }
+        finished_server(serving.await)
     }
+}
 
-    pub fn gate(&self) -> Addr<Gate> {
-        self.gate.clone()
-    }
-
-    pub fn shutdown_timeout(&self) -> Duration {
-        self.shutdown_timeout
+fn finished_server(
+    finished: Result<std::io::Result<()>, tokio::task::JoinError>,
+) -> Result<(), StartError> {
+    match finished {
+        Ok(result) => Ok(result?),
+        Err(e) => Err(StartError::Io(std::io::Error::other(e.to_string()))),
     }
 }
 
@@ -263,20 +297,13 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     let prepared = prepare(config)?;
     let listener = TcpListener::bind(&bind)
         .map_err(|e| StartError::Io(std::io::Error::new(e.kind(), format!("bind {bind}: {e}"))))?;
-    let system = System::new();
-    system.block_on(async move {
-        let running = start(prepared, listener)?;
-        let handle = running.server.handle();
-        let (gate, budget) = (running.gate(), running.shutdown_timeout());
-        actix::spawn(async move {
-            let signal = wait_for_signal().await;
-            log::info!("{signal} received: shutting down gracefully");
-            Running::shutdown(gate, handle, budget).await;
-        });
-        running.server.await?;
-        log::info!("server stopped");
-        Ok::<_, StartError>(())
-    })
+    System::new().block_on(run(prepared, listener, async {
+        let signal = wait_for_signal().await;
+        log::info!("{signal} received: shutting down gracefully");
+        Stop::Graceful
+    }))?;
+    log::info!("server stopped");
+    Ok(())
 }
 
 async fn wait_for_signal() -> &'static str {

@@ -16,9 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 use rookery::actors::db::{DbExecutor, DbSettings, LoadHistory, StoreBatch};
 use rookery::actors::presence::{Presence, PresenceHandle};
 use rookery::actors::room::*;
-use rookery::actors::session::SessionId;
 use rookery::error::{Error, RoomError, StoreError};
-use rookery::protocol::{ErrorCode, RoomId, RoomKind, Seq, UserId};
+use rookery::ids::{RoomId, Seq, SessionId, UserId};
+use rookery::protocol::{ErrorCode, RoomKind};
 use rookery::store::models::{HistoryPage, RoomRecord, RoomState, Stored, UserRecord};
 use support::*;
 

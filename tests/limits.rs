@@ -7,7 +7,7 @@ mod support;
 
 use rookery::checker::History;
 use rookery::client::ClientError;
-use rookery::protocol::Seq;
+use rookery::ids::Seq;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::Read;

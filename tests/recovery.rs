@@ -6,7 +6,7 @@
 mod support;
 
 use rookery::checker::History;
-use rookery::protocol::Seq;
+use rookery::ids::Seq;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;

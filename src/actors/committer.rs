@@ -1,7 +1,7 @@
 //! The Committer: group commit across rooms. Rooms send it their batches (one in flight per
 //! room); it forwards them to the DB executor at once while fewer than `max_in_flight`
 //! transactions run, and otherwise gathers what arrives into one combined batch, sent when a
-//! transaction finishes, when `max_messages` are waiting, or after `max_wait`. One combined
+//! transaction finishes, when `max_messages` are gathered, or after `max_wait`. One combined
 //! batch is one transaction, so under load the batches grow instead of the transactions.
 //! Calls the DB executor ([`StoreBatches`]).
 //!
@@ -16,15 +16,15 @@ use crate::actors::db::{StoreBatch, StoreBatches};
 use crate::error::StoreError;
 use crate::store::models::Stored;
 
-type Reply = oneshot::Sender<Result<Vec<Stored>, StoreError>>;
+type BatchSender = oneshot::Sender<Result<Vec<Stored>, StoreError>>;
 
 pub struct Committer {
     db: Recipient<StoreBatches>,
     max_in_flight: usize,
     max_messages: usize,
     max_wait: Duration,
-    waiting: Vec<(StoreBatch, Reply)>,
-    waiting_messages: usize,
+    gathered: Vec<(StoreBatch, BatchSender)>,
+    gathered_messages: usize,
     in_flight: usize,
     timer: Option<SpawnHandle>,
 }
@@ -41,8 +41,8 @@ impl Committer {
             max_in_flight: max_in_flight.max(1),
             max_messages: max_messages.max(1),
             max_wait,
-            waiting: Vec::new(),
-            waiting_messages: 0,
+            gathered: Vec::new(),
+            gathered_messages: 0,
             in_flight: 0,
             timer: None,
         }
@@ -52,11 +52,12 @@ impl Committer {
         if let Some(timer) = self.timer.take() {
             ctx.cancel_future(timer);
         }
-        if self.waiting.is_empty() {
+        if self.gathered.is_empty() {
             return;
         }
-        let (batches, replies): (Vec<StoreBatch>, Vec<Reply>) = self.waiting.drain(..).unzip();
-        self.waiting_messages = 0;
+        let (batches, replies): (Vec<StoreBatch>, Vec<BatchSender>) =
+            self.gathered.drain(..).unzip();
+        self.gathered_messages = 0;
         self.in_flight += 1;
         let request = self.db.send(StoreBatches { batches });
         ctx.spawn(request.into_actor(self).map(move |result, committer, ctx| {
@@ -84,13 +85,13 @@ impl Committer {
         }));
     }
 
-    /// Sends what is waiting when a transaction may start or enough has gathered; otherwise makes
+    /// Sends what is gathered when a transaction may start or enough has gathered; otherwise makes
     /// sure the wait is bounded.
     fn maybe_flush(&mut self, ctx: &mut Context<Self>) {
-        if self.waiting.is_empty() {
+        if self.gathered.is_empty() {
             return;
         }
-        if self.in_flight < self.max_in_flight || self.waiting_messages >= self.max_messages {
+        if self.in_flight < self.max_in_flight || self.gathered_messages >= self.max_messages {
             self.flush(ctx);
         } else if self.timer.is_none() {
             self.timer = Some(ctx.run_later(self.max_wait, |committer, ctx| {
@@ -110,8 +111,8 @@ impl Handler<StoreBatch> for Committer {
 
     fn handle(&mut self, msg: StoreBatch, ctx: &mut Context<Self>) -> Self::Result {
         let (reply, answer) = oneshot::channel();
-        self.waiting_messages += msg.posts.len();
-        self.waiting.push((msg, reply));
+        self.gathered_messages += msg.posts.len();
+        self.gathered.push((msg, reply));
         self.maybe_flush(ctx);
         Box::pin(async move {
             answer

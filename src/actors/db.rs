@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use crate::crypto::Keyring;
 use crate::error::StoreError;
-use crate::protocol::{RoomId, RoomKind, Seq, UserId};
+use crate::ids::{RoomId, Seq, UserId};
+use crate::protocol::{RoomKind, RoomName, Username};
 use crate::secret::Secret;
 use crate::store::models::*;
 use crate::store::{self, NewPost, PgPool};
@@ -104,7 +105,7 @@ impl Actor for DbExecutor {
 #[derive(Debug, Message)]
 #[rtype(result = "Result<UserRecord, StoreError>")]
 pub struct CreateUser {
-    pub username: String,
+    pub username: Username,
     pub password_hash: String,
 }
 
@@ -112,7 +113,11 @@ impl Handler<CreateUser> for DbExecutor {
     type Result = Result<UserRecord, StoreError>;
 
     fn handle(&mut self, msg: CreateUser, _: &mut Self::Context) -> Self::Result {
-        store::create_user(&mut *self.conn()?, &msg.username, &msg.password_hash)
+        store::create_user(
+            &mut *self.conn()?,
+            msg.username.as_str(),
+            &msg.password_hash,
+        )
     }
 }
 
@@ -120,14 +125,14 @@ impl Handler<CreateUser> for DbExecutor {
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Option<(UserRecord, String)>, StoreError>")]
 pub struct FindLogin {
-    pub username: String,
+    pub username: Username,
 }
 
 impl Handler<FindLogin> for DbExecutor {
     type Result = Result<Option<(UserRecord, String)>, StoreError>;
 
     fn handle(&mut self, msg: FindLogin, _: &mut Self::Context) -> Self::Result {
-        store::find_login(&mut *self.conn()?, &msg.username)
+        store::find_login(&mut *self.conn()?, msg.username.as_str())
     }
 }
 
@@ -166,15 +171,16 @@ impl Handler<IssueToken> for DbExecutor {
     }
 }
 
-/// Session → DbExecutor: resume. Replies the token's user, or `InvalidToken`.
+/// Session → DbExecutor: resume. Replies the token's user; None when the token is unknown,
+/// expired or revoked.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<UserRecord, StoreError>")]
+#[rtype(result = "Result<Option<UserRecord>, StoreError>")]
 pub struct ResumeToken {
     pub hash: TokenHash,
 }
 
 impl Handler<ResumeToken> for DbExecutor {
-    type Result = Result<UserRecord, StoreError>;
+    type Result = Result<Option<UserRecord>, StoreError>;
 
     fn handle(&mut self, msg: ResumeToken, _: &mut Self::Context) -> Self::Result {
         store::user_by_token(&mut *self.conn()?, &msg.hash.0)
@@ -215,22 +221,23 @@ impl Handler<ListRooms> for DbExecutor {
 #[derive(Debug, Message)]
 #[rtype(result = "Result<RoomRecord, StoreError>")]
 pub struct CreateRoom {
-    pub name: String,
+    pub name: RoomName,
     pub kind: RoomKind,
     pub owner: UserRecord,
-    pub members: Vec<String>,
+    pub members: Vec<Username>,
 }
 
 impl Handler<CreateRoom> for DbExecutor {
     type Result = Result<RoomRecord, StoreError>;
 
     fn handle(&mut self, msg: CreateRoom, _: &mut Self::Context) -> Self::Result {
+        let members: Vec<String> = msg.members.into_iter().map(String::from).collect();
         store::create_room(
             &mut *self.conn()?,
-            &msg.name,
+            msg.name.as_str(),
             msg.kind,
             &msg.owner,
-            &msg.members,
+            &members,
         )
     }
 }

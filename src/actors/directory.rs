@@ -23,15 +23,16 @@ use crate::actors::db::LoadRoom;
 use crate::actors::db::TokenHash;
 use crate::actors::presence::PresenceHandle;
 use crate::actors::room::{Room, RoomIdle, RoomSettings, StoreHandle, TryStop};
-use crate::actors::session::SessionId;
 use crate::error::{RoomError, StoreError};
+use crate::ids::SessionId;
+use crate::protocol::RoomName;
 use crate::store::models::RoomState;
 
 /// Session → Directory: find or start the actor of room `name`.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Addr<Room>, RoomError>")]
 pub struct OpenRoom {
-    pub name: String,
+    pub name: RoomName,
 }
 
 /// Session → Directory: a session of `token` lost its connection while joined to `rooms`.
@@ -40,7 +41,7 @@ pub struct OpenRoom {
 pub struct Park {
     pub token: TokenHash,
     pub session: SessionId,
-    pub rooms: Vec<String>,
+    pub rooms: Vec<RoomName>,
 }
 
 /// Session → Directory: `resume` with `token`. Replies the parked session it replaces, if any
@@ -54,7 +55,7 @@ pub struct Reclaim {
 #[derive(Debug, Clone)]
 pub struct Parked {
     pub session: SessionId,
-    pub rooms: Vec<String>,
+    pub rooms: Vec<RoomName>,
     at: Instant,
 }
 
@@ -82,9 +83,6 @@ pub struct Untrack {
 #[rtype(result = "bool")]
 pub struct Yield;
 
-/// How long a resume waits for a live session to hand over.
-const HANDOVER: Duration = Duration::from_secs(2);
-
 type Waiter = oneshot::Sender<Result<Addr<Room>, RoomError>>;
 
 enum Entry {
@@ -105,6 +103,8 @@ pub struct Directory {
     store: StoreHandle,
     presence: PresenceHandle,
     settings: RoomSettings,
+    /// How long a resume waits for a live session to hand over.
+    handover: Duration,
 }
 
 impl Directory {
@@ -113,6 +113,7 @@ impl Directory {
         store: StoreHandle,
         presence: PresenceHandle,
         settings: RoomSettings,
+        handover: Duration,
     ) -> Self {
         Directory {
             rooms: HashMap::new(),
@@ -123,6 +124,7 @@ impl Directory {
             store,
             presence,
             settings,
+            handover,
         }
     }
 
@@ -269,11 +271,12 @@ impl Handler<Reclaim> for Directory {
         let (tx, rx) = oneshot::channel();
         self.reclaiming.insert(msg.token.clone(), tx);
         let asked = live.send(Yield);
+        let handover = self.handover;
         Box::pin(async move {
             if !matches!(asked.await, Ok(true)) {
                 return None;
             }
-            tokio::time::timeout(HANDOVER, rx)
+            tokio::time::timeout(handover, rx)
                 .await
                 .ok()
                 .and_then(Result::ok)
@@ -287,13 +290,13 @@ impl Handler<OpenRoom> for Directory {
 
     fn handle(&mut self, msg: OpenRoom, ctx: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
-        match self.rooms.get_mut(&msg.name) {
+        match self.rooms.get_mut(msg.name.as_str()) {
             Some(Entry::Ready(room)) => {
                 let room = room.clone();
                 return Box::pin(async move { Ok(room) });
             }
             Some(Entry::Loading(waiters) | Entry::Stopping(waiters)) => waiters.push(tx),
-            None => self.start_loading(msg.name, vec![tx], ctx),
+            None => self.start_loading(msg.name.into_string(), vec![tx], ctx),
         }
         Box::pin(async move { rx.await.unwrap_or(Err(RoomError::Gone)) })
     }

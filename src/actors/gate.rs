@@ -17,7 +17,8 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-use crate::actors::session::SessionId;
+use crate::ids::SessionId;
+use crate::protocol::Username;
 
 /// Gate → Session: finish the requests in flight, then close with 1001.
 #[derive(Debug, Clone, Message)]
@@ -30,6 +31,8 @@ pub struct GateSettings {
     pub failed_logins_per_user: usize,
     pub failed_logins_per_ip: usize,
     pub failed_login_window: Duration,
+    /// How often windows that have run out are forgotten.
+    pub sweep_interval: Duration,
 }
 
 /// Upgrade handler → Gate: replies true (and counts the connection) when `ip` is under its limit.
@@ -60,7 +63,7 @@ pub struct Unregister {
 #[derive(Debug, Message)]
 #[rtype(result = "bool")]
 pub struct LoginAllowed {
-    pub username: String,
+    pub username: Username,
     pub ip: Option<IpAddr>,
 }
 
@@ -68,7 +71,7 @@ pub struct LoginAllowed {
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct LoginFinished {
-    pub username: String,
+    pub username: Username,
     pub ip: Option<IpAddr>,
     pub failed: bool,
 }
@@ -92,11 +95,11 @@ pub struct Gate {
     settings: GateSettings,
     per_ip: HashMap<IpAddr, usize>,
     sessions: HashMap<SessionId, Recipient<Drain>>,
-    failures_by_user: HashMap<String, VecDeque<Instant>>,
+    failures_by_user: HashMap<Username, VecDeque<Instant>>,
     failures_by_ip: HashMap<IpAddr, VecDeque<Instant>>,
     /// Login attempts per username allowed and not finished yet: they count as failures until
     /// they end, so parallel attempts cannot get past the limit together.
-    attempts_by_user: HashMap<String, usize>,
+    attempts_by_user: HashMap<Username, usize>,
     drained: Vec<oneshot::Sender<()>>,
     draining: bool,
 }
@@ -139,7 +142,7 @@ impl Actor for Gate {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         // Forget windows that have run out, so the maps stay as small as the recent failures.
-        ctx.run_interval(Duration::from_secs(60), |gate, _| {
+        ctx.run_interval(self.settings.sweep_interval, |gate, _| {
             let span = gate.settings.failed_login_window;
             gate.failures_by_user
                 .retain(|_, w| Gate::recent(w, span) > 0);

@@ -11,8 +11,7 @@ use actix::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::error::{Error, StoreError};
-use crate::protocol::{ErrorCode, Rejection};
+use crate::error::{AuthError, Error};
 use crate::secret::Secret;
 
 pub struct Hasher {
@@ -25,13 +24,13 @@ impl Actor for Hasher {
 }
 
 #[derive(Debug, Message)]
-#[rtype(result = "Result<String, StoreError>")]
+#[rtype(result = "Result<String, AuthError>")]
 pub struct HashPassword {
     pub password: Secret,
 }
 
 impl Handler<HashPassword> for Hasher {
-    type Result = Result<String, StoreError>;
+    type Result = Result<String, AuthError>;
 
     fn handle(&mut self, msg: HashPassword, _: &mut SyncContext<Self>) -> Self::Result {
         Ok(bcrypt::hash(msg.password.expose(), self.cost)?)
@@ -39,14 +38,14 @@ impl Handler<HashPassword> for Hasher {
 }
 
 #[derive(Debug, Message)]
-#[rtype(result = "Result<bool, StoreError>")]
+#[rtype(result = "Result<bool, AuthError>")]
 pub struct VerifyPassword {
     pub password: Secret,
     pub hash: Option<String>,
 }
 
 impl Handler<VerifyPassword> for Hasher {
-    type Result = Result<bool, StoreError>;
+    type Result = Result<bool, AuthError>;
 
     fn handle(&mut self, msg: VerifyPassword, _: &mut SyncContext<Self>) -> Self::Result {
         let hash = match msg.hash {
@@ -97,11 +96,7 @@ impl HasherHandle {
     fn slot(&self) -> Result<Slot, Error> {
         if self.queued.fetch_add(1, Ordering::SeqCst) >= self.limit {
             self.queued.fetch_sub(1, Ordering::SeqCst);
-            return Err(Rejection::new(
-                ErrorCode::RateLimited,
-                "too many password checks in progress; retry shortly",
-            )
-            .into());
+            return Err(AuthError::HasherBusy.into());
         }
         Ok(Slot(self.queued.clone()))
     }

@@ -10,7 +10,7 @@
 use actix::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 
-use crate::protocol::UserId;
+use crate::ids::UserId;
 
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]

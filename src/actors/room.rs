@@ -29,9 +29,9 @@ use tokio::sync::oneshot;
 
 use crate::actors::db::{LoadHistory, StoreBatch};
 use crate::actors::presence::{PresenceHandle, RoomEntered, RoomExited, WhoIsIn};
-use crate::actors::session::SessionId;
-use crate::error::{RoomError, StoreError};
-use crate::protocol::{format_time, Event, MessageView, RoomKind, Seq, UserId, MAX_HISTORY_LIMIT};
+use crate::error::{Forbidden, RoomError, StoreError};
+use crate::ids::{Seq, SessionId, UserId};
+use crate::protocol::{format_time, Event, MessageView, RoomKind, MAX_HISTORY_LIMIT};
 use crate::store::models::{HistoryPage, RoomRecord, RoomState, Stored, UserRecord};
 use crate::store::NewPost;
 
@@ -99,7 +99,7 @@ impl RoomPolicy {
 /// Session → Room: join. With `after`, the reply also holds the messages with seq > after.
 /// With `replaces`, the session takes the place of a detached one of the same user, silently.
 #[derive(Clone, Message)]
-#[rtype(result = "Result<JoinedRoom, RoomError>")]
+#[rtype(result = "Result<Joined, RoomError>")]
 pub struct Join {
     pub session: SessionId,
     pub user: UserRecord,
@@ -109,7 +109,7 @@ pub struct Join {
 }
 
 #[derive(Debug, Clone)]
-pub struct JoinedRoom {
+pub struct Joined {
     pub name: String,
     pub kind: RoomKind,
     /// Every message up to this seq was delivered before the join took effect; every later one
@@ -179,11 +179,11 @@ pub struct Typing {
 #[rtype(result = "bool")]
 pub struct TryStop;
 
-type Reply = oneshot::Sender<Result<Ack, RoomError>>;
+type AckSender = oneshot::Sender<Result<Ack, RoomError>>;
 
 struct Pending {
     post: Post,
-    reply: Reply,
+    reply: AckSender,
     queued_at: Instant,
 }
 
@@ -202,14 +202,14 @@ pub struct Room {
     /// Highest seq broadcast; every seq up to it has been delivered in order.
     delivered: Seq,
     /// Committed messages that wait for an earlier seq to be loaded (see `fill_gap`).
-    waiting: BTreeMap<Seq, MessageView>,
+    out_of_order: BTreeMap<Seq, MessageView>,
     filling_gap: bool,
     /// A seq known to be stored (a retry's original) that must be delivered.
     gap_target: Option<Seq>,
-    /// Posts waiting for the batch in flight; they go together in the next one.
+    /// Posts queued behind the batch in flight; they go together in the next one.
     queue: VecDeque<Pending>,
     /// The replies of the batch in flight, taken by the timeout if the commit is slow.
-    in_flight: Option<(u64, Vec<Reply>)>,
+    in_flight: Option<(u64, Vec<AckSender>)>,
     batches: u64,
     recent: VecDeque<MessageView>,
     sessions: HashMap<SessionId, Member>,
@@ -248,7 +248,7 @@ impl Room {
             record: state.record,
             policy,
             settings: settings.clone(),
-            waiting: BTreeMap::new(),
+            out_of_order: BTreeMap::new(),
             filling_gap: false,
             gap_target: None,
             queue: VecDeque::new(),
@@ -392,15 +392,15 @@ impl Room {
         if view.seq <= self.delivered {
             return;
         }
-        self.waiting.insert(view.seq, view);
-        self.deliver_waiting();
-        if !self.waiting.is_empty() {
+        self.out_of_order.insert(view.seq, view);
+        self.deliver_in_order();
+        if !self.out_of_order.is_empty() {
             self.fill_gap(ctx);
         }
     }
 
-    fn deliver_waiting(&mut self) {
-        while let Some(view) = self.waiting.remove(&self.delivered.next()) {
+    fn deliver_in_order(&mut self) {
+        while let Some(view) = self.out_of_order.remove(&self.delivered.next()) {
             self.delivered = view.seq;
             let frame = self.frame(Event::Message(&view));
             self.broadcast_seq(&frame, Some(view.seq), None);
@@ -412,19 +412,19 @@ impl Room {
     }
 
     /// Loads from the store, oldest first, every message between the last delivered seq and
-    /// the first waiting one (or `gap_target`), delivering as it goes. A seq the store does not
+    /// the first out-of-order one (or `gap_target`), delivering as it goes. A seq the store does not
     /// have was never committed and is skipped; a failed load is retried.
     fn fill_gap(&mut self, ctx: &mut Context<Self>) {
         if self.filling_gap {
             return;
         }
-        let first_waiting = self.waiting.keys().next().map(|s| s.0).unwrap_or(0);
+        let first_out_of_order = self.out_of_order.keys().next().map(|s| s.0).unwrap_or(0);
         let target = self.gap_target.map(|s| s.0 + 1).unwrap_or(0);
-        let end = first_waiting.max(target);
+        let end = first_out_of_order.max(target);
         let from = self.delivered.next();
         if end <= from.0 {
             self.gap_target = None;
-            self.deliver_waiting();
+            self.deliver_in_order();
             return;
         }
         self.filling_gap = true;
@@ -444,7 +444,7 @@ impl Room {
             let found_from = page.messages.iter().any(|m| m.seq == from);
             for view in page.messages {
                 if view.seq > room.delivered {
-                    room.waiting.insert(view.seq, view);
+                    room.out_of_order.insert(view.seq, view);
                 }
             }
             if !found_from && room.delivered.next() == from {
@@ -455,11 +455,11 @@ impl Room {
                 room.delivered = from;
                 room.recent.clear();
             }
-            room.deliver_waiting();
+            room.deliver_in_order();
             if room.gap_target.is_some_and(|t| t <= room.delivered) {
                 room.gap_target = None;
             }
-            if !room.waiting.is_empty() || room.gap_target.is_some() {
+            if !room.out_of_order.is_empty() || room.gap_target.is_some() {
                 room.fill_gap(ctx);
             }
         }));
@@ -471,7 +471,7 @@ impl Room {
             return;
         }
         let take = self.queue.len().min(MAX_BATCH);
-        let (posts, replies): (Vec<Post>, Vec<Reply>) = self
+        let (posts, replies): (Vec<Post>, Vec<AckSender>) = self
             .queue
             .drain(..take)
             .map(|pending| (pending.post, pending.reply))
@@ -495,7 +495,7 @@ impl Room {
         let deadline = ctx.run_later(self.settings.store_timeout, move |room, _| {
             if room.in_flight.as_ref().is_some_and(|(id, _)| *id == batch) {
                 if let Some((_, replies)) = room.in_flight.as_mut() {
-                    fail_all(std::mem::take(replies), "the commit did not finish in time");
+                    fail_all(std::mem::take(replies), || RoomError::CommitTimeout);
                 }
             }
         });
@@ -521,7 +521,9 @@ impl Room {
                         room.record.name,
                         posts.len()
                     );
-                    fail_all(replies, &why);
+                    fail_all(replies, || {
+                        RoomError::Store(StoreError::Unavailable(why.clone()))
+                    });
                 }
             }
             room.store_queued(ctx);
@@ -532,7 +534,7 @@ impl Room {
         &mut self,
         posts: Vec<Post>,
         stored: Vec<Stored>,
-        replies: Vec<Reply>,
+        replies: Vec<AckSender>,
         ctx: &mut Context<Self>,
     ) {
         // `replies` is empty when the timeout already answered: the messages are delivered anyway.
@@ -582,11 +584,7 @@ impl Room {
             .is_some_and(|p| p.queued_at.elapsed() >= timeout)
         {
             if let Some(pending) = self.queue.pop_front() {
-                let _ = pending
-                    .reply
-                    .send(Err(RoomError::Store(StoreError::Unavailable(
-                        "the store is busy".into(),
-                    ))));
+                let _ = pending.reply.send(Err(RoomError::StoreBusy));
             }
         }
     }
@@ -619,11 +617,9 @@ impl Room {
     }
 }
 
-fn fail_all(replies: Vec<Reply>, why: &str) {
+fn fail_all(replies: Vec<AckSender>, why: impl Fn() -> RoomError) {
     for reply in replies {
-        let _ = reply.send(Err(RoomError::Store(StoreError::Unavailable(
-            why.to_string(),
-        ))));
+        let _ = reply.send(Err(why()));
     }
 }
 
@@ -661,13 +657,11 @@ impl Actor for Room {
 }
 
 impl Handler<Join> for Room {
-    type Result = ResponseActFuture<Self, Result<JoinedRoom, RoomError>>;
+    type Result = ResponseActFuture<Self, Result<Joined, RoomError>>;
 
     fn handle(&mut self, msg: Join, _: &mut Context<Self>) -> Self::Result {
         if !self.policy.admits(msg.user.id) {
-            return Box::pin(fut::ready(Err(RoomError::Forbidden(
-                "this private room is not open to you",
-            ))));
+            return Box::pin(fut::ready(Err(RoomError::Forbidden(Forbidden::NotMember))));
         }
         self.last_active = Instant::now();
         let replaced = msg.replaces.filter(|old| {
@@ -678,7 +672,7 @@ impl Handler<Join> for Room {
         if msg.replaces.is_some() && replaced.is_none() {
             // The session to take over has already left (its grace passed): nothing to restore.
             return Box::pin(fut::ready(Err(RoomError::Forbidden(
-                "the session to resume is gone",
+                Forbidden::SessionGone,
             ))));
         }
         let session = msg.session;
@@ -698,7 +692,7 @@ impl Handler<Join> for Room {
             None => self.add_session(msg.session, msg.user, msg.deliver),
         }
         let last_seq = self.delivered;
-        let mut joined = JoinedRoom {
+        let mut joined = Joined {
             name: self.record.name.clone(),
             kind: self.record.kind,
             last_seq,
@@ -770,7 +764,7 @@ impl Handler<Post> for Room {
             .get(&post.session)
             .is_some_and(|m| m.user.id == post.user.id);
         if !joined {
-            return Box::pin(async { Err(RoomError::Forbidden("join the room first")) });
+            return Box::pin(async { Err(RoomError::Forbidden(Forbidden::NotJoined)) });
         }
         if post.body.len() > self.policy.max_body_bytes {
             let max = self.policy.max_body_bytes;
@@ -792,9 +786,7 @@ impl Handler<ReadHistory> for Room {
 
     fn handle(&mut self, msg: ReadHistory, _: &mut Context<Self>) -> Self::Result {
         if !self.policy.admits(msg.user) {
-            return Box::pin(async {
-                Err(RoomError::Forbidden("this private room is not open to you"))
-            });
+            return Box::pin(async { Err(RoomError::Forbidden(Forbidden::NotMember)) });
         }
         let default_limit = self.policy.history_limit.min(MAX_HISTORY_LIMIT as usize);
         let limit = msg.limit.map(|l| l as usize).unwrap_or(default_limit);
@@ -824,9 +816,7 @@ impl Handler<Who> for Room {
 
     fn handle(&mut self, msg: Who, _: &mut Context<Self>) -> Self::Result {
         if !self.policy.admits(msg.user) {
-            return Box::pin(async {
-                Err(RoomError::Forbidden("this private room is not open to you"))
-            });
+            return Box::pin(async { Err(RoomError::Forbidden(Forbidden::NotMember)) });
         }
         let request = self.presence.who.send(WhoIsIn {
             room: self.record.name.clone(),
@@ -840,7 +830,7 @@ impl Handler<Typing> for Room {
 
     fn handle(&mut self, msg: Typing, _: &mut Context<Self>) -> Self::Result {
         let Some(member) = self.sessions.get(&msg.session) else {
-            return Err(RoomError::Forbidden("join the room first"));
+            return Err(RoomError::Forbidden(Forbidden::NotJoined));
         };
         let frame = self.frame(Event::Typing {
             room: &self.record.name,

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use crate::crypto::{Keyring, Sealed};
 use crate::error::StoreError;
-use crate::protocol::{format_time, MessageView, RoomId, RoomKind, Seq, UserId, UNDECRYPTABLE};
+use crate::ids::{RoomId, Seq, UserId};
+use crate::protocol::{format_time, MessageView, RoomKind, UNDECRYPTABLE};
 use crate::schema::{messages, room_members, rooms, session_tokens, users};
 use models::*;
 
@@ -191,21 +192,24 @@ pub fn insert_token(
     Ok(())
 }
 
-/// The user holding a live (unexpired, unrevoked) token.
-pub fn user_by_token(conn: &mut PgConnection, token_hash: &[u8]) -> Result<UserRecord, StoreError> {
-    let (id, username) = session_tokens::table
+/// The user holding a live (unexpired, unrevoked) token; None for an unknown, expired or
+/// revoked one.
+pub fn user_by_token(
+    conn: &mut PgConnection,
+    token_hash: &[u8],
+) -> Result<Option<UserRecord>, StoreError> {
+    let found = session_tokens::table
         .inner_join(users::table)
         .filter(session_tokens::token_hash.eq(token_hash))
         .filter(session_tokens::revoked_at.is_null())
         .filter(session_tokens::expires_at.gt(Utc::now()))
         .select((users::id, users::username))
         .first::<(i64, String)>(conn)
-        .optional()?
-        .ok_or(StoreError::InvalidToken)?;
-    Ok(UserRecord {
+        .optional()?;
+    Ok(found.map(|(id, username)| UserRecord {
         id: UserId(id),
         username,
-    })
+    }))
 }
 
 pub fn revoke_token(conn: &mut PgConnection, token_hash: &[u8]) -> Result<(), StoreError> {

@@ -3,7 +3,8 @@
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 
-use crate::protocol::{MessageView, RoomId, RoomKind, Seq, UserId};
+use crate::ids::{RoomId, Seq, UserId};
+use crate::protocol::{MessageView, RoomKind};
 
 /// A user as the rest of the server knows it (never with its password hash).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,3 +1,3 @@
-//! Network transports. Only [`ws`] names actix-web-actors.
+//! Network transports: [`ws`], the WebSocket one.
 
 pub mod ws;

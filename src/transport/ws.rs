@@ -1,78 +1,39 @@
-//! The WebSocket binding, and the only file that names actix-web-actors: the upgrade
-//! handler, the frame stream of a [`Session`], and the few writes a session makes. Moving to
-//! another WebSocket crate changes this file alone. Calls only `Session`'s `on_*` methods.
+//! The WebSocket transport: the `GET /ws` upgrade (the Origin check, the per-IP admission),
+//! the frame stream of a [`Session`], and the response body that meters what the socket takes
+//! from it. Owns the transport's shared state ([`Transport`]). Calls the gate (to admit) and the
+//! session's `on_*` methods; the session never calls back into it.
 
-use actix::{ActorContext, StreamHandler};
+use actix::{Addr, StreamHandler};
 use actix_http::ws::Item;
 use actix_web::body::{BodySize, BoxBody, MessageBody};
 use actix_web::http::header;
 use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
-use bytestring::ByteString;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::actors::gate::Admit;
+use crate::actors::gate::{Admit, Gate, Release};
+use crate::ids::SessionIds;
+use crate::session::guard::Piece;
+use crate::session::socket::{OutboundMeter, WsContext};
+use crate::session::{Peer, Services, Session, SessionSettings};
 
-use crate::actors::session::Session;
-use crate::server::AppState;
-
-/// The context a Session runs in.
-pub type WsContext = ws::WebsocketContext<Session>;
-
-/// Close codes the server uses (RFC 6455 section 7.4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Close {
-    /// 1000: logout, or a timed-out peer.
-    Normal,
-    /// 1001: the server is going away.
-    Away,
-    /// 1002: the peer broke the WebSocket protocol.
-    Protocol,
-    /// 1008: the peer keeps sending garbage.
-    Policy,
-    /// 1009: a frame or message over the size limit.
-    TooBig,
-    /// 1013: the peer reads too slowly; it may come back.
-    TryAgainLater,
-}
-
-impl Close {
-    fn code(self) -> ws::CloseCode {
-        match self {
-            Close::Normal => ws::CloseCode::Normal,
-            Close::Away => ws::CloseCode::Away,
-            Close::Protocol => ws::CloseCode::Protocol,
-            Close::Policy => ws::CloseCode::Policy,
-            Close::TooBig => ws::CloseCode::Size,
-            Close::TryAgainLater => ws::CloseCode::Again,
-        }
-    }
-}
-
-/// Bytes a session has handed to its connection, and bytes the connection has taken from it
-/// to write to the socket. Their difference is what a client has not read yet.
-#[derive(Clone, Default)]
-pub struct OutboundMeter {
-    queued: Arc<AtomicUsize>,
-    taken: Arc<AtomicUsize>,
-}
-
-impl OutboundMeter {
-    pub fn backlog(&self) -> usize {
-        self.queued
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.taken.load(Ordering::Relaxed))
-    }
+/// What every HTTP worker's upgrades share.
+pub struct Transport {
+    pub services: Services,
+    pub sessions: Arc<SessionSettings>,
+    /// Browser origins allowed besides the server's own.
+    pub allowed_origins: Vec<String>,
+    pub ids: SessionIds,
 }
 
 /// The response body of a WebSocket, counting the bytes the connection takes from it.
 struct MeteredBody {
     inner: BoxBody,
-    taken: Arc<AtomicUsize>,
+    meter: OutboundMeter,
 }
 
 impl MessageBody for MeteredBody {
@@ -88,7 +49,7 @@ impl MessageBody for MeteredBody {
     ) -> Poll<Option<Result<Bytes, Self::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_next(cx);
         if let Poll::Ready(Some(Ok(bytes))) = &polled {
-            self.taken.fetch_add(bytes.len(), Ordering::Relaxed);
+            self.meter.taken(bytes.len());
         }
         polled
     }
@@ -126,7 +87,7 @@ fn origin_allowed(req: &HttpRequest, allowed: &[String]) -> bool {
 pub async fn upgrade(
     req: HttpRequest,
     stream: web::Payload,
-    state: web::Data<AppState>,
+    state: web::Data<Transport>,
 ) -> Result<HttpResponse, actix_web::Error> {
     if !origin_allowed(&req, &state.allowed_origins) {
         log::warn!(
@@ -161,31 +122,25 @@ pub async fn upgrade(
     };
     let meter = OutboundMeter::default();
     let session = Session::new(
-        peer,
-        ip,
+        state.ids.next(),
+        Peer { addr: peer, ip },
         meter.clone(),
         state.services.clone(),
         state.sessions.clone(),
     );
     let response = ws::WsResponseBuilder::new(session, &req, stream)
-        .frame_size(state.sessions.max_frame_bytes)
-        .start();
-    match response {
-        Ok(response) => Ok(slot.taken(response).map_body(|_, body| {
-            BoxBody::new(MeteredBody {
-                inner: body,
-                taken: meter.taken.clone(),
-            })
-        })),
-        Err(e) => Err(e),
-    }
+        .frame_size(state.sessions.guard.max_message_bytes)
+        .start()?;
+    Ok(slot
+        .taken(response)
+        .map_body(|_, body| BoxBody::new(MeteredBody { inner: body, meter })))
 }
 
 /// A connection slot counted by the gate. It is given back on drop unless a session took it
 /// over (the session gives it back when it stops).
 struct AdmitSlot {
-    gate: actix::Addr<crate::actors::gate::Gate>,
-    ip: Option<std::net::IpAddr>,
+    gate: Addr<Gate>,
+    ip: Option<IpAddr>,
     armed: bool,
 }
 
@@ -199,46 +154,9 @@ impl AdmitSlot {
 impl Drop for AdmitSlot {
     fn drop(&mut self) {
         if self.armed {
-            self.gate
-                .do_send(crate::actors::gate::Release { ip: self.ip });
+            self.gate.do_send(Release { ip: self.ip });
         }
     }
-}
-
-/// Bytes a frame with `payload` bytes takes on the wire (server frames are not masked).
-fn wire_len(payload: usize) -> usize {
-    payload
-        + match payload {
-            0..=125 => 2,
-            126..=65535 => 4,
-            _ => 10,
-        }
-}
-
-pub fn send_text(ctx: &mut WsContext, meter: &OutboundMeter, frame: impl Into<ByteString>) {
-    let frame = frame.into();
-    meter
-        .queued
-        .fetch_add(wire_len(frame.len()), Ordering::Relaxed);
-    ctx.text(frame);
-}
-
-pub fn ping(ctx: &mut WsContext, meter: &OutboundMeter) {
-    meter.queued.fetch_add(wire_len(0), Ordering::Relaxed);
-    ctx.ping(b"");
-}
-
-/// Sends a close frame and stops the session.
-pub fn close(ctx: &mut WsContext, close: Close, reason: &str) {
-    ctx.close(Some(ws::CloseReason {
-        code: close.code(),
-        description: Some(reason.to_string()),
-    }));
-    ctx.stop();
-}
-
-pub fn set_mailbox_capacity(ctx: &mut WsContext, capacity: usize) {
-    ctx.set_mailbox_capacity(capacity);
 }
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
@@ -246,88 +164,31 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Session {
         self.on_activity();
         let message = match item {
             Ok(message) => message,
-            Err(ws::ProtocolError::Overflow) => {
-                self.on_close_reason("frame over the size limit");
-                return close(ctx, Close::TooBig, "frame too large");
-            }
+            Err(ws::ProtocolError::Overflow) => return self.on_oversized_frame(ctx),
             Err(e) => {
-                self.on_close_reason("websocket protocol error");
                 log::debug!("websocket protocol error: {e}");
-                return close(ctx, Close::Protocol, "protocol error");
+                return self.on_protocol_error(ctx);
             }
         };
         match message {
             ws::Message::Text(text) => self.on_text(&text, ctx),
             ws::Message::Binary(_) => self.on_binary(ctx),
             ws::Message::Continuation(item) => {
-                let (first_text, data, last) = match item {
-                    Item::FirstText(data) => (Some(true), data, false),
-                    Item::FirstBinary(data) => (Some(false), data, false),
-                    Item::Continue(data) => (None, data, false),
-                    Item::Last(data) => (None, data, true),
+                let (piece, data) = match item {
+                    Item::FirstText(data) => (Piece::FirstText, data),
+                    Item::FirstBinary(data) => (Piece::FirstBinary, data),
+                    Item::Continue(data) => (Piece::Middle, data),
+                    Item::Last(data) => (Piece::Last, data),
                 };
-                self.on_fragment(first_text, &data, last, ctx);
+                self.on_fragment(piece, &data, ctx);
             }
-            ws::Message::Ping(data) => {
-                self.outbound()
-                    .queued
-                    .fetch_add(wire_len(data.len()), Ordering::Relaxed);
-                ctx.pong(&data);
-                self.check_backlog(ctx);
-            }
+            ws::Message::Ping(data) => self.on_ping(&data, ctx),
             ws::Message::Pong(_) | ws::Message::Nop => {}
-            ws::Message::Close(reason) => {
-                self.on_client_close();
-                ctx.close(reason);
-                ctx.stop();
-            }
+            ws::Message::Close(reason) => self.on_client_close(reason, ctx),
         }
     }
 
     fn finished(&mut self, ctx: &mut WsContext) {
-        self.on_close_reason("connection lost");
-        ctx.stop();
+        self.on_lost(ctx);
     }
-}
-
-/// The bench's baseline: the smallest WebSocket echo server on the same stack (actix-web,
-/// actix-web-actors), plain ws, no parsing and no storage.
-struct Echo;
-
-impl actix::Actor for Echo {
-    type Context = ws::WebsocketContext<Echo>;
-}
-
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Echo {
-    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        match item {
-            Ok(ws::Message::Text(text)) => ctx.text(text),
-            Ok(ws::Message::Binary(data)) => ctx.binary(data),
-            Ok(ws::Message::Ping(data)) => ctx.pong(&data),
-            Ok(ws::Message::Close(reason)) => {
-                ctx.close(reason);
-                ctx.stop();
-            }
-            Ok(_) => {}
-            Err(_) => ctx.stop(),
-        }
-    }
-}
-
-async fn echo_route(
-    req: HttpRequest,
-    stream: web::Payload,
-) -> Result<HttpResponse, actix_web::Error> {
-    ws::start(Echo, &req, stream)
-}
-
-/// Runs the echo server on `bind` until interrupted.
-pub fn run_echo_server(bind: &str) -> std::io::Result<()> {
-    let bind = bind.to_string();
-    actix::System::new().block_on(async move {
-        actix_web::HttpServer::new(|| actix_web::App::new().route("/", web::get().to(echo_route)))
-            .bind(bind)?
-            .run()
-            .await
-    })
 }

@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use rookery::config::Config;
+use rookery::error::StartError;
 use rookery::secret::Secret;
+use rookery::server::Stop;
 
 pub const ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -91,15 +93,16 @@ pub fn test_config(db: &TestDb, data_dir: &TempDir) -> Config {
     config
 }
 
-/// The real server, in this process, on an ephemeral port.
+/// The real server, in this process, on an ephemeral port, stopped through the same shutdown
+/// future `main` gives it.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub tls: bool,
-    pub handle: actix_web::dev::ServerHandle,
-    pub gate: actix::Addr<rookery::actors::gate::Gate>,
     pub config: Config,
     pub data_dir: TempDir,
     pub db: TestDb,
+    stop: std::cell::RefCell<Option<tokio::sync::oneshot::Sender<Stop>>>,
+    serving: std::cell::RefCell<Option<tokio::task::JoinHandle<Result<(), StartError>>>>,
 }
 
 impl TestServer {
@@ -122,17 +125,17 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let running = rookery::server::start(prepared, listener).expect("start server");
-        let handle = running.server.handle();
-        let gate = running.gate();
-        actix_rt::spawn(running.server);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let serving =
+            actix_rt::spawn(running.run_until(async move { stopped.await.unwrap_or(Stop::Now) }));
         TestServer {
             addr,
             tls,
-            handle,
-            gate,
             config,
             data_dir,
             db,
+            stop: Some(stop).into(),
+            serving: Some(serving).into(),
         }
     }
 
@@ -158,10 +161,20 @@ impl TestServer {
         client
     }
 
+    /// Stops the server as `how` says and waits until it has.
+    async fn stop_with(&self, how: Stop) {
+        if let Some(stop) = self.stop.borrow_mut().take() {
+            let _ = stop.send(how);
+        }
+        let serving = self.serving.borrow_mut().take();
+        if let Some(serving) = serving {
+            serving.await.unwrap().expect("the server stops cleanly");
+        }
+    }
+
     /// What SIGTERM does: drain every session, then stop.
     pub async fn shutdown_gracefully(&self) {
-        let budget = Duration::from_millis(self.config.server.shutdown_timeout_ms);
-        rookery::server::Running::shutdown(self.gate.clone(), self.handle.clone(), budget).await;
+        self.stop_with(Stop::Graceful).await;
     }
 
     /// Users `names` (registered, logged in), a public `room` created by the first, and every
@@ -182,12 +195,13 @@ impl TestServer {
     }
 
     pub async fn stop(self) {
-        self.handle.stop(false).await;
+        self.stop_with(Stop::Now).await;
     }
 
-    /// Stops this server and starts a new one on the same database and data directory.
+    /// Stops this server at once (as a crash would) and starts a new one on the same database
+    /// and data directory.
     pub async fn restart(self) -> TestServer {
-        self.handle.stop(false).await;
+        self.stop_with(Stop::Now).await;
         Self::start_on(self.db, self.data_dir, self.config).await
     }
 
@@ -211,7 +225,7 @@ impl TestServer {
         .unwrap()
         .into_iter()
         .map(|r| rookery::checker::StoredMessage {
-            seq: rookery::protocol::Seq(r.seq),
+            seq: rookery::ids::Seq(r.seq),
             from: r.username,
             client_msg_id: r.client_msg_id,
         })
@@ -435,7 +449,7 @@ pub fn record_ack(
     reply: &Value,
 ) {
     let seq = reply["seq"].as_i64().expect("an ack carries a seq");
-    history.acked(who, who, room, key, rookery::protocol::Seq(seq));
+    history.acked(who, who, room, key, rookery::ids::Seq(seq));
 }
 
 /// A TCP proxy in front of Postgres, on its own thread, that a test can cut and restore.

@@ -3,11 +3,13 @@
 //! history checker's verdict, prints a table and, with `--json FILE`, machine-readable results.
 //! See docs/performance.md for the server setup and the commands behind the published figures.
 
+mod echo_server;
+
 use clap::{Args, Parser, Subcommand};
 use hdrhistogram::Histogram;
 use rookery::checker::{History, StoredMessage};
 use rookery::client::{request, ClientError, ConnectOptions, Connection, Connector, Incoming};
-use rookery::protocol::Seq;
+use rookery::ids::Seq;
 use serde_json::{json, Value};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -1230,7 +1232,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     if let Scenario::EchoServer { bind } = &cli.scenario {
-        return match rookery::transport::ws::run_echo_server(bind) {
+        return match echo_server::run(bind) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("rookery-bench: echo server: {e}");

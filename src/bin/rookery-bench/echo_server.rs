@@ -1,0 +1,47 @@
+//! The echo baseline: the smallest WebSocket echo server on Rookery's stack (actix-web,
+//! actix-web-actors), plain ws, no parsing and no storage. `rookery-bench echo` measures it
+//! beside the real server.
+
+use actix::{ActorContext, StreamHandler};
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+
+struct Echo;
+
+impl actix::Actor for Echo {
+    type Context = ws::WebsocketContext<Echo>;
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Echo {
+    fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        match item {
+            Ok(ws::Message::Text(text)) => ctx.text(text),
+            Ok(ws::Message::Binary(data)) => ctx.binary(data),
+            Ok(ws::Message::Ping(data)) => ctx.pong(&data),
+            Ok(ws::Message::Close(reason)) => {
+                ctx.close(reason);
+                ctx.stop();
+            }
+            Ok(_) => {}
+            Err(_) => ctx.stop(),
+        }
+    }
+}
+
+async fn echo_route(
+    req: HttpRequest,
+    stream: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    ws::start(Echo, &req, stream)
+}
+
+/// Runs the echo server on `bind` until interrupted.
+pub fn run(bind: &str) -> std::io::Result<()> {
+    let bind = bind.to_string();
+    actix::System::new().block_on(async move {
+        actix_web::HttpServer::new(|| actix_web::App::new().route("/", web::get().to(echo_route)))
+            .bind(bind)?
+            .run()
+            .await
+    })
+}

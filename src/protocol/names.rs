@@ -1,0 +1,159 @@
+//! Names with rules: [`Username`] and [`RoomName`]. A value of either type has passed its rule,
+//! so code past the parser never checks a name again (parse, don't validate). Deserializing
+//! one enforces the rule; serializing writes the plain string.
+
+use serde::{Deserialize, Serialize, Serializer};
+use std::borrow::Borrow;
+use std::fmt;
+
+/// Reserved prefix of direct rooms; the room rule excludes ':' from user-created names.
+pub const DM_PREFIX: &str = "dm:";
+
+/// A name outside its rule; the message says the rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("username must be 3..32 characters of A-Z a-z 0-9 _ . -")]
+    Username,
+    #[error("room must be 1..64 characters of a-z 0-9 _ -")]
+    Room,
+    #[error("the dm: prefix is reserved for direct rooms")]
+    ReservedRoom,
+}
+
+impl NameError {
+    const ALL: [NameError; 3] = [
+        NameError::Username,
+        NameError::Room,
+        NameError::ReservedRoom,
+    ];
+
+    /// The rule whose message is `text`, if any: how the parser tells a name outside its rule
+    /// (a request it can read) from a frame it cannot read.
+    pub fn from_message(text: &str) -> Option<NameError> {
+        NameError::ALL.into_iter().find(|e| e.to_string() == text)
+    }
+}
+
+macro_rules! name_type {
+    ($(#[$doc:meta])* $name:ident, $rule:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+        #[serde(try_from = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn parse(text: impl Into<String>) -> Result<$name, NameError> {
+                let text = text.into();
+                let check: fn(&str) -> Result<(), NameError> = $rule;
+                check(&text)?;
+                Ok($name(text))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            pub fn into_string(self) -> String {
+                self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = NameError;
+            fn try_from(text: String) -> Result<$name, NameError> {
+                $name::parse(text)
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(name: $name) -> String {
+                name.0
+            }
+        }
+    };
+}
+
+name_type!(
+    /// 3 to 32 characters of `A-Z a-z 0-9 _ . -`.
+    Username,
+    |name| {
+        let ok = (3..=32).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        ok.then_some(()).ok_or(NameError::Username)
+    }
+);
+
+name_type!(
+    /// 1 to 64 characters of `a-z 0-9 _ -`; the `dm:` prefix is reserved for direct rooms.
+    RoomName,
+    |name| {
+        let ok = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
+        match (ok, name.starts_with(DM_PREFIX)) {
+            (true, _) => Ok(()),
+            (false, true) => Err(NameError::ReservedRoom),
+            (false, false) => Err(NameError::Room),
+        }
+    }
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules() {
+        assert!(Username::parse("ab").is_err());
+        assert!(Username::parse("a_b.c-d").is_ok());
+        assert!(Username::parse("a".repeat(33)).is_err());
+        assert!(Username::parse("ann smith").is_err());
+        assert!(RoomName::parse("general").is_ok());
+        assert_eq!(RoomName::parse("General"), Err(NameError::Room));
+        assert!(RoomName::parse("").is_err());
+        assert!(RoomName::parse("a".repeat(65)).is_err());
+        assert_eq!(RoomName::parse("dm:ann:bob"), Err(NameError::ReservedRoom));
+    }
+
+    #[test]
+    fn serde_enforces_the_rule_and_writes_the_plain_string() {
+        let room: RoomName = serde_json::from_str("\"general\"").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            serde_json::to_string(&room).ok().as_deref(),
+            Some("\"general\"")
+        );
+        assert!(serde_json::from_str::<RoomName>("\"No Caps\"").is_err());
+        let bad = serde_json::from_value::<RoomName>(serde_json::json!("No Caps")).unwrap_err();
+        assert_eq!(
+            NameError::from_message(&bad.to_string()),
+            Some(NameError::Room)
+        );
+    }
+}

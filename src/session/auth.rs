@@ -1,0 +1,248 @@
+//! Requests that say who the connection is: `register`, `login`, `resume`, `logout`. Each
+//! starts its round trips (gate, hasher, DB executor, directory, rooms) and returns a
+//! [`Step`]; the session changes only when their answers are back.
+
+use actix::prelude::*;
+
+use super::phase::Identity;
+use super::requests::{Answer, Step, Then};
+use super::rooms::ask_room;
+use super::shell::Session;
+use super::socket::WsContext;
+use super::Services;
+use crate::actors::db::{
+    hash_token, CreateUser, FindLogin, IssueToken, IssuedToken, ResumeToken, RevokeToken, TokenHash,
+};
+use crate::actors::directory::{Directory, Parked, Reclaim};
+use crate::actors::gate::{LoginAllowed, LoginFinished};
+use crate::actors::room::{Deliver, Join, Joined, Room};
+use crate::error::{AuthError, Error};
+use crate::ids::SessionId;
+use crate::protocol::{Reply, RestoredRoom, RoomName, UserView, Username};
+use crate::secret::Secret;
+use crate::store::models::UserRecord;
+
+pub(super) fn user_view(user: &UserRecord) -> UserView {
+    UserView {
+        id: user.id,
+        username: user.username.clone(),
+    }
+}
+
+/// The rooms a resume tried to restore, each with its room and join answer when restored.
+type Restored = Vec<(RoomName, Option<(Addr<Room>, Joined)>)>;
+
+impl Session {
+    pub(super) fn register(&mut self, username: Username, password: Secret) -> Step {
+        let (hasher, db) = (self.services.hasher.clone(), self.services.db.clone());
+        let work = async move {
+            let password_hash = hasher.hash(password).await?;
+            let user = db
+                .send(CreateUser {
+                    username,
+                    password_hash,
+                })
+                .await??;
+            Ok(Reply::Registered {
+                user: user_view(&user),
+            })
+        };
+        Step::later(work.into_actor(self))
+    }
+
+    pub(super) fn login(
+        &mut self,
+        username: Username,
+        password: Secret,
+        ctx: &mut WsContext,
+    ) -> Step {
+        if self.phase.identity().is_some() {
+            return Step::fail(AuthError::AlreadyAuthenticated);
+        }
+        let attempt = login_attempt(self.services.clone(), self.peer.ip, username, password);
+        let yield_to = ctx.address().recipient();
+        Step::later(attempt.into_actor(self).map(move |result, session, _| {
+            let (user, token) = result?;
+            let reply = Reply::LoggedIn {
+                user: user_view(&user),
+                token: token.token,
+            };
+            let identity = Identity {
+                user,
+                token: token.hash,
+            };
+            session.authenticated(identity, yield_to)?;
+            Ok(reply)
+        }))
+    }
+
+    /// Authenticates with the token; when a session of that token is parked (or still looks
+    /// alive and yields), takes its place in its rooms, holding their events until the reply.
+    pub(super) fn resume(&mut self, token: Secret, ctx: &mut WsContext) -> Step {
+        if self.phase.identity().is_some() {
+            return Step::fail(AuthError::AlreadyAuthenticated);
+        }
+        let hash = hash_token(token.expose());
+        let lookup = look_up_token(self.services.clone(), hash.clone());
+        let yield_to = ctx.address().recipient();
+        let deliver = ctx.address().recipient::<Deliver>();
+        let session = self.id;
+        let work = lookup.into_actor(self).then(move |found, act, _| {
+            let begun = found.and_then(|(user, parked)| {
+                let identity = Identity {
+                    user: user.clone(),
+                    token: hash,
+                };
+                act.authenticated(identity, yield_to)?;
+                if let Some(parked) = &parked {
+                    parked.rooms.iter().for_each(|name| act.joins.begin(name));
+                }
+                Ok((user, parked))
+            });
+            let directory = act.services.directory.clone();
+            restore(directory, session, deliver, begun).into_actor(act)
+        });
+        Step::answer_later(work.map(|restored, session, _| session.resumed(restored)))
+    }
+
+    fn resumed(&mut self, restored: Result<(UserRecord, Restored), Error>) -> Answer {
+        let (user, restored) = match restored {
+            Ok(restored) => restored,
+            Err(e) => return Err(e).into(),
+        };
+        let mut rooms = Vec::new();
+        let mut names = Vec::new();
+        for (name, outcome) in restored {
+            match outcome {
+                Some((addr, joined)) => {
+                    rooms.push(RestoredRoom {
+                        name: joined.name,
+                        last_seq: joined.last_seq,
+                    });
+                    self.joins.answered(&name, Some((addr, None)));
+                }
+                None => self.joins.answered(&name, None),
+            }
+            names.push(name);
+        }
+        Answer {
+            result: Ok(Reply::Resumed {
+                user: user_view(&user),
+                rooms,
+            }),
+            then: Then::Release(names),
+        }
+    }
+
+    pub(super) fn logout(&mut self) -> Step {
+        let token = self.phase.identity().map(|i| i.token.clone());
+        let db = self.services.db.clone();
+        let work = async move {
+            if let Some(hash) = token {
+                db.send(RevokeToken { hash }).await??;
+            }
+            Ok::<_, Error>(Reply::Done {})
+        };
+        Step::answer_later(work.into_actor(self).map(|result, _, _| {
+            let then = if result.is_ok() {
+                Then::LogOut
+            } else {
+                Then::Nothing
+            };
+            Answer { result, then }
+        }))
+    }
+}
+
+/// A login attempt through the gate: refused without checking the password while the name
+/// or the address has too many recent failures; its outcome is reported back to the gate.
+async fn login_attempt(
+    services: Services,
+    ip: Option<std::net::IpAddr>,
+    username: Username,
+    password: Secret,
+) -> Result<(UserRecord, IssuedToken), Error> {
+    let allowed = services
+        .gate
+        .send(LoginAllowed {
+            username: username.clone(),
+            ip,
+        })
+        .await?;
+    if !allowed {
+        return Err(AuthError::TooManyFailures.into());
+    }
+    let attempt = check_password(&services, &username, password).await;
+    let failed = matches!(attempt, Err(Error::Auth(AuthError::InvalidCredentials)));
+    services.gate.do_send(LoginFinished {
+        username,
+        ip,
+        failed,
+    });
+    attempt
+}
+
+/// The user whose password this is, with a new token; the same error for an unknown user
+/// and a wrong password, at the same bcrypt cost.
+async fn check_password(
+    services: &Services,
+    username: &Username,
+    password: Secret,
+) -> Result<(UserRecord, IssuedToken), Error> {
+    let found = services
+        .db
+        .send(FindLogin {
+            username: username.clone(),
+        })
+        .await??;
+    let (user, hash) = match found {
+        Some((user, hash)) => (Some(user), Some(hash)),
+        None => (None, None),
+    };
+    let verified = services.hasher.verify(password, hash).await?;
+    let user = user
+        .filter(|_| verified)
+        .ok_or(AuthError::InvalidCredentials)?;
+    let token = services.db.send(IssueToken { user: user.id }).await??;
+    Ok((user, token))
+}
+
+/// The token's user, and the parked session it may take over.
+async fn look_up_token(
+    services: Services,
+    hash: TokenHash,
+) -> Result<(UserRecord, Option<Parked>), Error> {
+    let user = services
+        .db
+        .send(ResumeToken { hash: hash.clone() })
+        .await??
+        .ok_or(AuthError::InvalidToken)?;
+    let parked = services.directory.send(Reclaim { token: hash }).await?;
+    Ok((user, parked))
+}
+
+/// Joins each room of the parked session in its place. A room that went away (or refuses
+/// now) is simply not restored.
+async fn restore(
+    directory: Addr<Directory>,
+    session: SessionId,
+    deliver: Recipient<Deliver>,
+    begun: Result<(UserRecord, Option<Parked>), Error>,
+) -> Result<(UserRecord, Restored), Error> {
+    let (user, parked) = begun?;
+    let mut restored = Vec::new();
+    if let Some(parked) = parked {
+        for name in parked.rooms {
+            let join = Join {
+                session,
+                user: user.clone(),
+                deliver: deliver.clone(),
+                after: None,
+                replaces: Some(parked.session),
+            };
+            let outcome = ask_room(&directory, &name, join).await.ok();
+            restored.push((name, outcome));
+        }
+    }
+    Ok((user, restored))
+}

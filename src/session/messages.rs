@@ -1,0 +1,99 @@
+//! Requests within a room: `send`, `history`, `who`, `typing`. They leave the session as it
+//! is, so they run side by side; each is one round trip to the room.
+
+use actix::prelude::*;
+
+use super::requests::Step;
+use super::rooms::ask_room;
+use super::shell::Session;
+use crate::actors::room::{Post, ReadHistory, Room, Typing, Who};
+use crate::error::{Error, Forbidden, RoomError};
+use crate::ids::Seq;
+use crate::protocol::{Reply, RoomName};
+
+impl Session {
+    fn joined_room(&self, room: &RoomName) -> Result<Addr<Room>, Error> {
+        self.joins
+            .handle(room.as_str())
+            .cloned()
+            .ok_or(Error::Room(RoomError::Forbidden(Forbidden::NotJoined)))
+    }
+
+    pub(super) fn post(
+        &mut self,
+        room: RoomName,
+        body: String,
+        client_msg_id: Option<String>,
+    ) -> Step {
+        let (addr, user) = match (self.joined_room(&room), self.user()) {
+            (Ok(addr), Ok(user)) => (addr, user.clone()),
+            (Err(e), _) | (_, Err(e)) => return Step::fail(e),
+        };
+        let request = addr.send(Post {
+            session: self.id,
+            user,
+            body: body.into(),
+            client_msg_id,
+        });
+        let work = async move {
+            let ack = request.await??;
+            Ok(Reply::Sent {
+                seq: ack.seq,
+                sent_at: ack.sent_at,
+            })
+        };
+        Step::later(work.into_actor(self))
+    }
+
+    pub(super) fn history(
+        &mut self,
+        room: RoomName,
+        before: Option<Seq>,
+        limit: Option<u32>,
+    ) -> Step {
+        let user = match self.user() {
+            Ok(user) => user.id,
+            Err(e) => return Step::fail(e),
+        };
+        let directory = self.services.directory.clone();
+        let read = ReadHistory {
+            user,
+            before,
+            limit,
+        };
+        let work = async move {
+            let (_, page) = ask_room(&directory, &room, read).await?;
+            Ok(Reply::History {
+                messages: page.messages,
+                has_more: page.has_more,
+            })
+        };
+        Step::later(work.into_actor(self))
+    }
+
+    pub(super) fn who(&mut self, room: RoomName) -> Step {
+        let user = match self.user() {
+            Ok(user) => user.id,
+            Err(e) => return Step::fail(e),
+        };
+        let directory = self.services.directory.clone();
+        let work = async move {
+            let (_, online) = ask_room(&directory, &room, Who { user }).await?;
+            Ok(Reply::Online { online })
+        };
+        Step::later(work.into_actor(self))
+    }
+
+    pub(super) fn typing(&mut self, room: RoomName) -> Step {
+        let addr = match self.joined_room(&room) {
+            Ok(addr) => addr,
+            Err(e) => return Step::fail(e),
+        };
+        let request = addr.send(Typing { session: self.id });
+        let work = async move {
+            request.await??;
+            Ok(Reply::Done {})
+        };
+        Step::later(work.into_actor(self))
+    }
+}

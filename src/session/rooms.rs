@@ -1,0 +1,153 @@
+//! Requests about rooms: `rooms`, `create_room`, `join`, `leave`, and [`ask_room`], the one way
+//! a session reaches a room by name. A join holds the room's events from its start until its
+//! reply is written ([`Then::Release`]).
+
+use actix::prelude::*;
+
+use super::requests::{Answer, Step, Then};
+use super::shell::Session;
+use super::socket::WsContext;
+use crate::actors::db::{CreateRoom, ListRooms};
+use crate::actors::directory::{Directory, OpenRoom};
+use crate::actors::room::{Join, Joined, Leave, Room};
+use crate::error::{Error, RoomError};
+use crate::ids::Seq;
+use crate::protocol::{CreatedRoom, JoinedRoom, Reply, RoomKind, RoomListing, RoomName, Username};
+use crate::store::models::RoomSummary;
+
+impl Session {
+    pub(super) fn rooms(&mut self) -> Step {
+        let user = match self.user() {
+            Ok(user) => user.id,
+            Err(e) => return Step::fail(e),
+        };
+        let request = self.services.db.send(ListRooms { user });
+        let work = async move { Ok::<_, Error>(request.await??) };
+        Step::later(work.into_actor(self).map(
+            |result: Result<Vec<RoomSummary>, Error>, session, _| {
+                let rooms = result?
+                    .into_iter()
+                    .map(|r| RoomListing {
+                        joined: session.joins.is_joined(&r.name),
+                        name: r.name,
+                        kind: r.kind,
+                        last_seq: r.last_seq,
+                    })
+                    .collect();
+                Ok(Reply::Rooms { rooms })
+            },
+        ))
+    }
+
+    pub(super) fn create_room(
+        &mut self,
+        room: RoomName,
+        kind: RoomKind,
+        members: Vec<Username>,
+    ) -> Step {
+        let owner = match self.user() {
+            Ok(user) => user.clone(),
+            Err(e) => return Step::fail(e),
+        };
+        let request = self.services.db.send(CreateRoom {
+            name: room,
+            kind,
+            owner,
+            members,
+        });
+        let work = async move {
+            let room = request.await??;
+            Ok(Reply::Created {
+                room: CreatedRoom {
+                    name: room.name,
+                    kind: room.kind,
+                    owner: room.owner,
+                },
+            })
+        };
+        Step::later(work.into_actor(self))
+    }
+
+    pub(super) fn join(&mut self, room: RoomName, after: Option<Seq>, ctx: &mut WsContext) -> Step {
+        let user = match self.user() {
+            Ok(user) => user.clone(),
+            Err(e) => return Step::fail(e),
+        };
+        let join = Join {
+            session: self.id,
+            user,
+            deliver: ctx.address().recipient(),
+            after,
+            replaces: None,
+        };
+        self.joins.begin(&room);
+        let directory = self.services.directory.clone();
+        let name = room.clone();
+        let work = async move { ask_room(&directory, &name, join).await };
+        Step::answer_later(
+            work.into_actor(self)
+                .map(move |result, session, _| session.joined(room, result)),
+        )
+    }
+
+    fn joined(&mut self, room: RoomName, result: Result<(Addr<Room>, Joined), Error>) -> Answer {
+        let result = match result {
+            Ok((addr, joined)) => {
+                let covered = joined.missed.is_some().then_some(joined.last_seq);
+                self.joins.answered(&room, Some((addr, covered)));
+                Ok(join_reply(joined))
+            }
+            Err(e) => {
+                self.joins.answered(&room, None);
+                Err(e)
+            }
+        };
+        Answer {
+            result,
+            then: Then::Release(vec![room]),
+        }
+    }
+
+    pub(super) fn leave(&mut self, room: RoomName) -> Step {
+        if let Some(addr) = self.joins.leave(&room) {
+            addr.do_send(Leave { session: self.id });
+        }
+        Step::done(Reply::Done {})
+    }
+}
+
+fn join_reply(joined: Joined) -> Reply {
+    let truncated = joined.missed.is_some().then_some(joined.truncated);
+    Reply::Joined {
+        room: JoinedRoom {
+            name: joined.name,
+            kind: joined.kind,
+            last_seq: joined.last_seq,
+        },
+        missed: joined.missed,
+        truncated,
+    }
+}
+
+/// Sends `msg` to room `name`, looking it up through the directory. A room that stopped
+/// between the lookup and the send is looked up once more.
+pub(super) async fn ask_room<M, R>(
+    directory: &Addr<Directory>,
+    name: &RoomName,
+    msg: M,
+) -> Result<(Addr<Room>, R), Error>
+where
+    M: Message<Result = Result<R, RoomError>> + Clone + Send + 'static,
+    R: Send + 'static,
+    Room: Handler<M>,
+{
+    let mut retried = false;
+    loop {
+        let room = directory.send(OpenRoom { name: name.clone() }).await??;
+        match room.send(msg.clone()).await {
+            Ok(result) => return Ok((room, result?)),
+            Err(MailboxError::Closed) if !retried => retried = true,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
