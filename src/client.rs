@@ -1,16 +1,18 @@
 //! The client side of docs/protocol.md, written once: a WebSocket connection that sends
-//! requests and reads replies and events as JSON, answering pings. The end-to-end tests and
-//! rookery-bench are built on it (and the terminal client will be). Owns no server state;
-//! calls only the network.
+//! requests, serialized from the same [`Request`] type the server parses, and reads replies
+//! and events as JSON, answering pings. The end-to-end tests and rookery-bench are built on it
+//! (and the terminal client will be). Owns no server state; calls only the network.
 
 use actix_codec::Framed;
 use awc::ws::{self, Frame};
 use awc::BoxedSocket;
 use futures_util::{SinkExt, StreamExt};
 use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::net::IpAddr;
 use std::time::Duration;
+
+use crate::protocol::{Request, RequestFrame};
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -58,13 +60,9 @@ pub struct Connection {
     framed: Framed<BoxedSocket, ws::Codec>,
 }
 
-/// A request frame: `{"id": id, "type": kind, ...fields}`.
-pub fn request(id: &str, kind: &str, fields: Value) -> Value {
-    let mut frame = json!({ "id": id, "type": kind });
-    if let (Value::Object(target), Value::Object(fields)) = (&mut frame, fields) {
-        target.extend(fields);
-    }
-    frame
+/// The text frame of `request` with `id`: `{"id": id, "type": ..., ...fields}`.
+pub fn request_frame(id: &str, request: &Request) -> String {
+    RequestFrame { id, request }.to_text()
 }
 
 /// Opens connections with one set of options. Build it once and reuse it: setting up TLS
@@ -133,6 +131,12 @@ impl Connection {
             .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
+    /// Sends `request` with `id`; the reply carries the same id.
+    pub async fn send_request(&mut self, id: &str, request: &Request) -> Result<(), ClientError> {
+        self.send_text(request_frame(id, request)).await
+    }
+
+    /// Sends any JSON as a frame (for probing the server with what the types cannot express).
     pub async fn send_json(&mut self, frame: &Value) -> Result<(), ClientError> {
         self.send_text(frame.to_string()).await
     }
@@ -203,9 +207,17 @@ pub fn classify(frame: Value) -> Incoming {
 mod tests {
     use super::*;
 
+    use crate::protocol::RoomName;
+    use serde_json::json;
+
     #[test]
     fn requests_and_classification() {
-        let frame = request("7", "send", json!({"room": "a", "body": "hi"}));
+        let send = Request::Post {
+            room: RoomName::parse("a").unwrap(),
+            body: "hi".into(),
+            client_msg_id: None,
+        };
+        let frame: Value = serde_json::from_str(&request_frame("7", &send)).unwrap();
         assert_eq!(
             frame,
             json!({"id": "7", "type": "send", "room": "a", "body": "hi"})

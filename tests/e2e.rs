@@ -129,11 +129,7 @@ async fn register_login_resume_logout() {
     assert!(reply["user"]["id"].is_string(), "ids are strings: {reply}");
     assert_eq!(reply["user"]["username"], "ann");
 
-    c.err(
-        json!({"type": "register", "username": "ann", "password": PASSWORD}),
-        "conflict",
-    )
-    .await;
+    c.err(req::register("ann", PASSWORD), "conflict").await;
     c.err(
         json!({"type": "register", "username": "zo", "password": PASSWORD}),
         "bad_request",
@@ -144,44 +140,24 @@ async fn register_login_resume_logout() {
         "bad_request",
     )
     .await;
-    c.err(
-        json!({"type": "register", "username": "carl", "password": "short"}),
-        "bad_request",
-    )
-    .await;
+    c.err(req::register("carl", "short"), "bad_request").await;
     let long = "x".repeat(73);
-    c.err(
-        json!({"type": "register", "username": "carl", "password": long}),
-        "bad_request",
-    )
-    .await;
-    c.ok(json!({"type": "register", "username": "carl", "password": "x".repeat(72)}))
-        .await;
+    c.err(req::register("carl", long), "bad_request").await;
+    c.ok(req::register("carl", "x".repeat(72))).await;
 
-    c.err(
-        json!({"type": "login", "username": "ann", "password": "wrong-password"}),
-        "invalid_credentials",
-    )
-    .await;
-    c.err(
-        json!({"type": "login", "username": "nobody", "password": PASSWORD}),
-        "invalid_credentials",
-    )
-    .await;
-    // Before auth, only register, login, resume and ping are served.
-    c.err(json!({"type": "rooms"}), "unauthorized").await;
-    c.err(json!({"type": "join", "room": "a"}), "unauthorized")
+    c.err(req::login("ann", "wrong-password"), "invalid_credentials")
         .await;
-    c.ok(json!({"type": "ping"})).await;
+    c.err(req::login("nobody", PASSWORD), "invalid_credentials")
+        .await;
+    // Before auth, only register, login, resume and ping are served.
+    c.err(req::rooms(), "unauthorized").await;
+    c.err(req::join("a"), "unauthorized").await;
+    c.ok(req::ping()).await;
 
     let reply = c.login("ann").await;
     let token = reply["token"].as_str().unwrap().to_string();
     assert!(token.len() >= 43, "256-bit token: {token}");
-    c.err(
-        json!({"type": "login", "username": "ann", "password": PASSWORD}),
-        "bad_request",
-    )
-    .await;
+    c.err(req::login("ann", PASSWORD), "bad_request").await;
 
     // The token is stored hashed, never as given.
     let stored: Vec<String> = {
@@ -201,27 +177,18 @@ async fn register_login_resume_logout() {
     assert!(!stored[0].contains(&token));
 
     let mut other = server.connect().await;
-    let reply = other.ok(json!({"type": "resume", "token": token})).await;
+    let reply = other.ok(req::resume(&token)).await;
     assert_eq!(reply["user"]["username"], "ann");
     assert_eq!(reply["rooms"], json!([]));
-    other.ok(json!({"type": "rooms"})).await;
+    other.ok(req::rooms()).await;
 
     let mut third = server.connect().await;
-    third
-        .err(
-            json!({"type": "resume", "token": "not-a-token"}),
-            "unauthorized",
-        )
-        .await;
-    third
-        .err(json!({"type": "resume", "token": ""}), "bad_request")
-        .await;
+    third.err(req::resume("not-a-token"), "unauthorized").await;
+    third.err(req::resume(""), "bad_request").await;
 
-    c.ok(json!({"type": "logout"})).await;
+    c.ok(req::logout()).await;
     assert_eq!(c.closed().await, 1000);
-    third
-        .err(json!({"type": "resume", "token": token}), "unauthorized")
-        .await;
+    third.err(req::resume(&token), "unauthorized").await;
 }
 
 #[actix_rt::test]
@@ -233,9 +200,7 @@ async fn expired_tokens_do_not_resume() {
         .execute(&mut server.db.conn())
         .unwrap();
     let mut other = server.connect().await;
-    other
-        .err(json!({"type": "resume", "token": token}), "unauthorized")
-        .await;
+    other.err(req::resume(&token), "unauthorized").await;
 }
 
 #[actix_rt::test]
@@ -275,11 +240,8 @@ async fn create_and_list_rooms() {
     );
     bob.create_room("bobs", "private", &[]).await;
 
-    ann.err(
-        json!({"type": "create_room", "room": "general", "kind": "public"}),
-        "conflict",
-    )
-    .await;
+    ann.err(req::create_room("general", "public", &[]), "conflict")
+        .await;
     ann.err(
         json!({"type": "create_room", "room": "Bad Name", "kind": "public"}),
         "bad_request",
@@ -296,14 +258,16 @@ async fn create_and_list_rooms() {
     )
     .await;
     let reply = ann
-        .err(json!({"type": "create_room", "room": "ghosts", "kind": "private", "members": ["nobody"]}), "not_found")
+        .err(
+            req::create_room("ghosts", "private", &["nobody"]),
+            "not_found",
+        )
         .await;
     assert!(reply["message"].as_str().unwrap().contains("nobody"));
-    ann.err(json!({"type": "join", "room": "ghosts"}), "not_found")
-        .await;
+    ann.err(req::join("ghosts"), "not_found").await;
 
     ann.join("general").await;
-    let rooms = ann.ok(json!({"type": "rooms"})).await["rooms"].clone();
+    let rooms = ann.ok(req::rooms()).await["rooms"].clone();
     assert_eq!(
         rooms,
         json!([
@@ -311,7 +275,7 @@ async fn create_and_list_rooms() {
             {"name": "staff", "kind": "private", "joined": false, "last_seq": 0},
         ])
     );
-    let rooms = bob.ok(json!({"type": "rooms"})).await["rooms"].clone();
+    let rooms = bob.ok(req::rooms()).await["rooms"].clone();
     let names: Vec<&str> = rooms
         .as_array()
         .unwrap()
@@ -333,23 +297,16 @@ async fn private_rooms_admit_only_members() {
     // The creator is a member without naming itself.
     ann.join("staff").await;
     cat.join("staff").await;
-    eve.err(json!({"type": "join", "room": "staff"}), "forbidden")
+    eve.err(req::join("staff"), "forbidden").await;
+    eve.err(req::history("staff", None, None), "forbidden")
         .await;
-    eve.err(json!({"type": "history", "room": "staff"}), "forbidden")
-        .await;
-    eve.err(json!({"type": "who", "room": "staff"}), "forbidden")
-        .await;
-    eve.err(
-        json!({"type": "send", "room": "staff", "body": "let me in"}),
-        "forbidden",
-    )
-    .await;
-    eve.err(json!({"type": "typing", "room": "staff"}), "forbidden")
-        .await;
+    eve.err(req::who("staff"), "forbidden").await;
+    eve.err(req::send("staff", "let me in"), "forbidden").await;
+    eve.err(req::typing("staff"), "forbidden").await;
     eve.join("open").await;
 
     ann.send("staff", "members only").await;
-    ann.ok(json!({"type": "typing", "room": "staff"})).await;
+    ann.ok(req::typing("staff")).await;
     assert_eq!(cat.next_event_of("message").await["body"], "members only");
     cat.next_event_of("typing").await;
     eve.assert_no_event("message").await;
@@ -357,7 +314,7 @@ async fn private_rooms_admit_only_members() {
         eve.take_events().iter().all(|e| e["room"] != "staff"),
         "eve saw the private room"
     );
-    let history = cat.ok(json!({"type": "history", "room": "staff"})).await;
+    let history = cat.ok(req::history("staff", None, None)).await;
     assert_eq!(history["messages"].as_array().unwrap().len(), 1);
 }
 
@@ -383,8 +340,10 @@ async fn two_users_see_the_same_messages_in_the_same_order() {
 
     // Both send without waiting for acks, interleaved.
     for i in 0..10 {
-        ann.send_text(&json!({"id": format!("a{i}"), "type": "send", "room": "general", "body": format!("ann {i}")}).to_string()).await;
-        bob.send_text(&json!({"id": format!("b{i}"), "type": "send", "room": "general", "body": format!("bob {i}")}).to_string()).await;
+        ann.send_request(&format!("a{i}"), &req::send("general", format!("ann {i}")))
+            .await;
+        bob.send_request(&format!("b{i}"), &req::send("general", format!("bob {i}")))
+            .await;
     }
     let mut seen = Vec::new();
     for client in [&mut ann, &mut bob] {
@@ -426,7 +385,7 @@ async fn send_is_acked_with_seq_and_time_and_retries_are_idempotent() {
     let server = TestServer::start().await;
     let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
 
-    let send = json!({"type": "send", "room": "general", "body": "once", "client_msg_id": "c-1"});
+    let send = req::send_keyed("general", "once", "c-1");
     let first = ann.ok(send.clone()).await;
     assert_eq!(first["seq"], 1);
     let sent_at = first["sent_at"].as_str().unwrap();
@@ -448,8 +407,7 @@ async fn send_is_acked_with_seq_and_time_and_retries_are_idempotent() {
     );
     bob.assert_no_event("message").await;
     // Another sender may use the same client_msg_id.
-    bob.ok(json!({"type": "send", "room": "general", "body": "mine", "client_msg_id": "c-1"}))
-        .await;
+    bob.ok(req::send_keyed("general", "mine", "c-1")).await;
     assert_eq!(count_messages(&server), 2);
 }
 
@@ -458,45 +416,23 @@ async fn send_errors() {
     let server = TestServer::start_with(|c| c.rooms.max_body_bytes = 100).await;
     let mut ann = server.user("ann").await;
     ann.create_room("general", "public", &[]).await;
-    ann.err(
-        json!({"type": "send", "room": "general", "body": "not joined"}),
-        "forbidden",
-    )
-    .await;
-    ann.join("general").await;
-    ann.err(
-        json!({"type": "send", "room": "general", "body": "x".repeat(101)}),
-        "too_large",
-    )
-    .await;
-    ann.ok(json!({"type": "send", "room": "general", "body": "é".repeat(50)}))
+    ann.err(req::send("general", "not joined"), "forbidden")
         .await;
+    ann.join("general").await;
+    ann.err(req::send("general", "x".repeat(101)), "too_large")
+        .await;
+    ann.ok(req::send("general", "é".repeat(50))).await;
+    ann.err(req::send("general", "é".repeat(51)), "too_large")
+        .await;
+    ann.err(req::send("general", ""), "bad_request").await;
     ann.err(
-        json!({"type": "send", "room": "general", "body": "é".repeat(51)}),
-        "too_large",
-    )
-    .await;
-    ann.err(
-        json!({"type": "send", "room": "general", "body": ""}),
+        req::send_keyed("general", "x", "c".repeat(129)),
         "bad_request",
     )
     .await;
-    ann.err(
-        json!({"type": "send", "room": "general", "body": "x", "client_msg_id": "c".repeat(129)}),
-        "bad_request",
-    )
-    .await;
-    ann.err(
-        json!({"type": "send", "room": "nowhere", "body": "x"}),
-        "forbidden",
-    )
-    .await;
-    ann.ok(json!({"type": "leave", "room": "general"})).await;
-    ann.err(
-        json!({"type": "send", "room": "general", "body": "left"}),
-        "forbidden",
-    )
-    .await;
+    ann.err(req::send("nowhere", "x"), "forbidden").await;
+    ann.ok(req::leave("general")).await;
+    ann.err(req::send("general", "left"), "forbidden").await;
     assert_eq!(count_messages(&server), 1);
 }
 
@@ -504,7 +440,7 @@ async fn send_errors() {
 async fn leave_stops_delivery_and_tells_the_others() {
     let server = TestServer::start().await;
     let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
-    bob.ok(json!({"type": "leave", "room": "general"})).await;
+    bob.ok(req::leave("general")).await;
     assert_eq!(
         ann.next_event_of("left").await,
         json!({"type": "left", "room": "general", "user": "bob"})
@@ -512,7 +448,7 @@ async fn leave_stops_delivery_and_tells_the_others() {
     ann.send("general", "after bob left").await;
     bob.assert_no_event("message").await;
     // Leaving a room one is not in is harmless.
-    bob.ok(json!({"type": "leave", "room": "general"})).await;
+    bob.ok(req::leave("general")).await;
 
     // A user's second session joining sends no second `joined`; its last leaving sends `left`.
     let mut ann2 = server.connect().await;
@@ -522,7 +458,7 @@ async fn leave_stops_delivery_and_tells_the_others() {
     bob.assert_no_event("joined").await;
     ann2.close().await;
     bob.assert_no_event("left").await;
-    ann.ok(json!({"type": "leave", "room": "general"})).await;
+    ann.ok(req::leave("general")).await;
     assert_eq!(bob.next_event_of("left").await["user"], "ann");
 }
 
@@ -533,15 +469,14 @@ async fn who_and_typing() {
     let mut bob = server.user("bob").await;
     ann.create_room("general", "public", &[]).await;
     ann.join("general").await;
-    let who = bob.ok(json!({"type": "who", "room": "general"})).await;
+    let who = bob.ok(req::who("general")).await;
     assert_eq!(who["online"], json!(["ann"]));
     bob.join("general").await;
-    let who = bob.ok(json!({"type": "who", "room": "general"})).await;
+    let who = bob.ok(req::who("general")).await;
     assert_eq!(who["online"], json!(["ann", "bob"]));
-    bob.err(json!({"type": "who", "room": "missing"}), "not_found")
-        .await;
+    bob.err(req::who("missing"), "not_found").await;
 
-    bob.ok(json!({"type": "typing", "room": "general"})).await;
+    bob.ok(req::typing("general")).await;
     assert_eq!(
         ann.next_event_of("typing").await,
         json!({"type": "typing", "room": "general", "user": "bob"})
@@ -550,11 +485,11 @@ async fn who_and_typing() {
 
     drop(bob);
     // A dropped connection stays listed through the resume grace, then goes.
-    let who = ann.ok(json!({"type": "who", "room": "general"})).await;
+    let who = ann.ok(req::who("general")).await;
     assert_eq!(who["online"], json!(["ann", "bob"]));
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let who = ann.ok(json!({"type": "who", "room": "general"})).await;
+        let who = ann.ok(req::who("general")).await;
         if who["online"] == json!(["ann"]) {
             break;
         }
@@ -584,42 +519,32 @@ async fn history_pages_backwards_from_memory_and_database() {
             .map(|m| m["body"].as_str().unwrap().to_string())
             .collect()
     };
-    let page = ann.ok(json!({"type": "history", "room": "general"})).await;
+    let page = ann.ok(req::history("general", None, None)).await;
     assert_eq!(
         bodies(&page),
         ["m8", "m9", "m10", "m11", "m12"],
         "default limit is history_limit"
     );
     assert_eq!(page["has_more"], true);
-    let page = ann
-        .ok(json!({"type": "history", "room": "general", "limit": 3}))
-        .await;
+    let page = ann.ok(req::history("general", None, Some(3))).await;
     assert_eq!(bodies(&page), ["m10", "m11", "m12"]);
-    let page = ann
-        .ok(json!({"type": "history", "room": "general", "before": 10, "limit": 4}))
-        .await;
+    let page = ann.ok(req::history("general", Some(10), Some(4))).await;
     assert_eq!(bodies(&page), ["m6", "m7", "m8", "m9"]);
     assert_eq!(page["has_more"], true);
-    let page = ann
-        .ok(json!({"type": "history", "room": "general", "before": 3, "limit": 100}))
-        .await;
+    let page = ann.ok(req::history("general", Some(3), Some(100))).await;
     assert_eq!(bodies(&page), ["m1", "m2"]);
     assert_eq!(page["has_more"], false);
     let first = &page["messages"][0];
     assert_eq!(first["seq"], 1);
     assert_eq!(first["from"], "ann");
     assert_eq!(first["room"], "general");
-    let page = ann
-        .ok(json!({"type": "history", "room": "general", "before": 1}))
-        .await;
+    let page = ann.ok(req::history("general", Some(1), None)).await;
     assert_eq!(page["messages"], json!([]));
     assert_eq!(page["has_more"], false);
 
     // A reader that never joined may read a public room's history.
     let mut bob = server.user("bob").await;
-    let page = bob
-        .ok(json!({"type": "history", "room": "general", "limit": 100}))
-        .await;
+    let page = bob.ok(req::history("general", None, Some(100))).await;
     assert_eq!(page["messages"].as_array().unwrap().len(), 12);
 
     ann.err(
@@ -637,7 +562,7 @@ async fn history_pages_backwards_from_memory_and_database() {
         "bad_request",
     )
     .await;
-    ann.err(json!({"type": "history", "room": "nowhere"}), "not_found")
+    ann.err(req::history("nowhere", None, None), "not_found")
         .await;
 }
 
@@ -648,12 +573,12 @@ async fn rooms_stop_when_idle_and_restart_with_their_history() {
     ann.create_room("general", "public", &[]).await;
     ann.join("general").await;
     ann.send("general", "before the stop").await;
-    ann.ok(json!({"type": "leave", "room": "general"})).await;
+    ann.ok(req::leave("general")).await;
     actix_rt::time::sleep(Duration::from_millis(500)).await;
     let joined = ann.join("general").await;
     assert_eq!(joined["room"]["last_seq"], 1);
     assert_eq!(ann.send("general", "after").await["seq"], 2);
-    let page = ann.ok(json!({"type": "history", "room": "general"})).await;
+    let page = ann.ok(req::history("general", None, None)).await;
     assert_eq!(page["messages"][0]["body"], "before the stop");
 }
 
@@ -675,8 +600,7 @@ async fn no_column_holds_a_body_in_plaintext() {
     ann.join("general").await;
     let body = "the-unmistakable-plaintext-canary-7f3a";
     ann.send("general", body).await;
-    ann.ok(json!({"type": "send", "room": "general", "body": body, "client_msg_id": "x1"}))
-        .await;
+    ann.ok(req::send_keyed("general", body, "x1")).await;
 
     #[derive(QueryableByName)]
     struct Row {
@@ -704,7 +628,7 @@ async fn no_column_holds_a_body_in_plaintext() {
         }
     }
     assert!(rows_seen > 3);
-    let page = ann.ok(json!({"type": "history", "room": "general"})).await;
+    let page = ann.ok(req::history("general", None, None)).await;
     assert_eq!(page["messages"][0]["body"], body);
 }
 
@@ -723,9 +647,7 @@ async fn a_tampered_row_is_reported_not_served() {
     )
     .execute(&mut server.db.conn())
     .unwrap();
-    let page = ann
-        .ok(json!({"type": "history", "room": "general", "before": 3, "limit": 10}))
-        .await;
+    let page = ann.ok(req::history("general", Some(3), Some(10))).await;
     let messages = page["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 2);
     assert_eq!(messages[0]["body"], "first");
@@ -737,9 +659,7 @@ async fn a_tampered_row_is_reported_not_served() {
     diesel::sql_query("UPDATE messages SET seq = 0 WHERE seq = 1")
         .execute(&mut server.db.conn())
         .unwrap();
-    let page = ann
-        .ok(json!({"type": "history", "room": "general", "before": 2, "limit": 5}))
-        .await;
+    let page = ann.ok(req::history("general", Some(2), Some(5))).await;
     assert_eq!(page["messages"][0]["seq"], 0);
     assert_eq!(page["messages"][0]["error"], "undecryptable");
 }
@@ -784,7 +704,7 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
         (reply["code"].as_str(), &reply["id"]),
         (Some("bad_request"), &Value::Null)
     );
-    c.ok(json!({"type": "ping"})).await;
+    c.ok(req::ping()).await;
     c.register("ann").await;
 }
 
@@ -829,11 +749,11 @@ async fn a_silent_client_is_closed_after_the_heartbeat_timeout() {
     let mut lively = server.connect().await;
     // `lively` keeps talking; `silent` neither sends nor reads, so it never answers a ping.
     for _ in 0..8 {
-        lively.ok(json!({"type": "ping"})).await;
+        lively.ok(req::ping()).await;
         actix_rt::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(silent.closed().await, 1000);
-    lively.ok(json!({"type": "ping"})).await;
+    lively.ok(req::ping()).await;
 }
 
 // ---------------------------------------------------------------- migrations and CLI
@@ -920,6 +840,33 @@ fn check_config_says_what_is_wrong_and_where() {
     );
 }
 
+#[test]
+fn check_config_prints_every_problem_at_once_with_its_place() {
+    let dir = TempDir::new();
+    let file = dir.0.join("three.toml");
+    std::fs::write(
+        &file,
+        "[session]\nping_interval_ms = \"often\"\n\n[rooms]\nhistory_limitt = 3\n\n[database]\nexecutors = 0\n",
+    )
+    .unwrap();
+    let out = rookery_cli(
+        &["check-config", "--config", file.to_str().unwrap()],
+        &[("ROOKERY__SERVER__BIND", "not-an-address")],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let path = file.display().to_string();
+    for expected in [
+        format!("{path}:2:1: session.ping_interval_ms:"),
+        format!("{path}:5:1: rooms.history_limitt: unknown key"),
+        format!("{path}:8:1: database.executors: must be 1..64"),
+        "server.bind: 'not-an-address' is not an ip:port address".to_string(),
+        "ROOKERY__SERVER__BIND".to_string(),
+    ] {
+        assert!(err.contains(&expected), "missing {expected:?} in:\n{err}");
+    }
+}
+
 /// A client may send requests without waiting for replies: each one sees the effect of the
 /// session-changing requests before it (regression: login raced register).
 #[actix_rt::test]
@@ -927,17 +874,17 @@ async fn pipelined_requests_take_effect_in_order() {
     let server = TestServer::start().await;
     let mut c = server.connect().await;
     let frames = [
-        json!({"id": "1", "type": "register", "username": "ann", "password": PASSWORD}),
-        json!({"id": "2", "type": "login", "username": "ann", "password": PASSWORD}),
-        json!({"id": "3", "type": "create_room", "room": "general", "kind": "public"}),
-        json!({"id": "4", "type": "join", "room": "general"}),
-        json!({"id": "5", "type": "send", "room": "general", "body": "one"}),
-        json!({"id": "6", "type": "send", "room": "general", "body": "two"}),
-        json!({"id": "7", "type": "leave", "room": "general"}),
-        json!({"id": "8", "type": "send", "room": "general", "body": "after leaving"}),
+        ("1", req::register("ann", PASSWORD)),
+        ("2", req::login("ann", PASSWORD)),
+        ("3", req::create_room("general", "public", &[])),
+        ("4", req::join("general")),
+        ("5", req::send("general", "one")),
+        ("6", req::send("general", "two")),
+        ("7", req::leave("general")),
+        ("8", req::send("general", "after leaving")),
     ];
-    for frame in &frames {
-        c.send_text(&frame.to_string()).await;
+    for (id, request) in &frames {
+        c.send_request(id, request).await;
     }
     let mut replies = std::collections::BTreeMap::new();
     while replies.len() < frames.len() {
@@ -975,9 +922,7 @@ async fn a_rotated_key_seals_new_messages_and_old_ones_still_open() {
     ann.login("ann").await;
     ann.join("general").await;
     ann.send("general", "sealed with key 2").await;
-    let page = ann
-        .ok(json!({"type": "history", "room": "general", "limit": 10}))
-        .await;
+    let page = ann.ok(req::history("general", None, Some(10))).await;
     let bodies: Vec<&str> = page["messages"]
         .as_array()
         .unwrap()
@@ -998,13 +943,9 @@ async fn a_rotated_key_seals_new_messages_and_old_ones_still_open() {
 async fn logout_leaves_rooms_at_once() {
     let server = TestServer::start_with(|c| c.session.resume_grace_ms = 60_000).await;
     let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
-    ann.send_text(&json!({"id": "out", "type": "logout"}).to_string())
+    ann.send_request("out", &req::logout()).await;
+    ann.send_request("late", &req::send("general", "after logout"))
         .await;
-    ann.send_text(
-        &json!({"id": "late", "type": "send", "room": "general", "body": "after logout"})
-            .to_string(),
-    )
-    .await;
     assert_eq!(bob.next_event_of("left").await["user"], "ann");
     let mut late = None;
     loop {
@@ -1031,13 +972,11 @@ async fn rejoining_with_after_repeats_nothing() {
     let server = TestServer::start().await;
     let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
     for i in 0..30 {
-        let frame = json!({"id": format!("s{i}"), "type": "send", "room": "general", "body": format!("m{i}")});
-        ann.send_text(&frame.to_string()).await;
-        if i == 10 {
-            bob.send_text(
-                &json!({"id": "again", "type": "join", "room": "general", "after": 0}).to_string(),
-            )
+        ann.send_request(&format!("s{i}"), &req::send("general", format!("m{i}")))
             .await;
+        if i == 10 {
+            bob.send_request("again", &req::join_after("general", 0))
+                .await;
         }
     }
     let mut seqs: Vec<i64> = Vec::new();

@@ -34,7 +34,7 @@ async fn connections_per_ip_are_limited() {
     loop {
         match Client::try_connect(&server, None).await {
             Ok(mut third) => {
-                third.ok(json!({"type": "ping"})).await;
+                third.ok(req::ping()).await;
                 break;
             }
             Err(_) if Instant::now() < deadline => {
@@ -59,7 +59,7 @@ async fn foreign_origins_are_refused() {
     Client::try_connect(&server, Some(&own))
         .await
         .unwrap()
-        .ok(json!({"type": "ping"}))
+        .ok(req::ping())
         .await;
     Client::try_connect(&server, Some("https://chat.example.com"))
         .await
@@ -77,8 +77,7 @@ async fn requests_beyond_the_rate_are_refused_and_the_connection_stays() {
     .await;
     let mut c = server.connect().await;
     for i in 0..12 {
-        c.send_text(&json!({"id": format!("p{i}"), "type": "ping"}).to_string())
-            .await;
+        c.send_request(&format!("p{i}"), &req::ping()).await;
     }
     let mut limited = 0;
     for _ in 0..12 {
@@ -89,7 +88,7 @@ async fn requests_beyond_the_rate_are_refused_and_the_connection_stays() {
     }
     assert!(limited >= 6, "only {limited} of 12 were refused");
     actix_rt::time::sleep(Duration::from_millis(1100)).await;
-    c.ok(json!({"type": "ping"})).await;
+    c.ok(req::ping()).await;
 }
 
 #[actix_rt::test]
@@ -103,24 +102,19 @@ async fn failed_logins_are_limited_per_username_and_per_ip() {
     for name in ["ann", "bob", "cat"] {
         c.register(name).await;
     }
-    let wrong =
-        |name: &str| json!({"type": "login", "username": name, "password": "wrong-password"});
+    let wrong = |name: &str| req::login(name, "wrong-password");
     for _ in 0..3 {
         c.err(wrong("ann"), "invalid_credentials").await;
     }
     // Even the right password is refused now, without checking it.
-    let right = json!({"type": "login", "username": "ann", "password": PASSWORD});
+    let right = req::login("ann", PASSWORD);
     let reply = c.err(right, "rate_limited").await;
     assert!(reply["message"].as_str().unwrap().contains("failed logins"));
     // Another user from the same address still may, until the address has too many failures.
     for _ in 0..3 {
         c.err(wrong("bob"), "invalid_credentials").await;
     }
-    c.err(
-        json!({"type": "login", "username": "cat", "password": PASSWORD}),
-        "rate_limited",
-    )
-    .await;
+    c.err(req::login("cat", PASSWORD), "rate_limited").await;
 }
 
 #[actix_rt::test]
@@ -138,11 +132,7 @@ async fn the_bcrypt_queue_is_bounded() {
         clients.push(server.connect().await);
     }
     for c in &mut clients {
-        c.send_text(
-            &json!({"id": "l", "type": "login", "username": "ann", "password": PASSWORD})
-                .to_string(),
-        )
-        .await;
+        c.send_request("l", &req::login("ann", PASSWORD)).await;
     }
     let mut codes = Vec::new();
     for c in &mut clients {
@@ -178,8 +168,8 @@ async fn a_slow_reader_is_cut_off_and_the_others_get_everything() {
     // `slow` never reads; ann sends 24 MB in all while `reader` (and ann) keep up.
     for i in 0..total {
         let key = format!("k{i}");
-        let frame = json!({"id": key, "type": "send", "room": "general", "body": body, "client_msg_id": key});
-        ann.send_text(&frame.to_string()).await;
+        ann.send_request(&key, &req::send_keyed("general", body.as_str(), &key))
+            .await;
         while let Ok(event) =
             tokio::time::timeout(Duration::ZERO, reader.next_event_of("message")).await
         {
@@ -247,7 +237,7 @@ async fn graceful_shutdown_finishes_accepted_sends_and_closes_with_1001() {
     let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
     for i in 0..200 {
         let key = format!("k{i}");
-        ann.send_text(&json!({"id": key, "type": "send", "room": "general", "body": "x", "client_msg_id": key}).to_string())
+        ann.send_request(&key, &req::send_keyed("general", "x", &key))
             .await;
     }
     // Shut down once the server has acked some and is still working on the rest.

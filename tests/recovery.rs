@@ -24,8 +24,9 @@ fn seqs(messages: &Value) -> Vec<i64> {
 /// Sends `count` messages without waiting, then reads the `count` acks; returns their seqs.
 async fn burst(client: &mut Client, room: &str, prefix: &str, count: usize) -> Vec<i64> {
     for i in 0..count {
-        let frame = json!({"id": format!("{prefix}{i}"), "type": "send", "room": room, "body": format!("{prefix} {i}"), "client_msg_id": format!("{prefix}{i}")});
-        client.send_text(&frame.to_string()).await;
+        let key = format!("{prefix}{i}");
+        let send = req::send_keyed(room, format!("{prefix} {i}"), key.as_str());
+        client.send_request(&key, &send).await;
     }
     let mut acks = Vec::new();
     while acks.len() < count {
@@ -41,8 +42,8 @@ async fn burst(client: &mut Client, room: &str, prefix: &str, count: usize) -> V
 
 /// Sends message `i` of a stream into `room` without waiting: id `s{i}`, client_msg_id `k{i}`.
 async fn send_in_stream(client: &mut Client, i: usize, room: &str) {
-    let frame = json!({"id": format!("s{i}"), "type": "send", "room": room, "body": format!("m{i}"), "client_msg_id": format!("k{i}")});
-    client.send_text(&frame.to_string()).await;
+    let send = req::send_keyed(room, format!("m{i}"), format!("k{i}"));
+    client.send_request(&format!("s{i}"), &send).await;
 }
 
 /// Reads the acks of a stream of `total` sends by `sender` and records them in `history`.
@@ -74,9 +75,7 @@ async fn join_after_returns_what_was_missed_from_memory_and_database() {
     burst(&mut ann, "general", "m", 12).await;
 
     // From the ring buffer (the last 5).
-    let reply = bob
-        .ok(json!({"type": "join", "room": "general", "after": 9}))
-        .await;
+    let reply = bob.ok(req::join_after("general", 9)).await;
     assert_eq!(reply["room"]["last_seq"], 12);
     assert_eq!(seqs(&reply["missed"]), [10, 11, 12]);
     assert_eq!(reply["truncated"], false);
@@ -87,12 +86,10 @@ async fn join_after_returns_what_was_missed_from_memory_and_database() {
         .await;
     assert_eq!(seqs(&reply["missed"]), (3..=12).collect::<Vec<_>>());
     // Nothing missed.
-    let reply = bob
-        .ok(json!({"type": "join", "room": "general", "after": 12}))
-        .await;
+    let reply = bob.ok(req::join_after("general", 12)).await;
     assert_eq!(reply["missed"], json!([]));
     // A plain join has no `missed`.
-    let reply = bob.ok(json!({"type": "join", "room": "general"})).await;
+    let reply = bob.ok(req::join("general")).await;
     assert!(reply.get("missed").is_none());
 }
 
@@ -104,14 +101,10 @@ async fn join_after_truncates_at_1000_newest() {
     ann.create_room("general", "public", &[]).await;
     ann.join("general").await;
     burst(&mut ann, "general", "m", 1050).await;
-    let reply = bob
-        .ok(json!({"type": "join", "room": "general", "after": 0}))
-        .await;
+    let reply = bob.ok(req::join_after("general", 0)).await;
     assert_eq!(reply["truncated"], true);
     assert_eq!(seqs(&reply["missed"]), (51..=1050).collect::<Vec<_>>());
-    let page = bob
-        .ok(json!({"type": "history", "room": "general", "before": 51, "limit": 100}))
-        .await;
+    let page = bob.ok(req::history("general", Some(51), Some(100))).await;
     assert_eq!(seqs(&page["messages"]), (1..=50).collect::<Vec<_>>());
 }
 
@@ -130,9 +123,7 @@ async fn join_after_during_a_stream_of_sends_has_no_gap_and_no_duplicate() {
         if i == 150 {
             // Join while ~250 sends are still queued or being committed.
             carol
-                .send_text(
-                    &json!({"id": "j", "type": "join", "room": "general", "after": 0}).to_string(),
-                )
+                .send_request("j", &req::join_after("general", 0))
                 .await;
         }
     }
@@ -171,7 +162,7 @@ async fn resume_within_the_grace_restores_rooms_without_a_flap() {
     actix_rt::time::sleep(Duration::from_millis(200)).await;
     bob.send("general", "while ann is away 1").await;
     bob.send("general", "while ann is away 2").await;
-    let who = bob.ok(json!({"type": "who", "room": "general"})).await;
+    let who = bob.ok(req::who("general")).await;
     assert_eq!(
         who["online"],
         json!(["ann", "bob"]),
@@ -179,12 +170,10 @@ async fn resume_within_the_grace_restores_rooms_without_a_flap() {
     );
 
     let mut ann = server.connect().await;
-    let reply = ann.ok(json!({"type": "resume", "token": token})).await;
+    let reply = ann.ok(req::resume(&token)).await;
     assert_eq!(reply["rooms"], json!([{"name": "general", "last_seq": 3}]));
     // Already joined again: she can send without a join, and recovers with `after`.
-    let recovered = ann
-        .ok(json!({"type": "join", "room": "general", "after": 1}))
-        .await;
+    let recovered = ann.ok(req::join_after("general", 1)).await;
     assert_eq!(seqs(&recovered["missed"]), [2, 3]);
     bob.send("general", "welcome back").await;
     assert_eq!(ann.next_event_of("message").await["seq"], 4);
@@ -201,7 +190,7 @@ async fn pipelined_resume_and_join_after_during_a_stream_deliver_each_message_on
     let token = carol.token.clone().unwrap();
     drop(carol); // the TCP connection goes away without a close frame
     actix_rt::time::sleep(Duration::from_millis(200)).await;
-    let who = ann.ok(json!({"type": "who", "room": "general"})).await;
+    let who = ann.ok(req::who("general")).await;
     assert_eq!(
         who["online"],
         json!(["ann", "carol"]),
@@ -214,10 +203,10 @@ async fn pipelined_resume_and_join_after_during_a_stream_deliver_each_message_on
         send_in_stream(&mut ann, i, "general").await;
         if i == 100 {
             // Resume and recover in one go, while about 200 sends are still in flight.
-            let resume = json!({"id": "r", "type": "resume", "token": token});
-            let join = json!({"id": "j", "type": "join", "room": "general", "after": 1});
-            carol.send_text(&resume.to_string()).await;
-            carol.send_text(&join.to_string()).await;
+            carol.send_request("r", &req::resume(&token)).await;
+            carol
+                .send_request("j", &req::join_after("general", 1))
+                .await;
         }
     }
     let mut history = History::new();
@@ -268,12 +257,12 @@ async fn pipelined_resume_and_joins_of_two_rooms_hold_each_room_until_its_own_re
     for i in 0..total {
         send_in_stream(&mut ann, i, room_of(i)).await;
         if i == 100 {
-            for request in [
-                json!({"id": "r", "type": "resume", "token": token}),
-                json!({"id": "ja", "type": "join", "room": "a", "after": 0}),
-                json!({"id": "jb", "type": "join", "room": "b", "after": 0}),
+            for (id, request) in [
+                ("r", req::resume(&token)),
+                ("ja", req::join_after("a", 0)),
+                ("jb", req::join_after("b", 0)),
             ] {
-                carol.send_text(&request.to_string()).await;
+                carol.send_request(id, &request).await;
             }
         }
     }
@@ -329,13 +318,9 @@ async fn after_the_grace_the_user_has_left_and_resume_restores_nothing() {
         json!({"type": "left", "room": "general", "user": "ann"})
     );
     let mut ann = server.connect().await;
-    let reply = ann.ok(json!({"type": "resume", "token": token})).await;
+    let reply = ann.ok(req::resume(&token)).await;
     assert_eq!(reply["rooms"], json!([]));
-    ann.err(
-        json!({"type": "send", "room": "general", "body": "x"}),
-        "forbidden",
-    )
-    .await;
+    ann.err(req::send("general", "x"), "forbidden").await;
     ann.join("general").await;
     assert_eq!(bob.next_event_of("joined").await["user"], "ann");
 }
@@ -355,14 +340,13 @@ async fn a_resend_after_a_lost_ack_stores_once() {
     let server = TestServer::start().await;
     let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
     let token = ann.token.clone().unwrap();
-    let send = json!({"id": "s1", "type": "send", "room": "general", "body": "did it land?", "client_msg_id": "once-1"});
-    ann.send_text(&send.to_string()).await;
+    let send = req::send_keyed("general", "did it land?", "once-1");
+    ann.send_request("s1", &send).await;
     drop(ann);
 
     let mut ann = server.connect().await;
-    ann.ok(json!({"type": "resume", "token": token})).await;
-    ann.ok(json!({"type": "join", "room": "general", "after": 0}))
-        .await;
+    ann.ok(req::resume(&token)).await;
+    ann.ok(req::join_after("general", 0)).await;
     let reply = ann.ok(send.clone()).await;
     assert_eq!(reply["seq"], 1);
     let reply = ann.ok(send).await;
@@ -371,7 +355,7 @@ async fn a_resend_after_a_lost_ack_stores_once() {
     let mut history = History::new();
     history.acked("ann", "ann", "general", "once-1", Seq(1));
     history.covers("bob", "general", Seq(0), None);
-    bob.ok(json!({"type": "ping"})).await;
+    bob.ok(req::ping()).await;
     for event in bob
         .take_events()
         .into_iter()
@@ -401,11 +385,11 @@ async fn a_database_outage_gives_unavailable_and_retries_recover() {
 
     let mut history = History::new();
     history.covers("bob", "general", Seq(0), None);
-    let send = |client: &str, key: String| json!({"id": format!("{client}-{key}"), "type": "send", "room": "general", "body": format!("body {key}"), "client_msg_id": key});
+    let send = |key: String| req::send_keyed("general", format!("body {key}"), key);
     for i in 0..5 {
         let key = format!("k{i}");
         history.sent("ann", "ann", "general", &key);
-        let reply = ann.ok(send("ann", key.clone())).await;
+        let reply = ann.ok(send(key.clone())).await;
         record_ack(&mut history, "ann", "general", &key, &reply);
     }
 
@@ -414,19 +398,19 @@ async fn a_database_outage_gives_unavailable_and_retries_recover() {
     for i in 5..8 {
         let key = format!("k{i}");
         history.sent("ann", "ann", "general", &key);
-        let reply = ann.call(send("ann", key.clone())).await;
+        let reply = ann.call(send(key.clone())).await;
         assert_eq!(reply["code"], "unavailable", "{reply}");
         history.failed("ann", "ann", "general", &key, "unavailable");
         failed.push(key);
     }
     // The server is up and answers what does not need the database.
-    ann.ok(json!({"type": "ping"})).await;
+    ann.ok(req::ping()).await;
 
     proxy.restore();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     for key in failed {
         loop {
-            let reply = ann.call(send("ann", key.clone())).await;
+            let reply = ann.call(send(key.clone())).await;
             if reply["type"] == "ok" {
                 record_ack(&mut history, "ann", "general", &key, &reply);
                 break;
@@ -439,10 +423,10 @@ async fn a_database_outage_gives_unavailable_and_retries_recover() {
             actix_rt::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let reply = ann.ok(send("ann", "k8".into())).await;
+    let reply = ann.ok(send("k8".into())).await;
     record_ack(&mut history, "ann", "general", "k8", &reply);
 
-    bob.ok(json!({"type": "ping"})).await;
+    bob.ok(req::ping()).await;
     let mut events = bob.take_events();
     while events.iter().filter(|e| e["type"] == "message").count() < 9 {
         events.push(bob.next_event().await);
@@ -473,9 +457,7 @@ async fn recovery_survives_a_restart() {
 
     let mut ann = server.connect().await;
     ann.login("ann").await;
-    let reply = ann
-        .ok(json!({"type": "join", "room": "general", "after": 3}))
-        .await;
+    let reply = ann.ok(req::join_after("general", 3)).await;
     assert_eq!(seqs(&reply["missed"]), [4, 5, 6, 7]);
     let bodies: Vec<&str> = reply["missed"]
         .as_array()
@@ -497,7 +479,7 @@ async fn resume_takes_over_a_session_that_still_looks_alive() {
     let token = ann.token.clone().unwrap();
 
     let mut ann2 = server.connect().await;
-    let reply = ann2.ok(json!({"type": "resume", "token": token})).await;
+    let reply = ann2.ok(req::resume(&token)).await;
     assert_eq!(reply["rooms"], json!([{"name": "general", "last_seq": 1}]));
     assert_eq!(ann.closed().await, 1000, "the old connection is closed");
     bob.send("general", "two").await;
@@ -514,14 +496,14 @@ async fn a_drop_right_after_the_join_reply_keeps_the_grace() {
     drop(carol); // right after her join reply, before the server's next timer tick
     assert_eq!(ann.next_event_of("joined").await["user"], "carol");
     actix_rt::time::sleep(Duration::from_millis(200)).await;
-    let who = ann.ok(json!({"type": "who", "room": "general"})).await;
+    let who = ann.ok(req::who("general")).await;
     assert_eq!(
         who["online"],
         json!(["ann", "carol"]),
         "carol is within the grace"
     );
     let mut carol = server.connect().await;
-    let reply = carol.ok(json!({"type": "resume", "token": token})).await;
+    let reply = carol.ok(req::resume(&token)).await;
     assert_eq!(reply["rooms"], json!([{"name": "general", "last_seq": 0}]));
     ann.assert_no_flap().await;
 }

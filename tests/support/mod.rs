@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use rookery::config::Config;
 use rookery::error::StartError;
+use rookery::protocol::Request;
 use rookery::secret::Secret;
 use rookery::server::Stop;
 
@@ -244,6 +245,129 @@ pub fn http_client() -> awc::Client {
 
 pub const PASSWORD: &str = "password-1";
 
+/// What a test can send as a request: a [`Request`] (the type the server parses; use the
+/// builders in [`req`]) or, to probe what the types cannot express, raw JSON.
+pub trait IntoFrame {
+    fn into_frame(self) -> Value;
+}
+
+impl IntoFrame for Value {
+    fn into_frame(self) -> Value {
+        self
+    }
+}
+
+impl IntoFrame for Request {
+    fn into_frame(self) -> Value {
+        serde_json::to_value(&self).unwrap()
+    }
+}
+
+/// Requests built from the protocol's types, for the valid frames tests send.
+pub mod req {
+    use rookery::ids::Seq;
+    use rookery::protocol::{Request, RoomKind, RoomName, Username};
+    use rookery::secret::Secret;
+
+    pub fn room(name: &str) -> RoomName {
+        RoomName::parse(name).unwrap()
+    }
+
+    pub fn user(name: &str) -> Username {
+        Username::parse(name).unwrap()
+    }
+
+    pub fn ping() -> Request {
+        Request::Ping {}
+    }
+
+    pub fn rooms() -> Request {
+        Request::Rooms {}
+    }
+
+    pub fn logout() -> Request {
+        Request::Logout {}
+    }
+
+    pub fn register(username: &str, password: impl Into<String>) -> Request {
+        Request::Register {
+            username: user(username),
+            password: Secret::new(password),
+        }
+    }
+
+    pub fn login(username: &str, password: impl Into<String>) -> Request {
+        Request::Login {
+            username: user(username),
+            password: Secret::new(password),
+        }
+    }
+
+    pub fn resume(token: impl AsRef<str>) -> Request {
+        Request::Resume {
+            token: Secret::new(token.as_ref()),
+        }
+    }
+
+    pub fn create_room(name: &str, kind: &str, members: &[&str]) -> Request {
+        Request::CreateRoom {
+            room: room(name),
+            kind: RoomKind::parse(kind).unwrap(),
+            members: members.iter().map(|m| user(m)).collect(),
+        }
+    }
+
+    pub fn join(name: &str) -> Request {
+        Request::Join {
+            room: room(name),
+            after: None,
+        }
+    }
+
+    pub fn join_after(name: &str, after: i64) -> Request {
+        Request::Join {
+            room: room(name),
+            after: Some(Seq(after)),
+        }
+    }
+
+    pub fn leave(name: &str) -> Request {
+        Request::Leave { room: room(name) }
+    }
+
+    pub fn send(name: &str, body: impl Into<String>) -> Request {
+        Request::Post {
+            room: room(name),
+            body: body.into(),
+            client_msg_id: None,
+        }
+    }
+
+    pub fn send_keyed(name: &str, body: impl Into<String>, key: impl Into<String>) -> Request {
+        Request::Post {
+            room: room(name),
+            body: body.into(),
+            client_msg_id: Some(key.into()),
+        }
+    }
+
+    pub fn history(name: &str, before: Option<i64>, limit: Option<u32>) -> Request {
+        Request::History {
+            room: room(name),
+            before: before.map(Seq),
+            limit,
+        }
+    }
+
+    pub fn who(name: &str) -> Request {
+        Request::Who { room: room(name) }
+    }
+
+    pub fn typing(name: &str) -> Request {
+        Request::Typing { room: room(name) }
+    }
+}
+
 /// A protocol client over a real WebSocket ([`rookery::client::Connection`]), with asserting
 /// helpers. Events that arrive while waiting for a reply are kept, in order, for `next_event`.
 pub struct Client {
@@ -309,7 +433,8 @@ impl Client {
     }
 
     /// Sends `request` (an id is added when missing) and returns the reply with that id.
-    pub async fn call(&mut self, mut request: Value) -> Value {
+    pub async fn call(&mut self, request: impl IntoFrame) -> Value {
+        let mut request = request.into_frame();
         if request.get("id").is_none() {
             self.next_id += 1;
             request["id"] = json!(format!("req-{}", self.next_id));
@@ -334,14 +459,16 @@ impl Client {
     }
 
     /// Like `call`, but asserts the reply is ok.
-    pub async fn ok(&mut self, request: Value) -> Value {
+    pub async fn ok(&mut self, request: impl IntoFrame) -> Value {
+        let request = request.into_frame();
         let reply = self.call(request.clone()).await;
         assert_eq!(reply["type"], "ok", "{request} -> {reply}");
         reply
     }
 
     /// Like `call`, but asserts an error with `code`.
-    pub async fn err(&mut self, request: Value, code: &str) -> Value {
+    pub async fn err(&mut self, request: impl IntoFrame, code: &str) -> Value {
+        let request = request.into_frame();
         let reply = self.call(request.clone()).await;
         assert_eq!(reply["type"], "error", "{request} -> {reply}");
         assert_eq!(reply["code"], code, "{request} -> {reply}");
@@ -407,30 +534,30 @@ impl Client {
     }
 
     pub async fn register(&mut self, username: &str) -> Value {
-        self.ok(json!({"type": "register", "username": username, "password": PASSWORD}))
-            .await
+        self.ok(req::register(username, PASSWORD)).await
     }
 
     pub async fn login(&mut self, username: &str) -> Value {
-        let reply = self
-            .ok(json!({"type": "login", "username": username, "password": PASSWORD}))
-            .await;
+        let reply = self.ok(req::login(username, PASSWORD)).await;
         self.token = reply["token"].as_str().map(str::to_string);
         reply
     }
 
     pub async fn create_room(&mut self, room: &str, kind: &str, members: &[&str]) -> Value {
-        self.ok(json!({"type": "create_room", "room": room, "kind": kind, "members": members}))
-            .await
+        self.ok(req::create_room(room, kind, members)).await
     }
 
     pub async fn join(&mut self, room: &str) -> Value {
-        self.ok(json!({"type": "join", "room": room})).await
+        self.ok(req::join(room)).await
     }
 
     pub async fn send(&mut self, room: &str, body: &str) -> Value {
-        self.ok(json!({"type": "send", "room": room, "body": body}))
-            .await
+        self.ok(req::send(room, body)).await
+    }
+
+    /// Sends `request` with `id` without waiting for its reply (to pipeline requests).
+    pub async fn send_request(&mut self, id: &str, request: &Request) {
+        self.conn.send_request(id, request).await.unwrap();
     }
 
     /// The closing handshake: send a close frame and wait for the server's.

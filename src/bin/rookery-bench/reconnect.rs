@@ -1,0 +1,201 @@
+//! The reconnect scenario: joined clients drop their TCP connections at once while senders keep
+//! sending, and come back with `resume` and `join` after the last seq they received; measures
+//! how fast they are all back, and the checker says whether any message was lost on the way.
+//! Calls `peer` and `meter`.
+
+use rookery::ids::Seq;
+use rookery::protocol::{Request, RoomName};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::meter::{join_each, member_loop, micros, shared, verdict, Meter, SendPlan, Shared};
+use crate::peer::{all, bounded, Bench, Peer};
+use crate::report::Report;
+use crate::ReconnectArgs;
+
+/// When the clients drop, and when the senders stop.
+#[derive(Clone, Copy)]
+struct Phases {
+    send_until: Instant,
+    drop_at: Instant,
+}
+
+/// What the clients tallied coming back.
+#[derive(Default)]
+struct Comeback {
+    /// Per client back: from its drop to its join answered.
+    back_times: Vec<Duration>,
+    failures: BTreeMap<String, u64>,
+    /// Clients whose resume restored their rooms.
+    restored: u64,
+}
+
+pub async fn run(bench: &Bench, args: &ReconnectArgs, report: &mut Report) -> Result<(), String> {
+    let rooms: Vec<RoomName> = (0..args.rooms)
+        .map(|r| bench.room(r))
+        .collect::<Result<_, _>>()?;
+    let total = args.clients + args.senders;
+    let peers = bounded(total, args.concurrency, |i| bench.login(i)).await;
+    let mut peers: Vec<Peer> = peers.into_iter().collect::<Result<_, _>>()?;
+    for room in &rooms {
+        peers[0].create_room(room).await?;
+    }
+    let meter = shared(Meter::new());
+    let room_of = |i: usize| rooms[i % rooms.len()].clone();
+    join_each(&mut peers, &meter, room_of).await?;
+    let (senders, clients) = peers.split_at_mut(args.senders);
+    let phase = Duration::from_secs_f64(args.phase);
+    let phases = Phases {
+        send_until: Instant::now() + phase * 2,
+        drop_at: Instant::now() + phase,
+    };
+    let comeback = shared(Comeback::default());
+    let send_loops = senders.iter_mut().enumerate().map(|(i, peer)| {
+        let room = room_of(i);
+        let meter = meter.clone();
+        async move {
+            let plan = SendPlan {
+                inflight: 1,
+                rate: args.rate,
+                body_bytes: 64,
+                until: phases.send_until,
+                max_sends: u64::MAX,
+            };
+            member_loop(bench, peer, &room, &meter, plan, Duration::from_secs(2)).await
+        }
+    });
+    let client_loops = clients.iter_mut().enumerate().map(|(i, peer)| {
+        let room = room_of(i + args.senders);
+        let meter = meter.clone();
+        let comeback = comeback.clone();
+        async move { client(bench, peer, &room, &meter, phases, &comeback).await }
+    });
+    tokio::task::unconstrained(futures_util::future::join(
+        all(send_loops),
+        all(client_loops),
+    ))
+    .await;
+    set_figures(report, args, &comeback.borrow(), &meter.borrow());
+    report.verdict = Some(verdict(&mut peers[0], rooms.iter().cloned(), &meter).await?);
+    Ok(())
+}
+
+/// One client: listens until the drop, comes back, then listens until the senders are done.
+async fn client(
+    bench: &Bench,
+    peer: &mut Peer,
+    room: &RoomName,
+    meter: &Shared<Meter>,
+    phases: Phases,
+    comeback: &Shared<Comeback>,
+) {
+    // Listen until the drop, then cut the TCP connection without a close frame.
+    listen(bench, peer, room, meter, phases.drop_at).await;
+    let dropped = Instant::now();
+    match come_back(bench, peer, room, meter).await {
+        Ok(restored) => {
+            {
+                let mut tally = comeback.borrow_mut();
+                tally.back_times.push(dropped.elapsed());
+                if restored {
+                    tally.restored += 1;
+                }
+            }
+            let until = phases.send_until + Duration::from_secs(2);
+            listen(bench, peer, room, meter, until).await;
+        }
+        Err(e) => *comeback.borrow_mut().failures.entry(e).or_default() += 1,
+    }
+}
+
+/// Comes back on a fresh connection: `resume` with the peer's token, then `join` after the last
+/// seq it received, recording the missed messages. Ok(whether the resume restored its rooms).
+async fn come_back(
+    bench: &Bench,
+    peer: &mut Peer,
+    room: &RoomName,
+    meter: &Shared<Meter>,
+) -> Result<bool, String> {
+    let token = peer.token.clone().unwrap_or_default();
+    let fresh = bench
+        .connect(&peer.name, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Cut the old connection without a close frame, as a network loss would.
+    drop(std::mem::replace(&mut peer.conn, fresh.conn));
+    let reply = peer.call(&Request::Resume { token }).await?;
+    let restored = reply["rooms"].as_array().is_some_and(|r| !r.is_empty());
+    let after = meter
+        .borrow()
+        .last_seq
+        .get(&(peer.name.clone(), room.to_string()))
+        .copied()
+        .unwrap_or(0);
+    let join = Request::Join {
+        room: room.clone(),
+        after: Some(Seq(after)),
+    };
+    let reply = peer.call(&join).await?;
+    for m in reply["missed"].as_array().cloned().unwrap_or_default() {
+        let seq = m["seq"].as_i64().unwrap_or(0);
+        meter
+            .borrow_mut()
+            .history
+            .received(&peer.name, room.as_str(), Seq(seq));
+    }
+    if reply["truncated"] == true {
+        return Err("missed was truncated".to_string());
+    }
+    Ok(restored)
+}
+
+/// Records message events until `until`.
+async fn listen(
+    bench: &Bench,
+    peer: &mut Peer,
+    room: &RoomName,
+    meter: &Shared<Meter>,
+    until: Instant,
+) {
+    while Instant::now() < until {
+        let Ok(frame) = peer
+            .conn
+            .recv_within(
+                until
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            )
+            .await
+        else {
+            continue;
+        };
+        if frame["type"] == "message" {
+            let seq = frame["seq"].as_i64().unwrap_or(0);
+            let mut m = meter.borrow_mut();
+            m.delivered += 1;
+            m.history.received(&peer.name, room.as_str(), Seq(seq));
+            m.last_seq
+                .insert((peer.name.clone(), room.to_string()), seq);
+            if let Some(latency) = frame["body"].as_str().and_then(|b| bench.latency_since(b)) {
+                let _ = m.deliver.record(micros(latency));
+            }
+        }
+    }
+}
+
+fn set_figures(report: &mut Report, args: &ReconnectArgs, comeback: &Comeback, m: &Meter) {
+    let all_back = comeback
+        .back_times
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or_default();
+    report.set("clients", args.clients as u64);
+    report.set("back", comeback.back_times.len() as u64);
+    report.set("resumed_with_rooms", comeback.restored);
+    report.set("all_back_seconds", all_back.as_secs_f64());
+    report.set("failures", json!(comeback.failures));
+    report.set("acked", m.acked);
+    report.set("errors", json!(m.errors));
+}
