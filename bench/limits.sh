@@ -5,7 +5,7 @@
 #   2. pgbench, 100 such rows per transaction, at $CLIENTS connections: rows/s
 #   3. WebSocket echo through a minimal actix-web + actix-web-actors server (plain ws, no
 #      parsing, no storage), driven by rookery-bench: frames/s
-# Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and `cargo build --release --bins`.
+# Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and `cargo build --release --bins --features tools`.
 # Usage: bench/limits.sh [output.json]      (CLIENTS=4 DURATION=10 by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results}
 mkdir -p "$OUT"
-cargo build --release --bins
+cargo build --release --bins --features tools
 ulimit -n 20000
 DB=rookery_bench_$$
 DATA=$(mktemp -d)

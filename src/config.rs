@@ -6,7 +6,7 @@
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Value};
-use figment::{Figment, Profile, Source};
+use figment::{Figment, Source};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -488,10 +488,11 @@ fn origin_of(figment: &Figment, key: &str) -> Option<String> {
             })
         }
         Some(Source::Code(_)) => None,
-        _ if metadata.name.contains("environment") => {
-            let parts: Vec<&str> = key.split('.').collect();
-            Some(metadata.interpolate(&Profile::Default, &parts))
-        }
+        _ if metadata.name.contains("ROOKERY__") => Some(format!(
+            "ROOKERY__{}",
+            key.replace('.', "__").to_ascii_uppercase()
+        )),
+        _ if metadata.name.contains("environment") => Some("DATABASE_URL".into()),
         _ => None,
     }
 }
