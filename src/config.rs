@@ -274,6 +274,15 @@ impl Config {
     pub fn problems(&self) -> Vec<ConfigProblem> {
         let mut out = Vec::new();
         let mut bad = |key: &str, problem: String| out.push(ConfigProblem::new(key, problem));
+        self.server_problems(&mut bad);
+        self.session_problems(&mut bad);
+        self.auth_and_tls_problems(&mut bad);
+        self.storage_problems(&mut bad);
+        out
+    }
+
+    /// Problems of the listener and the connections' timeouts.
+    fn server_problems(&self, bad: &mut impl FnMut(&str, String)) {
         if self.server.bind.parse::<SocketAddr>().is_err() {
             bad(
                 "server.bind",
@@ -319,6 +328,10 @@ impl Config {
                 bad(key, "a timeout must be greater than 0".into());
             }
         }
+    }
+
+    /// Problems of per-connection limits.
+    fn session_problems(&self, bad: &mut impl FnMut(&str, String)) {
         if self.session.client_timeout_ms <= self.session.ping_interval_ms {
             bad(
                 "session.client_timeout_ms",
@@ -354,6 +367,10 @@ impl Config {
                 "must be at least session.max_frame_bytes".into(),
             );
         }
+    }
+
+    /// Problems of logins, hashing and TLS.
+    fn auth_and_tls_problems(&self, bad: &mut impl FnMut(&str, String)) {
         if self.auth.failed_logins_per_user == 0 || self.auth.failed_logins_per_ip == 0 {
             bad(
                 "auth.failed_logins_per_user",
@@ -380,6 +397,10 @@ impl Config {
                 "set both tls.cert and tls.key, or neither".into(),
             );
         }
+    }
+
+    /// Problems of the database, rooms, keys and Redis.
+    fn storage_problems(&self, bad: &mut impl FnMut(&str, String)) {
         if let Err(e) = url::Url::parse(self.database.url.expose()) {
             bad("database.url", format!("not a URL: {e}"));
         } else if database_name(self.database.url.expose()).is_none() {
@@ -428,7 +449,6 @@ impl Config {
         if !self.redis.url.is_empty() && url::Url::parse(self.redis.url.expose()).is_err() {
             bad("redis.url", "not a URL".into());
         }
-        out
     }
 
     pub fn key_file(&self) -> PathBuf {

@@ -120,6 +120,53 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
         keys,
         tls,
     } = prepared;
+    let services = start_actors(&config, pool, keys);
+    let gate = services.gate.clone();
+    let transport = web::Data::new(Transport {
+        services,
+        sessions: Arc::new(session_settings(&config)),
+        allowed_origins: config.server.allowed_origins.clone(),
+        ids: SessionIds::default(),
+    });
+    let tls_on = tls.is_some();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(transport.clone())
+            .wrap(security_headers(tls_on))
+            .route("/ws", web::get().to(transport::upgrade))
+            .route("/healthz", web::get().to(healthz))
+    })
+    .max_connections(config.server.max_connections_per_worker)
+    // Small frames must not wait for Nagle's algorithm (40 ms with delayed ACKs).
+    .tcp_nodelay(true)
+    .client_request_timeout(ms(config.server.request_timeout_ms))
+    .client_disconnect_timeout(ms(config.server.disconnect_timeout_ms))
+    .keep_alive(ms(config.server.keep_alive_ms))
+    .shutdown_timeout(config.server.shutdown_timeout_ms.div_ceil(1000))
+    .disable_signals();
+    if config.server.workers > 0 {
+        server = server.workers(config.server.workers);
+    }
+    let addr = listener.local_addr()?;
+    let server = match tls {
+        Some(builder) => server
+            .tls_handshake_timeout(ms(config.server.tls_handshake_timeout_ms))
+            .listen_openssl(listener, builder)?,
+        None => server.listen(listener)?,
+    };
+    log::info!(
+        "listening on {}://{addr}/ws",
+        if tls_on { "wss" } else { "ws" }
+    );
+    Ok(Running {
+        server: server.run(),
+        gate,
+        shutdown_timeout: ms(config.server.shutdown_timeout_ms),
+    })
+}
+
+/// The actors sessions talk to, started from `config`.
+fn start_actors(config: &Config, pool: PgPool, keys: Arc<Keyring>) -> Services {
     let db = DbExecutor::start(
         config.database.executors,
         pool,
@@ -171,14 +218,17 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
         config.database.bcrypt_cost,
         config.auth.bcrypt_queue,
     );
-    let services = Services {
+    Services {
         db,
         directory,
         presence,
         gate,
         hasher,
-    };
-    let sessions = Arc::new(SessionSettings {
+    }
+}
+
+fn session_settings(config: &Config) -> SessionSettings {
+    SessionSettings {
         ping_interval: ms(config.session.ping_interval_ms),
         client_timeout: ms(config.session.client_timeout_ms),
         outbound_queue: config.session.outbound_queue,
@@ -191,61 +241,25 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
             requests_per_second: config.session.requests_per_second,
             request_burst: config.session.request_burst,
         },
-    });
-    let tls_on = tls.is_some();
-    let gate = services.gate.clone();
-    let state = web::Data::new(Transport {
-        services,
-        sessions,
-        allowed_origins: config.server.allowed_origins.clone(),
-        ids: SessionIds::default(),
-    });
-    let mut server = HttpServer::new(move || {
-        let mut headers = middleware::DefaultHeaders::new()
-            .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-            .add((header::X_FRAME_OPTIONS, "DENY"))
-            .add((header::REFERRER_POLICY, "no-referrer"))
-            .add((
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; frame-ancestors 'none'",
-            ))
-            .add((header::CACHE_CONTROL, "no-store"));
-        if tls_on {
-            headers = headers.add((header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"));
-        }
-        App::new()
-            .app_data(state.clone())
-            .wrap(headers)
-            .route("/ws", web::get().to(transport::upgrade))
-            .route("/healthz", web::get().to(healthz))
-    })
-    .max_connections(config.server.max_connections_per_worker)
-    // Small frames must not wait for Nagle's algorithm (40 ms with delayed ACKs).
-    .tcp_nodelay(true)
-    .client_request_timeout(ms(config.server.request_timeout_ms))
-    .client_disconnect_timeout(ms(config.server.disconnect_timeout_ms))
-    .keep_alive(ms(config.server.keep_alive_ms))
-    .shutdown_timeout(config.server.shutdown_timeout_ms.div_ceil(1000))
-    .disable_signals();
-    if config.server.workers > 0 {
-        server = server.workers(config.server.workers);
     }
-    let addr = listener.local_addr()?;
-    let server = match tls {
-        Some(builder) => server
-            .tls_handshake_timeout(ms(config.server.tls_handshake_timeout_ms))
-            .listen_openssl(listener, builder)?,
-        None => server.listen(listener)?,
-    };
-    log::info!(
-        "listening on {}://{addr}/ws",
-        if tls_on { "wss" } else { "ws" }
-    );
-    Ok(Running {
-        server: server.run(),
-        gate,
-        shutdown_timeout: ms(config.server.shutdown_timeout_ms),
-    })
+}
+
+/// Headers on every HTTP response: no sniffing, no framing, no referrer, no caching, no
+/// active content; HSTS when TLS is on.
+fn security_headers(tls_on: bool) -> middleware::DefaultHeaders {
+    let mut headers = middleware::DefaultHeaders::new()
+        .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .add((header::X_FRAME_OPTIONS, "DENY"))
+        .add((header::REFERRER_POLICY, "no-referrer"))
+        .add((
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; frame-ancestors 'none'",
+        ))
+        .add((header::CACHE_CONTROL, "no-store"));
+    if tls_on {
+        headers = headers.add((header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"));
+    }
+    headers
 }
 
 /// A started server; [`Running::run_until`] serves until shutdown.
