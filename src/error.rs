@@ -206,16 +206,15 @@ impl From<Rejection> for Error {
 impl Error {
     /// The one mapping from internal errors to the contract's codes. Internal causes are
     /// replaced by a generic message; the caller logs `self` for the operator.
-    pub fn to_wire(&self) -> (ErrorCode, String) {
-        let (code, message) = match self {
-            Error::Invalid(r) => (r.code, Cow::Borrowed(r.message.as_str())),
+    pub fn to_wire(&self) -> (ErrorCode, Cow<'static, str>) {
+        match self {
+            Error::Invalid(r) => (r.code, Cow::Owned(r.message.clone())),
             Error::Auth(e) => auth_to_wire(e),
             Error::Session(e) => session_to_wire(e),
             Error::Room(e) => room_to_wire(e),
             Error::Store(e) => store_to_wire(e),
             Error::Mailbox(_) => (ErrorCode::Unavailable, "try again".into()),
-        };
-        (code, message.into_owned())
+        }
     }
 
     /// Whether the operator should hear about this error (it is not the client's doing).

@@ -20,20 +20,6 @@ pub enum NameError {
     ReservedRoom,
 }
 
-impl NameError {
-    const ALL: [NameError; 3] = [
-        NameError::Username,
-        NameError::Room,
-        NameError::ReservedRoom,
-    ];
-
-    /// The rule whose message is `text`, if any: how the parser tells a name outside its rule
-    /// (a request it can read) from a frame it cannot read.
-    pub fn from_message(text: &str) -> Option<NameError> {
-        NameError::ALL.into_iter().find(|e| e.to_string() == text)
-    }
-}
-
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident, $rule:expr) => {
         $(#[$doc])*
@@ -149,11 +135,11 @@ mod tests {
             serde_json::to_string(&room).ok().as_deref(),
             Some("\"general\"")
         );
-        assert!(serde_json::from_str::<RoomName>("\"No Caps\"").is_err());
-        let bad = serde_json::from_value::<RoomName>(serde_json::json!("No Caps")).unwrap_err();
-        assert_eq!(
-            NameError::from_message(&bad.to_string()),
-            Some(NameError::Room)
+        let bad = serde_json::from_str::<RoomName>("\"No Caps\"").unwrap_err();
+        assert!(
+            bad.to_string().starts_with(&NameError::Room.to_string()),
+            "{bad}"
         );
+        assert!(serde_json::from_str::<Username>("\"x y\"").is_err());
     }
 }

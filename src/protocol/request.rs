@@ -1,8 +1,9 @@
 //! Requests: the typed [`Request`] a client sends, its derived [`RequestKind`], and
-//! [`parse_request`], which reads one text frame in two steps: first the envelope (`id`,
-//! `type`) so that the id survives a bad body, then the typed request with its names and
-//! ranges checked. The client side serializes the same types ([`RequestFrame`]). Also the one
-//! place where seq values are read. Pure data and functions: no state, no actor.
+//! [`parse_request`], which reads one text frame in three steps: the envelope (`id`, `type`),
+//! so that the id survives a bad body; the request's shape, with names still plain strings
+//! ([`Unchecked`]); then its names and ranges, in the order the contract reports them, which
+//! turns it into a [`Request`]. The client side serializes the same type ([`RequestFrame`]).
+//! Also the one place where seq values are read. Pure data and functions: no state, no actor.
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
@@ -27,6 +28,8 @@ pub const MAX_TOKEN_LEN: usize = 128;
 
 /// A client request, tagged by "type". Unknown fields are ignored for forward compatibility.
 /// [`RequestKind`] is derived from it: one variant per request type, named as on the wire.
+/// With its defaults, `R` and `U` are [`RoomName`] and [`Username`], whose deserialization
+/// enforces their rules; [`Unchecked`] holds the names as read.
 #[derive(Debug, Clone, Serialize, Deserialize, EnumDiscriminants)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[strum_discriminants(
@@ -34,13 +37,13 @@ pub const MAX_TOKEN_LEN: usize = 128;
     derive(Hash, IntoStaticStr, strum::EnumString, VariantArray),
     strum(serialize_all = "snake_case")
 )]
-pub enum Request {
+pub enum Request<R = RoomName, U = Username> {
     Register {
-        username: Username,
+        username: U,
         password: Secret,
     },
     Login {
-        username: Username,
+        username: U,
         password: Secret,
     },
     Resume {
@@ -50,13 +53,13 @@ pub enum Request {
     Ping {},
     Rooms {},
     CreateRoom {
-        room: RoomName,
+        room: R,
         kind: RoomKind,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        members: Vec<Username>,
+        members: Vec<U>,
     },
     Join {
-        room: RoomName,
+        room: R,
         #[serde(
             default,
             deserialize_with = "de_opt_seq",
@@ -65,18 +68,18 @@ pub enum Request {
         after: Option<Seq>,
     },
     Leave {
-        room: RoomName,
+        room: R,
     },
     #[serde(rename = "send")]
     #[strum_discriminants(strum(serialize = "send"))]
     Post {
-        room: RoomName,
+        room: R,
         body: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client_msg_id: Option<String>,
     },
     History {
-        room: RoomName,
+        room: R,
         #[serde(
             default,
             deserialize_with = "de_opt_seq",
@@ -87,12 +90,15 @@ pub enum Request {
         limit: Option<u32>,
     },
     Who {
-        room: RoomName,
+        room: R,
     },
     Typing {
-        room: RoomName,
+        room: R,
     },
 }
+
+/// A request as read, before its names are checked.
+pub type Unchecked = Request<String, String>;
 
 /// Request types the contract names but this server does not serve yet.
 const NOT_YET_SERVED: &[&str] = &["invite", "revoke", "dm"];
@@ -125,52 +131,109 @@ impl RequestKind {
     }
 }
 
-impl Request {
+impl<R, U> Request<R, U> {
     pub fn kind(&self) -> RequestKind {
         RequestKind::from(self)
     }
+}
 
-    /// Checks the field ranges that do not depend on a room's policy (names are checked by
-    /// their types while parsing).
-    fn check_ranges(&self) -> Result<(), Rejection> {
-        match self {
-            Request::Register { password, .. } => check_password(password),
-            Request::Login { password, .. } => check_password_len(password),
+impl Unchecked {
+    /// Checks names and field ranges (those that do not depend on a room's policy), in the
+    /// order the contract reports them: the first fault found is the one answered.
+    pub fn check(self) -> Result<Request, Rejection> {
+        let room = |name: String| RoomName::parse(name).map_err(Rejection::from);
+        let user = |name: String| Username::parse(name).map_err(Rejection::from);
+        Ok(match self {
+            Request::Register { username, password } => {
+                let username = user(username)?;
+                check_password(&password)?;
+                Request::Register { username, password }
+            }
+            Request::Login { username, password } => {
+                // A username outside the rule can never match; say so without touching bcrypt.
+                let username = user(username)?;
+                check_password_len(&password)?;
+                Request::Login { username, password }
+            }
             Request::Resume { token } => {
                 if token.is_empty() || token.expose().len() > MAX_TOKEN_LEN {
                     return Err(Rejection::bad(format!(
                         "token must be 1..{MAX_TOKEN_LEN} characters"
                     )));
                 }
-                Ok(())
+                Request::Resume { token }
             }
-            Request::CreateRoom { members, .. } if members.len() > MAX_MEMBERS_PER_REQUEST => {
-                Err(Rejection::bad(format!(
-                    "at most {MAX_MEMBERS_PER_REQUEST} members per request"
-                )))
+            Request::Logout {} => Request::Logout {},
+            Request::Ping {} => Request::Ping {},
+            Request::Rooms {} => Request::Rooms {},
+            Request::CreateRoom {
+                room: name,
+                kind,
+                members,
+            } => {
+                let room = room(name)?;
+                if members.len() > MAX_MEMBERS_PER_REQUEST {
+                    return Err(Rejection::bad(format!(
+                        "at most {MAX_MEMBERS_PER_REQUEST} members per request"
+                    )));
+                }
+                let members = members.into_iter().map(user).collect::<Result<_, _>>()?;
+                Request::CreateRoom {
+                    room,
+                    kind,
+                    members,
+                }
             }
+            Request::Join { room: name, after } => Request::Join {
+                room: room(name)?,
+                after,
+            },
+            Request::Leave { room: name } => Request::Leave { room: room(name)? },
             Request::Post {
+                room: name,
                 body,
                 client_msg_id,
-                ..
             } => {
-                if body.is_empty() {
-                    return Err(Rejection::bad("body must not be empty"));
-                }
-                match client_msg_id {
-                    Some(id) if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_LEN => {
-                        Err(Rejection::bad(format!(
-                            "client_msg_id must be 1..{MAX_CLIENT_MSG_ID_LEN} bytes"
-                        )))
-                    }
-                    _ => Ok(()),
+                let room = room(name)?;
+                check_body(&body, client_msg_id.as_deref())?;
+                Request::Post {
+                    room,
+                    body,
+                    client_msg_id,
                 }
             }
-            Request::History { limit: Some(n), .. } if *n < 1 || *n > MAX_HISTORY_LIMIT => Err(
-                Rejection::bad(format!("limit must be 1..{MAX_HISTORY_LIMIT}")),
-            ),
-            _ => Ok(()),
-        }
+            Request::History {
+                room: name,
+                before,
+                limit,
+            } => {
+                let room = room(name)?;
+                if limit.is_some_and(|n| !(1..=MAX_HISTORY_LIMIT).contains(&n)) {
+                    return Err(Rejection::bad(format!(
+                        "limit must be 1..{MAX_HISTORY_LIMIT}"
+                    )));
+                }
+                Request::History {
+                    room,
+                    before,
+                    limit,
+                }
+            }
+            Request::Who { room: name } => Request::Who { room: room(name)? },
+            Request::Typing { room: name } => Request::Typing { room: room(name)? },
+        })
+    }
+}
+
+fn check_body(body: &str, client_msg_id: Option<&str>) -> Result<(), Rejection> {
+    if body.is_empty() {
+        return Err(Rejection::bad("body must not be empty"));
+    }
+    match client_msg_id {
+        Some(id) if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_LEN => Err(Rejection::bad(
+            format!("client_msg_id must be 1..{MAX_CLIENT_MSG_ID_LEN} bytes"),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -286,14 +349,14 @@ pub fn parse_request(text: &str) -> Result<Incoming, FrameError> {
         let shown: String = kind.chars().take(32).collect();
         return Err(fail(Some(id), format!("unknown request type '{shown}'")));
     };
-    let request = match serde_json::from_value::<Request>(value) {
-        Ok(request) => request.check_ranges().map(|()| request),
-        Err(e) => match NameError::from_message(&e.to_string()) {
-            Some(rule) => Err(rule.into()),
-            None => return Err(fail(Some(id), describe_field_error(&e))),
-        },
-    };
-    Ok(Incoming { id, kind, request })
+    match serde_json::from_value::<Unchecked>(value) {
+        Ok(request) => Ok(Incoming {
+            id,
+            kind,
+            request: request.check(),
+        }),
+        Err(e) => Err(fail(Some(id), describe_field_error(&e))),
+    }
 }
 
 /// serde's messages can quote the offending value; keep only the part that names the field.
@@ -312,14 +375,6 @@ fn describe_field_error(e: &serde_json::Error) -> String {
         return SEQ_RULE.to_string();
     }
     "invalid request fields".to_string()
-}
-
-pub fn check_username(name: &str) -> Result<(), Rejection> {
-    Username::parse(name).map(drop).map_err(Rejection::from)
-}
-
-pub fn check_room(name: &str) -> Result<(), Rejection> {
-    RoomName::parse(name).map(drop).map_err(Rejection::from)
 }
 
 fn check_password_len(password: &Secret) -> Result<(), Rejection> {
@@ -450,6 +505,8 @@ mod tests {
 
     #[test]
     fn name_rules() {
+        let check_username = |name: &str| Username::parse(name).map_err(Rejection::from);
+        let check_room = |name: &str| RoomName::parse(name).map_err(Rejection::from);
         assert!(check_username("ab").is_err());
         assert!(check_username("a_b.c-d").is_ok());
         assert!(check_username(&"a".repeat(33)).is_err());
@@ -484,6 +541,31 @@ mod tests {
             .unwrap_err()
             .message
             .starts_with("username"));
+    }
+
+    #[test]
+    fn a_malformed_field_is_reported_before_a_name_outside_its_rule() {
+        // Missing `body`: an unusable frame, whatever the room's name.
+        let e = parse_err(r#"{"id":"1","type":"send","room":"General"}"#);
+        assert_eq!(e.rejection.message, "missing field `body`");
+        let e = parse_err(r#"{"id":"1","type":"join","room":"General","after":-1}"#);
+        assert_eq!(e.rejection.message, "seq must be a non-negative integer");
+        // A readable request: the room's rule comes before the member count and the members.
+        let members: Vec<String> = (0..1001).map(|i| format!("u{i:03}")).collect();
+        let frame = serde_json::json!({"id": "1", "type": "create_room", "kind": "public",
+            "members": members, "room": "Bad"});
+        let refused = parse_request(&frame.to_string())
+            .unwrap()
+            .request
+            .unwrap_err();
+        assert!(refused.message.starts_with("room must be"), "{refused:?}");
+        let frame = serde_json::json!({"id": "1", "type": "create_room", "kind": "public",
+            "members": members, "room": "ok"});
+        let refused = parse_request(&frame.to_string())
+            .unwrap()
+            .request
+            .unwrap_err();
+        assert!(refused.message.starts_with("at most 1000"), "{refused:?}");
     }
 
     #[test]

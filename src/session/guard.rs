@@ -3,6 +3,7 @@
 //! window, and meters requests with a token bucket. Plain data: the caller passes `now` and
 //! acts on what it returns; nothing here writes to a socket.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -20,9 +21,10 @@ pub struct GuardSettings {
 
 /// What a frame amounts to.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Inbound {
-    /// A complete text message, to parse as a request.
-    Text(String),
+pub enum Inbound<'a> {
+    /// A complete text message, to parse as a request: the frame itself, or the message
+    /// reassembled from its fragments.
+    Text(Cow<'a, str>),
     /// A frame that cannot be used: answer `bad_request` (id null) with this message.
     Unusable(&'static str),
     /// The message is over the size limit: close with 1009.
@@ -71,20 +73,20 @@ impl FrameGuard {
     }
 
     /// A whole text frame.
-    pub fn text(&mut self, text: &str) -> Inbound {
+    pub fn text<'a>(&mut self, text: &'a str) -> Inbound<'a> {
         if self.fragments.take().is_some() {
             return Inbound::Unusable("a new message arrived inside a fragmented one");
         }
-        Inbound::Text(text.to_string())
+        Inbound::Text(Cow::Borrowed(text))
     }
 
     /// A whole binary frame.
-    pub fn binary(&self) -> Inbound {
+    pub fn binary(&self) -> Inbound<'static> {
         Inbound::Unusable(BINARY_REFUSED)
     }
 
     /// One fragment of a message.
-    pub fn fragment(&mut self, piece: Piece, data: &[u8]) -> Inbound {
+    pub fn fragment(&mut self, piece: Piece, data: &[u8]) -> Inbound<'static> {
         match (piece, self.fragments.as_mut()) {
             (Piece::FirstText | Piece::FirstBinary, None) => {
                 self.fragments = Some(Fragments {
@@ -113,7 +115,7 @@ impl FrameGuard {
         }
         match self.fragments.take() {
             Some(Fragments { text: true, bytes }) => match String::from_utf8(bytes) {
-                Ok(text) => Inbound::Text(text),
+                Ok(text) => Inbound::Text(Cow::Owned(text)),
                 Err(_) => Inbound::Unusable("text is not UTF-8"),
             },
             Some(Fragments { text: false, .. }) => self.binary(),

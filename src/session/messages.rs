@@ -10,6 +10,7 @@ use crate::actors::room::{Post, ReadHistory, Room, Typing, Who};
 use crate::error::{Error, Forbidden, RoomError};
 use crate::ids::Seq;
 use crate::protocol::{Reply, RoomName};
+use crate::store::models::UserRecord;
 
 impl Session {
     fn joined_room(&self, room: &RoomName) -> Result<Addr<Room>, Error> {
@@ -21,13 +22,14 @@ impl Session {
 
     pub(super) fn post(
         &mut self,
+        user: UserRecord,
         room: RoomName,
         body: String,
         client_msg_id: Option<String>,
     ) -> Step {
-        let (addr, user) = match (self.joined_room(&room), self.user()) {
-            (Ok(addr), Ok(user)) => (addr, user.clone()),
-            (Err(e), _) | (_, Err(e)) => return Step::fail(e),
+        let addr = match self.joined_room(&room) {
+            Ok(addr) => addr,
+            Err(e) => return Step::fail(e),
         };
         let request = addr.send(Post {
             session: self.id,
@@ -47,17 +49,14 @@ impl Session {
 
     pub(super) fn history(
         &mut self,
+        user: UserRecord,
         room: RoomName,
         before: Option<Seq>,
         limit: Option<u32>,
     ) -> Step {
-        let user = match self.user() {
-            Ok(user) => user.id,
-            Err(e) => return Step::fail(e),
-        };
         let directory = self.services.directory.clone();
         let read = ReadHistory {
-            user,
+            user: user.id,
             before,
             limit,
         };
@@ -71,14 +70,10 @@ impl Session {
         Step::later(work.into_actor(self))
     }
 
-    pub(super) fn who(&mut self, room: RoomName) -> Step {
-        let user = match self.user() {
-            Ok(user) => user.id,
-            Err(e) => return Step::fail(e),
-        };
+    pub(super) fn who(&mut self, user: UserRecord, room: RoomName) -> Step {
         let directory = self.services.directory.clone();
         let work = async move {
-            let (_, online) = ask_room(&directory, &room, Who { user }).await?;
+            let (_, online) = ask_room(&directory, &room, Who { user: user.id }).await?;
             Ok(Reply::Online { online })
         };
         Step::later(work.into_actor(self))

@@ -154,11 +154,10 @@ pub fn farewell<H>(phase: Phase, rooms: RoomsAtEnd<H>) -> Farewell<H> {
             reason,
         } => (identity, ending, reason),
         // Stopped without a close of its own (the server stopped).
-        Phase::Anonymous => (None, Ending::Dropped, "server closed"),
+        Phase::Anonymous | Phase::Draining(None) => (None, Ending::Dropped, "server closed"),
         Phase::Authenticated(identity) | Phase::Draining(Some(identity)) => {
             (Some(identity), Ending::Dropped, "server closed")
         }
-        Phase::Draining(None) => (None, Ending::Dropped, "server closed"),
     };
     let parks = match ending {
         Ending::Clean => false,

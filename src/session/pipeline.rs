@@ -73,9 +73,10 @@ impl<T: Ordered> Pipeline<T> {
         self.running = match (self.running, changes_session) {
             (Running::Shared(0), true) => Running::Exclusive,
             (Running::Shared(n), false) => Running::Shared(n + 1),
-            // The pipeline never hands out a request that cannot start; keep counting anyway.
-            (Running::Shared(n), true) => Running::Shared(n + 1),
-            (Running::Exclusive, _) => Running::Exclusive,
+            (running, _) => {
+                debug_assert!(false, "started a request that may not start: {running:?}");
+                Running::Exclusive
+            }
         };
     }
 

@@ -1,7 +1,9 @@
 //! The request path of a session: a parsed request is admitted by the pipeline (or refused:
-//! shutting down, over the rate, too many waiting), dispatched to its handler, and answered;
-//! then comes the step that follows the written reply ([`Then`]): releasing the events held
-//! for a join, or closing after a logout. No timer decides any of this order.
+//! shutting down, over the rate, too many waiting), dispatched to its handler, and answered.
+//! Then come, in this order, the steps that follow a written reply: after a `logout`, leave
+//! and close; run the requests that waited for this one; release the events held for the
+//! rooms a join or resume answered ([`Then`]); close if a drain is done. No timer decides any
+//! of this order.
 
 use actix::fut::LocalBoxActorFuture;
 use actix::prelude::*;
@@ -18,7 +20,6 @@ use crate::error::{AuthError, Error, SessionError};
 use crate::protocol::{
     error_frame, ok_frame, Incoming, Rejection, Reply, Request, RequestId, RoomName,
 };
-use crate::store::models::UserRecord;
 
 impl Ordered for Incoming {
     fn changes_session(&self) -> bool {
@@ -95,25 +96,35 @@ impl Session {
     }
 
     fn refuse(&mut self, ctx: &mut WsContext, id: &RequestId, why: SessionError) {
-        self.answer(ctx, id, Err(why.into()).into());
+        self.answer_now(ctx, id, Err(why.into()).into());
+    }
+
+    /// A request answered at once: never one with a release or a logout to follow.
+    fn answer_now(&mut self, ctx: &mut WsContext, id: &RequestId, answer: Answer) {
+        let release = self.answer(ctx, id, answer);
+        release.iter().for_each(|room| self.release(room, ctx));
     }
 
     fn run(&mut self, incoming: Incoming, ctx: &mut WsContext) {
         let Incoming { id, kind, request } = incoming;
         match self.dispatch(request, kind.allowed_anonymous(), ctx) {
-            Step::Now(answer) => self.answer(ctx, &id, answer),
+            Step::Now(answer) => self.answer_now(ctx, &id, answer),
             Step::Later(work) => {
                 self.pipeline.started(kind.changes_session());
                 ctx.spawn(work.map(move |answer, session, ctx| {
                     session.pipeline.finished();
-                    session.answer(ctx, &id, answer);
+                    let release = session.answer(ctx, &id, answer);
+                    // The requests that waited run first: a `join` of a released room then
+                    // holds its events on, a `leave` drops them.
                     session.run_ready(ctx);
+                    release.iter().for_each(|room| session.release(room, ctx));
+                    session.close_if_drained(ctx);
                 }));
             }
         }
     }
 
-    /// Runs the waiting requests whose turn has come; then, when draining and idle, closes.
+    /// Runs the waiting requests whose turn has come.
     fn run_ready(&mut self, ctx: &mut WsContext) {
         while !self.phase.is_closed() {
             let Some(next) = self.pipeline.next_ready() else {
@@ -121,53 +132,66 @@ impl Session {
             };
             self.run(next, ctx);
         }
-        self.close_if_drained(ctx);
     }
 
+    /// Hands the request to its handler; before that, a request that needs a login is refused
+    /// on an anonymous connection, whatever its fields, then one with a field outside the rules.
     fn dispatch(
         &mut self,
         request: Result<Request, Rejection>,
         anonymous_allowed: bool,
         ctx: &mut WsContext,
     ) -> Step {
-        if self.phase.identity().is_none() && !anonymous_allowed {
+        let user = self.phase.identity().map(|i| i.user.clone());
+        if user.is_none() && !anonymous_allowed {
             return Step::fail(AuthError::Unauthenticated);
         }
         let request = match request {
             Ok(request) => request,
             Err(rejection) => return Step::fail(rejection),
         };
-        match request {
-            Request::Ping {} => Step::done(Reply::Done {}),
-            Request::Register { username, password } => self.register(username, password),
-            Request::Login { username, password } => self.login(username, password, ctx),
-            Request::Resume { token } => self.resume(token, ctx),
-            Request::Logout {} => self.logout(),
-            Request::Rooms {} => self.rooms(),
-            Request::CreateRoom {
-                room,
-                kind,
-                members,
-            } => self.create_room(room, kind, members),
-            Request::Join { room, after } => self.join(room, after, ctx),
-            Request::Leave { room } => self.leave(room),
-            Request::Post {
-                room,
-                body,
-                client_msg_id,
-            } => self.post(room, body, client_msg_id),
-            Request::History {
-                room,
-                before,
-                limit,
-            } => self.history(room, before, limit),
-            Request::Who { room } => self.who(room),
-            Request::Typing { room } => self.typing(room),
+        match (request, user) {
+            (Request::Ping {}, _) => Step::done(Reply::Done {}),
+            (Request::Register { username, password }, _) => self.register(username, password),
+            (Request::Login { username, password }, _) => self.login(username, password, ctx),
+            (Request::Resume { token }, _) => self.resume(token, ctx),
+            (_, None) => Step::fail(AuthError::Unauthenticated),
+            (Request::Logout {}, Some(_)) => self.logout(),
+            (Request::Rooms {}, Some(user)) => self.rooms(user),
+            (
+                Request::CreateRoom {
+                    room,
+                    kind,
+                    members,
+                },
+                Some(user),
+            ) => self.create_room(user, room, kind, members),
+            (Request::Join { room, after }, Some(user)) => self.join(user, room, after, ctx),
+            (Request::Leave { room }, Some(_)) => self.leave(room),
+            (
+                Request::Post {
+                    room,
+                    body,
+                    client_msg_id,
+                },
+                Some(user),
+            ) => self.post(user, room, body, client_msg_id),
+            (
+                Request::History {
+                    room,
+                    before,
+                    limit,
+                },
+                Some(user),
+            ) => self.history(user, room, before, limit),
+            (Request::Who { room }, Some(user)) => self.who(user, room),
+            (Request::Typing { room }, Some(_)) => self.typing(room),
         }
     }
 
-    /// Writes the reply, then takes the step that follows it.
-    fn answer(&mut self, ctx: &mut WsContext, id: &RequestId, answer: Answer) {
+    /// Writes the reply; after a `logout`, leaves and closes. Returns the rooms whose held
+    /// events are to be released once the waiting requests have run.
+    fn answer(&mut self, ctx: &mut WsContext, id: &RequestId, answer: Answer) -> Vec<RoomName> {
         let frame = match &answer.result {
             Ok(reply) => ok_frame(id, reply),
             Err(e) => {
@@ -182,9 +206,12 @@ impl Session {
         };
         self.write(ctx, frame.into());
         match answer.then {
-            Then::Nothing => {}
-            Then::Release(rooms) => rooms.iter().for_each(|room| self.release(room, ctx)),
-            Then::LogOut => self.log_out(ctx),
+            Then::Nothing => Vec::new(),
+            Then::Release(rooms) => rooms,
+            Then::LogOut => {
+                self.logged_out(ctx);
+                Vec::new()
+            }
         }
     }
 
@@ -196,13 +223,6 @@ impl Session {
         for frame in self.joins.release(room, join_waiting) {
             self.write(ctx, frame);
         }
-    }
-
-    pub(super) fn user(&self) -> Result<&UserRecord, Error> {
-        self.phase
-            .identity()
-            .map(|i| &i.user)
-            .ok_or(Error::Auth(AuthError::Unauthenticated))
     }
 
     /// `login` or `resume` succeeded: the connection is `identity` from now on.
@@ -233,8 +253,12 @@ impl Session {
         Ok(())
     }
 
-    /// After a `logout` reply: leave at once, run nothing queued behind it as this user, close.
-    fn log_out(&mut self, ctx: &mut WsContext) {
+    /// After a `logout` reply: leave at once, run nothing queued behind it as this user, close
+    /// (unless writing the reply already closed the connection).
+    fn logged_out(&mut self, ctx: &mut WsContext) {
+        if self.phase.is_closed() {
+            return;
+        }
         if let Some(identity) = self.phase.log_out() {
             let user = identity.user.id;
             self.services

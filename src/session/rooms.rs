@@ -13,15 +13,11 @@ use crate::actors::room::{Join, Joined, Leave, Room};
 use crate::error::{Error, RoomError};
 use crate::ids::Seq;
 use crate::protocol::{CreatedRoom, JoinedRoom, Reply, RoomKind, RoomListing, RoomName, Username};
-use crate::store::models::RoomSummary;
+use crate::store::models::{RoomSummary, UserRecord};
 
 impl Session {
-    pub(super) fn rooms(&mut self) -> Step {
-        let user = match self.user() {
-            Ok(user) => user.id,
-            Err(e) => return Step::fail(e),
-        };
-        let request = self.services.db.send(ListRooms { user });
+    pub(super) fn rooms(&mut self, user: UserRecord) -> Step {
+        let request = self.services.db.send(ListRooms { user: user.id });
         let work = async move { Ok::<_, Error>(request.await??) };
         Step::later(work.into_actor(self).map(
             |result: Result<Vec<RoomSummary>, Error>, session, _| {
@@ -41,14 +37,11 @@ impl Session {
 
     pub(super) fn create_room(
         &mut self,
+        owner: UserRecord,
         room: RoomName,
         kind: RoomKind,
         members: Vec<Username>,
     ) -> Step {
-        let owner = match self.user() {
-            Ok(user) => user.clone(),
-            Err(e) => return Step::fail(e),
-        };
         let request = self.services.db.send(CreateRoom {
             name: room,
             kind,
@@ -68,11 +61,13 @@ impl Session {
         Step::later(work.into_actor(self))
     }
 
-    pub(super) fn join(&mut self, room: RoomName, after: Option<Seq>, ctx: &mut WsContext) -> Step {
-        let user = match self.user() {
-            Ok(user) => user.clone(),
-            Err(e) => return Step::fail(e),
-        };
+    pub(super) fn join(
+        &mut self,
+        user: UserRecord,
+        room: RoomName,
+        after: Option<Seq>,
+        ctx: &mut WsContext,
+    ) -> Step {
         let join = Join {
             session: self.id,
             user,

@@ -132,7 +132,7 @@ impl Session {
         ctx.stop();
     }
 
-    fn inbound(&mut self, inbound: Inbound, ctx: &mut WsContext) {
+    fn inbound(&mut self, inbound: Inbound<'_>, ctx: &mut WsContext) {
         match inbound {
             Inbound::Text(text) => match parse_request(&text) {
                 Ok(incoming) => self.accept(incoming, ctx),
