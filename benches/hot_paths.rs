@@ -10,14 +10,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rookery::actors::db::{LoadHistory, StoreBatch};
+use rookery::actors::db::{ChangeMember, LoadHistory, ReserveSeqs, StoreBatch};
 use rookery::actors::presence::{Presence, PresenceHandle};
-use rookery::actors::room::{Deliver, Join, Post, Room, RoomSettings, StoreHandle};
+use rookery::actors::room::{Deliver, Join, Post, Room, RoomPolicy, RoomSettings, StoreHandle};
 use rookery::crypto::Keyring;
 use rookery::error::StoreError;
 use rookery::ids::{RoomId, Seq, SessionId, UserId};
+use rookery::policy::Policies;
 use rookery::protocol::{parse_request, Event, MessageView, RoomKind};
-use rookery::store::models::{HistoryPage, RoomRecord, RoomState, Stored, UserRecord};
+use rookery::store::models::{HistoryPage, RoomOrigin, RoomRecord, RoomState, Stored, UserRecord};
+use std::collections::HashSet;
 
 fn parsing(c: &mut Criterion) {
     let frame = r#"{"id":"6f1c2b9e-3d4a-4c1b-9a57-1f0e2d3c4b5a","type":"send","room":"general","body":"hello, this is a short chat message of a typical size","client_msg_id":"c-42"}"#;
@@ -91,6 +93,22 @@ impl Handler<LoadHistory> for InstantStore {
     }
 }
 
+/// The fan-out bench's room stores its messages: neither members nor seqs are asked for.
+impl Handler<ChangeMember> for InstantStore {
+    type Result = Result<UserRecord, StoreError>;
+    fn handle(&mut self, _: ChangeMember, _: &mut Context<Self>) -> Self::Result {
+        Err(StoreError::NotFound)
+    }
+}
+
+impl Handler<ReserveSeqs> for InstantStore {
+    type Result = Result<Seq, StoreError>;
+    fn handle(&mut self, msg: ReserveSeqs, _: &mut Context<Self>) -> Self::Result {
+        self.last += msg.count;
+        Ok(Seq(self.last))
+    }
+}
+
 /// Counts deliveries and wakes the bench when a whole fan-out has arrived.
 struct Counter {
     delivered: Arc<AtomicUsize>,
@@ -115,7 +133,9 @@ fn fanout(c: &mut Criterion) {
         let store = InstantStore { last: 0 }.start();
         let handle = StoreHandle {
             store: store.clone().recipient(),
-            history: store.recipient(),
+            history: store.clone().recipient(),
+            members: store.clone().recipient(),
+            seqs: store.recipient(),
         };
         let state = RoomState {
             record: RoomRecord {
@@ -124,19 +144,23 @@ fn fanout(c: &mut Criterion) {
                 kind: RoomKind::Public,
                 owner: None,
                 last_seq: Seq(0),
+                origin: RoomOrigin::User,
+                closed: false,
             },
             members: Vec::new(),
             recent: Vec::new(),
         };
         let settings = RoomSettings {
-            history_limit: 20,
-            max_body_bytes: 4096,
             idle_stop: Duration::from_secs(3600),
             store_timeout: Duration::from_secs(10),
             resume_grace: Duration::from_secs(30),
         };
         let presence = PresenceHandle::of(&Presence::default().start());
-        let room = Room::new(state, &settings, handle, presence, None).start();
+        let unlimited =
+            "[defaults]\nrate = { messages = 1000000, per_seconds = 1, burst = 1000000 }\n";
+        let policies = Policies::parse(unlimited, "bench").unwrap();
+        let policy = RoomPolicy::of(&state.record, HashSet::new(), &policies);
+        let room = Room::new(state, policy, &settings, handle, presence, None).start();
         // Two arbiters hold the sessions, as the HTTP workers would.
         let arbiters: Vec<Arbiter> = (0..2).map(|_| Arbiter::new()).collect();
         for i in 0..MEMBERS {

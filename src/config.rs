@@ -134,6 +134,9 @@ pub struct SessionConfig {
     pub resume_grace_ms: u64,
     /// How long a `resume` waits for a session that still looks alive to hand its rooms over.
     pub resume_handover_ms: u64,
+    /// How long the rooms a `resume` restored hold their events after its reply, for a
+    /// `join {after}` the client may have sent right behind it (any other request ends it).
+    pub resume_join_wait_ms: u64,
     /// Requests that may wait behind a session-changing one before `rate_limited`.
     pub max_waiting_requests: usize,
     /// Sustained requests per second per connection; beyond the burst, `rate_limited`.
@@ -148,15 +151,22 @@ pub struct SessionConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoomsConfig {
-    /// Ring buffer size and default history page.
-    pub history_limit: usize,
-    /// Largest body in bytes.
-    pub max_body_bytes: usize,
+    /// The admins' room policies (limits, config rooms); relative to the working directory.
+    /// When it is the default path and missing, every room gets the built-in defaults.
+    pub policy_file: PathBuf,
     /// Idle time before a room actor stops.
     pub idle_stop_ms: u64,
     /// Most rooms listed by `rooms`.
     pub max_listed: usize,
+    /// How often messages past their room's `retention_days` are deleted.
+    pub retention_sweep_ms: u64,
 }
+
+/// The default of `rooms.policy_file`: a missing file there means "defaults only".
+pub const DEFAULT_POLICY_FILE: &str = "config/rooms.toml";
+
+/// Keys that moved from the main config to the policy file's `[defaults]`.
+const MOVED_TO_POLICY: [&str; 2] = ["history_limit", "max_body_bytes"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -228,7 +238,7 @@ impl Config {
         let defaults: Dict = Figment::from(Toml::string(DEFAULT_TOML))
             .extract()
             .map_err(unreadable)?;
-        let mut problems = Vec::new();
+        let mut problems = moved_keys(&mut merged);
         let config = loop {
             match Figment::from(Serialized::defaults(&merged)).extract::<Config>() {
                 Ok(config) => break config,
@@ -427,19 +437,11 @@ impl Config {
                 "must be 1..87600 (ten years)".into(),
             );
         }
-        if self.rooms.history_limit == 0 || self.rooms.history_limit > 10_000 {
-            bad("rooms.history_limit", "must be 1..10000".into());
-        }
-        if self.rooms.max_body_bytes == 0
-            || self.rooms.max_body_bytes.saturating_add(1024) > self.session.max_frame_bytes
-        {
-            bad(
-                "rooms.max_body_bytes",
-                "must be at least 1 and 1 KiB below session.max_frame_bytes".into(),
-            );
-        }
         if self.rooms.max_listed == 0 {
             bad("rooms.max_listed", "must be at least 1".into());
+        }
+        if self.rooms.retention_sweep_ms == 0 {
+            bad("rooms.retention_sweep_ms", "must be greater than 0".into());
         }
         for (id, key) in &self.crypto.keys {
             if let Err(e) = crate::crypto::parse_key(id, key.expose()) {
@@ -467,6 +469,26 @@ impl Config {
             warn_after_messages: self.crypto.warn_after_messages,
         }
     }
+}
+
+/// Takes out the keys that moved to the policy file, each with a problem saying where to.
+fn moved_keys(merged: &mut Dict) -> Vec<ConfigProblem> {
+    let Some(Value::Dict(_, rooms)) = merged.get_mut("rooms") else {
+        return Vec::new();
+    };
+    MOVED_TO_POLICY
+        .iter()
+        .filter(|key| rooms.remove(**key).is_some())
+        .map(|key| {
+            ConfigProblem::new(
+                &format!("rooms.{key}"),
+                format!(
+                    "moved to the room policy file: set `{key}` under [defaults] in the file \
+                     rooms.policy_file names (config/rooms.toml by default)"
+                ),
+            )
+        })
+        .collect()
 }
 
 /// Puts the default value at `key` of `dict` (or removes the key when it has no default);
@@ -559,8 +581,7 @@ mod tests {
     #[test]
     fn defaults_parse_and_validate() {
         let config = Config::from_toml("").unwrap();
-        assert_eq!(config.rooms.history_limit, 20);
-        assert_eq!(config.rooms.max_body_bytes, 4096);
+        assert_eq!(config.rooms.policy_file, PathBuf::from(DEFAULT_POLICY_FILE));
         assert_eq!(config.session.max_frame_bytes, 65536);
         assert_eq!(config.session.ping_interval_ms, 5000);
         assert_eq!(config.session.client_timeout_ms, 15000);
@@ -609,7 +630,7 @@ mod tests {
         let file = dir.join("three.toml");
         std::fs::write(
             &file,
-            "[session]\nping_interval_ms = \"often\"\n\n[rooms]\nhistory_limitt = 3\n\n[server]\nbind = \"nowhere\"\n",
+            "[session]\nping_interval_ms = \"often\"\n\n[rooms]\nidle_stop_mss = 3\n\n[server]\nbind = \"nowhere\"\n",
         )
         .unwrap();
         let err = Config::load(Some(&file)).unwrap_err();
@@ -622,7 +643,7 @@ mod tests {
         };
         assert_eq!(shown.len(), 3, "{shown:#?}");
         assert!(at(2, "session.ping_interval_ms"), "{shown:#?}");
-        assert!(at(5, "rooms.history_limitt"), "{shown:#?}");
+        assert!(at(5, "rooms.idle_stop_mss"), "{shown:#?}");
         assert!(at(8, "server.bind"), "{shown:#?}");
     }
 
@@ -632,6 +653,17 @@ mod tests {
         assert_eq!(locate_key(text, "a"), Some((1, 1)));
         assert_eq!(locate_key(text, "b.c"), Some((3, 3)));
         assert_eq!(locate_key(text, "b.d"), None);
+    }
+
+    #[test]
+    fn the_keys_that_moved_to_the_policy_file_say_where() {
+        let err = Config::from_toml("[rooms]\nhistory_limit = 5\nmax_body_bytes = 10").unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.contains("rooms.history_limit: moved to the room policy file"),
+            "{shown}"
+        );
+        assert!(shown.contains("rooms.max_body_bytes: moved"), "{shown}");
     }
 
     #[test]

@@ -16,6 +16,10 @@ pub enum StoreError {
     Conflict(&'static str),
     #[error("unknown user '{0}'")]
     UnknownMember(String),
+    #[error("the user owns {max} rooms already")]
+    TooManyRooms { max: usize },
+    #[error("the room has as many members as it may")]
+    RoomFull,
     #[error("database unavailable: {0}")]
     Unavailable(String),
     #[error("database error: {0}")]
@@ -94,6 +98,22 @@ pub enum Forbidden {
     NotJoined,
     #[error("the session to resume is gone")]
     SessionGone,
+    #[error("this room is closed")]
+    Closed,
+    #[error("this room is read-only")]
+    ReadOnly,
+    #[error("room is full")]
+    Full,
+    #[error("only the room's owner or admins may do that")]
+    NotManager,
+    #[error("the user is listed in the policy file; an operator removes them there")]
+    ListedInFile,
+    #[error("nobody can be invited into or revoked from a direct room")]
+    Direct,
+    #[error("the room's owner cannot be revoked")]
+    Owner,
+    #[error("this connection has joined the most rooms it may")]
+    TooManyJoined,
 }
 
 /// Refusals and failures of a Room actor.
@@ -105,6 +125,10 @@ pub enum RoomError {
     Forbidden(Forbidden),
     #[error("body is larger than this room's limit of {max} bytes")]
     TooLarge { max: usize },
+    #[error("over this room's send rate")]
+    RateLimited,
+    #[error("a public room needs no invitation")]
+    PublicRoom,
     #[error("the commit did not finish within the store timeout")]
     CommitTimeout,
     #[error("the message waited longer than the store timeout for its batch")]
@@ -271,6 +295,11 @@ fn room_to_wire(e: &RoomError) -> (ErrorCode, Cow<'static, str>) {
             "the database is unavailable; try again",
         ),
         RoomError::Gone => (ErrorCode::Unavailable, "try again"),
+        RoomError::RateLimited => (
+            ErrorCode::RateLimited,
+            "too many messages in this room; slow down",
+        ),
+        RoomError::PublicRoom => (ErrorCode::BadRequest, "a public room needs no invitation"),
         RoomError::TooLarge { .. } => return (ErrorCode::TooLarge, e.to_string().into()),
         RoomError::Store(e) => return store_to_wire(e),
     };
@@ -294,6 +323,11 @@ fn store_to_wire(e: &StoreError) -> (ErrorCode, Cow<'static, str>) {
         StoreError::UnknownMember(name) => {
             (ErrorCode::NotFound, format!("unknown user '{name}'").into())
         }
+        StoreError::RoomFull => (ErrorCode::Forbidden, Forbidden::Full.to_string().into()),
+        StoreError::TooManyRooms { max } => (
+            ErrorCode::Forbidden,
+            format!("you may create at most {max} rooms").into(),
+        ),
         StoreError::Unavailable(_) => unavailable(),
         StoreError::Database(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::ClosedConnection

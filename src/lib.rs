@@ -1,7 +1,8 @@
 //! Rookery: a real-time chat server on the actor model. The layers, each importing only the
 //! ones below it:
 //!
-//! - [`cli`] and [`server`]: the command line; bring-up, serving and shutdown.
+//! - [`cli`] and [`server`]: the command line; bring-up, serving and shutdown; [`reload`]:
+//!   live reload of the room policy file.
 //! - [`transport`]: the WebSocket upgrade and frame stream; starts and feeds sessions.
 //! - [`session`]: one per connection: the actor shell and its plain parts (frame guard,
 //!   request pipeline, room joins, phase).
@@ -12,7 +13,8 @@
 //!   acceptor and the development certificate.
 //! - [`protocol`]: the wire contract of docs/protocol.md: requests, replies, events, names.
 //! - [`error`]: typed errors per area and their one mapping to protocol error codes.
-//! - [`config`]: the layered configuration tree, read and checked all at once.
+//! - [`config`]: the layered configuration tree, read and checked all at once; [`policy`]:
+//!   the admins' room policy file, read and checked all at once.
 //! - [`ids`]: the identifiers every layer shares; [`secret`]: a string Debug never shows.
 //!
 //! With the `tools` feature (tests and rookery-bench; never the server): [`client`], the client
@@ -28,7 +30,9 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod ids;
+pub mod policy;
 pub mod protocol;
+pub mod reload;
 pub mod schema;
 pub mod secret;
 pub mod server;

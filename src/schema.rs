@@ -30,6 +30,8 @@ diesel::table! {
         owner_id -> Nullable<Int8>,
         last_seq -> Int8,
         created_at -> Timestamptz,
+        origin -> Text,
+        closed_at -> Nullable<Timestamptz>,
     }
 }
 

@@ -13,15 +13,17 @@ use std::time::Duration;
 
 use crate::actors::committer::Committer;
 use crate::actors::db::{DbExecutor, DbSettings};
-use crate::actors::directory::Directory;
+use crate::actors::directory::{Directory, DirectorySettings, DirectoryStore};
 use crate::actors::gate::{DrainAll, Gate, GateSettings};
 use crate::actors::hasher::HasherHandle;
 use crate::actors::presence::{Presence, PresenceHandle};
 use crate::actors::room::{RoomSettings, StoreHandle};
 use crate::config::{ms, Config};
 use crate::crypto::Keyring;
-use crate::error::StartError;
+use crate::error::{ConfigError, StartError};
 use crate::ids::SessionIds;
+use crate::policy::Policies;
+use crate::reload::{self, PolicySource};
 use crate::session::guard::GuardSettings;
 use crate::session::{Services, SessionSettings};
 use crate::store::{self, PgPool};
@@ -33,6 +35,8 @@ pub struct Prepared {
     pub pool: PgPool,
     pub keys: Arc<Keyring>,
     pub tls: Option<openssl::ssl::SslAcceptorBuilder>,
+    /// The room policy file, read and checked; its rooms exist in the database.
+    pub policies: Arc<Policies>,
 }
 
 /// Creates the database if missing and runs pending migrations. Blocking.
@@ -67,9 +71,23 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
     )?;
     let key_file = config.key_file();
     let keys = Arc::new(Keyring::load(&config.key_source(&key_file))?);
+    let policies = PolicySource::of(&config)
+        .load()
+        .map_err(|problems| StartError::Config(ConfigError::Invalid(problems)))?;
     let mut conn = pool.get().map_err(store_unavailable)?;
     keys.record_usage(&store::key_usage(&mut conn)?);
+    let closed = store::sync_config_rooms(&mut conn, &reload::defined_rooms(&policies))?;
     drop(conn);
+    log::info!(
+        "room policies: {} room(s) defined by {}{}",
+        policies.rooms.len(),
+        config.rooms.policy_file.display(),
+        if closed.is_empty() {
+            String::new()
+        } else {
+            format!("; closed as no longer defined: {}", closed.join(", "))
+        }
+    );
     let tls = if config.tls.enabled {
         Some(crate::tls::acceptor(&config)?)
     } else {
@@ -87,6 +105,7 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
         pool,
         keys,
         tls,
+        policies: Arc::new(policies),
     })
 }
 
@@ -119,8 +138,15 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
         pool,
         keys,
         tls,
+        policies,
     } = prepared;
-    let services = start_actors(&config, pool, keys);
+    let services = start_actors(&config, pool, keys, policies.clone());
+    let reloading = actix::spawn(reload::run(
+        PolicySource::of(&config),
+        policies,
+        services.db.clone(),
+        services.directory.clone(),
+    ));
     let gate = services.gate.clone();
     let transport = web::Data::new(Transport {
         services,
@@ -162,11 +188,17 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
         server: server.run(),
         gate,
         shutdown_timeout: ms(config.server.shutdown_timeout_ms),
+        reloading,
     })
 }
 
 /// The actors sessions talk to, started from `config`.
-fn start_actors(config: &Config, pool: PgPool, keys: Arc<Keyring>) -> Services {
+fn start_actors(
+    config: &Config,
+    pool: PgPool,
+    keys: Arc<Keyring>,
+    policies: Arc<Policies>,
+) -> Services {
     let db = DbExecutor::start(
         config.database.executors,
         pool,
@@ -190,19 +222,28 @@ fn start_actors(config: &Config, pool: PgPool, keys: Arc<Keyring>) -> Services {
     let store = StoreHandle {
         store: committer.recipient(),
         history: db.clone().recipient(),
+        members: db.clone().recipient(),
+        seqs: db.clone().recipient(),
     };
     let directory = Directory::new(
-        db.clone().recipient(),
+        DirectoryStore {
+            load: db.clone().recipient(),
+            list: db.clone().recipient(),
+            create: db.clone().recipient(),
+            purge: db.clone().recipient(),
+        },
         store,
         presence.clone(),
-        RoomSettings {
-            history_limit: config.rooms.history_limit,
-            max_body_bytes: config.rooms.max_body_bytes,
-            idle_stop: ms(config.rooms.idle_stop_ms),
-            store_timeout: ms(config.database.store_timeout_ms),
-            resume_grace: ms(config.session.resume_grace_ms),
+        DirectorySettings {
+            rooms: RoomSettings {
+                idle_stop: ms(config.rooms.idle_stop_ms),
+                store_timeout: ms(config.database.store_timeout_ms),
+                resume_grace: ms(config.session.resume_grace_ms),
+            },
+            handover: ms(config.session.resume_handover_ms),
+            retention_sweep: ms(config.rooms.retention_sweep_ms),
         },
-        ms(config.session.resume_handover_ms),
+        policies,
     )
     .start();
     let gate = Gate::new(GateSettings {
@@ -234,6 +275,7 @@ fn session_settings(config: &Config) -> SessionSettings {
         outbound_queue: config.session.outbound_queue,
         outbound_limit_bytes: config.session.outbound_limit_bytes,
         max_waiting_requests: config.session.max_waiting_requests,
+        resume_join_wait: ms(config.session.resume_join_wait_ms),
         guard: GuardSettings {
             max_message_bytes: config.session.max_frame_bytes,
             bad_frame_limit: config.session.bad_frame_limit,
@@ -267,6 +309,8 @@ pub struct Running {
     server: actix_web::dev::Server,
     gate: Addr<Gate>,
     shutdown_timeout: Duration,
+    /// The policy-file reloader; it ends with the server.
+    reloading: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
@@ -276,7 +320,10 @@ impl Running {
         // The server's future also carries out its handle's commands: keep it polled.
         let mut serving = actix::spawn(self.server);
         let stop = tokio::select! {
-            finished = &mut serving => return finished_server(finished),
+            finished = &mut serving => {
+                self.reloading.abort();
+                return finished_server(finished);
+            }
             stop = shutdown => stop,
         };
         match stop {
@@ -288,7 +335,9 @@ impl Running {
             }
             Stop::Now => handle.stop(false).await,
         }
-        finished_server(serving.await)
+        let finished = finished_server(serving.await);
+        self.reloading.abort();
+        finished
     }
 }
 

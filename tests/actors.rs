@@ -13,13 +13,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-use rookery::actors::db::{DbExecutor, DbSettings, LoadHistory, StoreBatch};
+use rookery::actors::db::{
+    ChangeMember, DbExecutor, DbSettings, LoadHistory, ReserveSeqs, StoreBatch,
+};
 use rookery::actors::presence::{Presence, PresenceHandle};
 use rookery::actors::room::*;
 use rookery::error::{Error, RoomError, StoreError};
 use rookery::ids::{RoomId, Seq, SessionId, UserId};
+use rookery::policy::Policies;
 use rookery::protocol::{ErrorCode, RoomKind};
-use rookery::store::models::{HistoryPage, RoomRecord, RoomState, Stored, UserRecord};
+use rookery::store::models::{HistoryPage, RoomOrigin, RoomRecord, RoomState, Stored, UserRecord};
 use support::*;
 
 // ---------------------------------------------------------------- fakes
@@ -74,6 +77,32 @@ impl Handler<StoreBatch> for FakeStore {
             return Box::pin(async move { rx.await.unwrap() });
         }
         Box::pin(async move { Ok(stored) })
+    }
+}
+
+/// Members change as asked: a user's id is the number in its name ("u7" is 7).
+impl Handler<ChangeMember> for FakeStore {
+    type Result = Result<UserRecord, StoreError>;
+    fn handle(&mut self, msg: ChangeMember, _: &mut Context<Self>) -> Self::Result {
+        let id = msg
+            .user
+            .as_str()
+            .trim_start_matches('u')
+            .parse()
+            .unwrap_or(0);
+        Ok(UserRecord {
+            id: UserId(id),
+            username: msg.user.into_string(),
+        })
+    }
+}
+
+/// Seqs reserved from the same counter the commits use.
+impl Handler<ReserveSeqs> for FakeStore {
+    type Result = Result<Seq, StoreError>;
+    fn handle(&mut self, msg: ReserveSeqs, _: &mut Context<Self>) -> Self::Result {
+        self.last_seq += msg.count;
+        Ok(Seq(self.last_seq))
     }
 }
 
@@ -186,6 +215,9 @@ impl Peer {
         match deliver {
             Deliver::Frame { frame, .. } => serde_json::from_str(&frame).unwrap(),
             Deliver::Evicted { room } => panic!("evicted from {room}"),
+            Deliver::Kicked { room, reason } => {
+                serde_json::json!({"type": "kicked", "room": &*room, "reason": reason})
+            }
         }
     }
 
@@ -217,16 +249,28 @@ fn room_state(kind: RoomKind, members: &[i64]) -> RoomState {
             kind,
             owner: None,
             last_seq: Seq(0),
+            origin: RoomOrigin::User,
+            closed: false,
         },
         members: members.iter().map(|m| UserId(*m)).collect(),
         recent: Vec::new(),
     }
 }
 
+/// The room policy of the actor tests: small bodies, no rate limit to get in the way.
+const POLICY: &str = "[defaults]\nhistory_limit = 20\nmax_body_bytes = 64\nrate = { messages = 100000, per_seconds = 1, burst = 100000 }\n";
+
+fn policy_of(state: &RoomState, text: &str) -> RoomPolicy {
+    let policies = Policies::parse(text, "test").unwrap();
+    RoomPolicy::of(
+        &state.record,
+        state.members.iter().copied().collect(),
+        &policies,
+    )
+}
+
 fn settings() -> RoomSettings {
     RoomSettings {
-        history_limit: 20,
-        max_body_bytes: 64,
         idle_stop: Duration::from_secs(60),
         store_timeout: Duration::from_secs(5),
         resume_grace: Duration::from_millis(200),
@@ -243,6 +287,16 @@ fn start_room_with(
     mode: Mode,
     settings: RoomSettings,
 ) -> (Addr<Room>, Addr<FakeStore>) {
+    start_room_under(kind, members, mode, settings, POLICY)
+}
+
+fn start_room_under(
+    kind: RoomKind,
+    members: &[i64],
+    mode: Mode,
+    settings: RoomSettings,
+    policy_text: &str,
+) -> (Addr<Room>, Addr<FakeStore>) {
     let store = FakeStore {
         mode,
         last_seq: 0,
@@ -253,9 +307,13 @@ fn start_room_with(
     let handle = StoreHandle {
         store: store.clone().recipient(),
         history: store.clone().recipient(),
+        members: store.clone().recipient(),
+        seqs: store.clone().recipient(),
     };
     let presence = PresenceHandle::of(&Presence::default().start());
-    let room = Room::new(room_state(kind, members), &settings, handle, presence, None).start();
+    let state = room_state(kind, members);
+    let policy = policy_of(&state, policy_text);
+    let room = Room::new(state, policy, &settings, handle, presence, None).start();
     (room, store)
 }
 
@@ -422,7 +480,7 @@ async fn a_private_room_refuses_non_members() {
     assert!(matches!(err, RoomError::Forbidden(_)));
     let err = room
         .send(ReadHistory {
-            user: outsider.user.id,
+            user: outsider.user.clone(),
             before: None,
             limit: None,
         })
@@ -432,7 +490,7 @@ async fn a_private_room_refuses_non_members() {
     assert!(matches!(err, RoomError::Forbidden(_)));
     let err = room
         .send(Who {
-            user: outsider.user.id,
+            user: outsider.user.clone(),
         })
         .await
         .unwrap()
@@ -474,7 +532,7 @@ async fn history_comes_from_the_ring_buffer() {
     // The fake store answers every history request with an empty page: these come from memory.
     let page = room
         .send(ReadHistory {
-            user: ann.user.id,
+            user: ann.user.clone(),
             before: Some(Seq(5)),
             limit: Some(2),
         })
@@ -496,7 +554,7 @@ async fn the_db_executor_stores_batches_once_per_client_msg_id() {
     rookery::store::run_migrations(&mut conn).unwrap();
     let user = rookery::store::create_user(&mut conn, "ann", "x").unwrap();
     let room =
-        rookery::store::create_room(&mut conn, "hall", RoomKind::Public, &user, &[]).unwrap();
+        rookery::store::create_room(&mut conn, "hall", RoomKind::Public, &user, &[], 10).unwrap();
     let pool =
         rookery::store::connect_pool(&db.url, 2, Duration::from_secs(2), Duration::from_secs(10))
             .unwrap();
@@ -700,8 +758,8 @@ async fn store_batches_commits_rooms_together_and_never_duplicates_on_retry() {
     let mut conn = db.conn();
     rookery::store::run_migrations(&mut conn).unwrap();
     let user = rookery::store::create_user(&mut conn, "ann", "x").unwrap();
-    let a = rookery::store::create_room(&mut conn, "a", RoomKind::Public, &user, &[]).unwrap();
-    let b = rookery::store::create_room(&mut conn, "b", RoomKind::Public, &user, &[]).unwrap();
+    let a = rookery::store::create_room(&mut conn, "a", RoomKind::Public, &user, &[], 10).unwrap();
+    let b = rookery::store::create_room(&mut conn, "b", RoomKind::Public, &user, &[], 10).unwrap();
     let keys = rookery::crypto::Keyring::new([(1, [9u8; 32])]).unwrap();
     let posts = |prefix: &str, n: usize| -> Vec<NewPost> {
         (0..n)

@@ -145,10 +145,10 @@ async fn the_bcrypt_queue_is_bounded() {
 
 #[actix_rt::test]
 async fn a_slow_reader_is_cut_off_and_the_others_get_everything() {
-    let server = TestServer::start_with(|c| {
+    let policy = format!("{TEST_POLICY}max_body_bytes = 8192\n");
+    let server = TestServer::start_with_policy(&policy, |c| {
         c.session.max_frame_bytes = 16 * 1024;
         c.session.outbound_limit_bytes = 1024 * 1024;
-        c.rooms.max_body_bytes = 8 * 1024;
     })
     .await;
     let mut ann = server.user("ann").await;

@@ -67,7 +67,8 @@ async fn record_stream_acks(
 
 #[actix_rt::test]
 async fn join_after_returns_what_was_missed_from_memory_and_database() {
-    let server = TestServer::start_with(|c| c.rooms.history_limit = 5).await;
+    let server =
+        TestServer::start_with_policy(&format!("{TEST_POLICY}history_limit = 5\n"), |_| {}).await;
     let mut ann = server.user("ann").await;
     let mut bob = server.user("bob").await;
     ann.create_room("general", "public", &[]).await;

@@ -6,8 +6,11 @@
 //! - [`FindLogin`], [`IssueToken`] (Session, login): the hash to verify; a new token after.
 //! - [`ResumeToken`] (Session, resume): the user holding a live token.
 //! - [`RevokeToken`] (Session, logout).
-//! - [`ListRooms`], [`CreateRoom`] (Session).
+//! - [`ListRooms`], [`CreateRoom`] (Directory, for a session), [`OpenDirect`] (Session, `dm`).
 //! - [`LoadRoom`] (Directory): a room's record, whitelist and newest messages.
+//! - [`ChangeMember`] (Room, invite and revoke), [`ReserveSeqs`] (Room, when it does not store
+//!   its messages).
+//! - [`SyncConfigRooms`] (server, at start and on reload), [`PurgeExpired`] (Directory).
 //! - [`StoreBatch`] (Room, in tests): assign seqs and commit; the reply means "durably stored".
 //! - [`StoreBatches`] (Committer): several rooms' batches in one transaction.
 //! - [`LoadHistory`] (Room): a page of decrypted history.
@@ -202,18 +205,25 @@ impl Handler<RevokeToken> for DbExecutor {
     }
 }
 
-/// Session → DbExecutor: the rooms `user` may see.
+/// Directory → DbExecutor: the rooms `user` may see; `whitelisted` names the policy file's
+/// private rooms that list the user.
 #[derive(Debug, Message)]
 #[rtype(result = "Result<Vec<RoomSummary>, StoreError>")]
 pub struct ListRooms {
     pub user: UserId,
+    pub whitelisted: Vec<String>,
 }
 
 impl Handler<ListRooms> for DbExecutor {
     type Result = Result<Vec<RoomSummary>, StoreError>;
 
     fn handle(&mut self, msg: ListRooms, _: &mut Self::Context) -> Self::Result {
-        store::list_rooms(&mut *self.conn()?, msg.user, self.settings.max_listed_rooms)
+        store::list_rooms(
+            &mut *self.conn()?,
+            msg.user,
+            &msg.whitelisted,
+            self.settings.max_listed_rooms,
+        )
     }
 }
 
@@ -225,6 +235,8 @@ pub struct CreateRoom {
     pub kind: RoomKind,
     pub owner: UserRecord,
     pub members: Vec<Username>,
+    /// Rooms the owner may own at most (`users.max_created_rooms`).
+    pub max_owned: usize,
 }
 
 impl Handler<CreateRoom> for DbExecutor {
@@ -238,6 +250,7 @@ impl Handler<CreateRoom> for DbExecutor {
             msg.kind,
             &msg.owner,
             &members,
+            msg.max_owned,
         )
     }
 }
@@ -273,6 +286,105 @@ impl Handler<StoreBatch> for DbExecutor {
 
     fn handle(&mut self, msg: StoreBatch, _: &mut Self::Context) -> Self::Result {
         store::store_batch(&mut *self.conn()?, &self.keys, msg.room, &msg.posts)
+    }
+}
+
+/// How a room's members change.
+#[derive(Debug, Clone, Copy)]
+pub enum MemberChange {
+    /// Invite, unless the room has `cap` members already.
+    Add {
+        cap: usize,
+    },
+    Remove,
+}
+
+/// Room → DbExecutor: `invite` / `revoke`. Replies the user; `UnknownMember` if none.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<UserRecord, StoreError>")]
+pub struct ChangeMember {
+    pub room: RoomId,
+    pub user: Username,
+    pub change: MemberChange,
+}
+
+impl Handler<ChangeMember> for DbExecutor {
+    type Result = Result<UserRecord, StoreError>;
+
+    fn handle(&mut self, msg: ChangeMember, _: &mut Self::Context) -> Self::Result {
+        let conn = &mut *self.conn()?;
+        match msg.change {
+            MemberChange::Add { cap } => store::add_member(conn, msg.room, msg.user.as_str(), cap),
+            MemberChange::Remove => store::remove_member(conn, msg.room, msg.user.as_str()),
+        }
+    }
+}
+
+/// Room → DbExecutor: a room that does not store its messages reserves `count` seqs. Replies
+/// the last of them.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Seq, StoreError>")]
+pub struct ReserveSeqs {
+    pub room: RoomId,
+    pub count: i64,
+}
+
+impl Handler<ReserveSeqs> for DbExecutor {
+    type Result = Result<Seq, StoreError>;
+
+    fn handle(&mut self, msg: ReserveSeqs, _: &mut Self::Context) -> Self::Result {
+        store::reserve_seqs(&mut *self.conn()?, msg.room, msg.count)
+    }
+}
+
+/// Session → DbExecutor: `dm`: the direct room of `me` and `other`, created on first use.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<RoomRecord, StoreError>")]
+pub struct OpenDirect {
+    pub me: UserRecord,
+    pub other: Username,
+}
+
+impl Handler<OpenDirect> for DbExecutor {
+    type Result = Result<RoomRecord, StoreError>;
+
+    fn handle(&mut self, msg: OpenDirect, _: &mut Self::Context) -> Self::Result {
+        store::open_direct(&mut *self.conn()?, &msg.me, msg.other.as_str())
+    }
+}
+
+/// Server (at start and on reload) → DbExecutor: the policy file's rooms exist and are open;
+/// the ones it no longer defines are closed. Replies the names closed now.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<String>, StoreError>")]
+pub struct SyncConfigRooms {
+    pub rooms: Vec<(String, RoomKind)>,
+}
+
+impl Handler<SyncConfigRooms> for DbExecutor {
+    type Result = Result<Vec<String>, StoreError>;
+
+    fn handle(&mut self, msg: SyncConfigRooms, _: &mut Self::Context) -> Self::Result {
+        store::sync_config_rooms(&mut *self.conn()?, &msg.rooms)
+    }
+}
+
+/// Directory (periodically) → DbExecutor: delete messages past their room's retention.
+/// Replies the number deleted.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<usize, StoreError>")]
+pub struct PurgeExpired {
+    /// Days per room the policy file defines (0: kept for ever).
+    pub rules: Vec<(String, u32)>,
+    /// Days for every other room.
+    pub default_days: u32,
+}
+
+impl Handler<PurgeExpired> for DbExecutor {
+    type Result = Result<usize, StoreError>;
+
+    fn handle(&mut self, msg: PurgeExpired, _: &mut Self::Context) -> Self::Result {
+        store::purge_expired(&mut *self.conn()?, &msg.rules, msg.default_days)
     }
 }
 

@@ -6,8 +6,14 @@
 //! It also keeps the sessions whose connection dropped, by token, so that a `resume` within the
 //! grace can take their place in their rooms.
 //!
+//! It holds the room policies of the policy file, builds each room's policy from them when it
+//! starts the room, and hands a reloaded file to the running rooms.
+//!
 //! Messages:
 //! - [`OpenRoom`] (Session): the room's actor; `NotFound` when no such room exists.
+//! - [`ListRoomsFor`] / [`CreateRoomFor`] (Session): `rooms` and `create_room`, with the
+//!   policy's part (the file's rooms that list the user; the user's room limit).
+//! - [`ApplyPolicies`] (server, on reload): the new policies, to every running room.
 //! - [`RoomIdle`] (Room): ask it to stop, and forget it if it does.
 //! - [`Park`] (Session, when its connection drops): remember its rooms for the grace.
 //! - [`Reclaim`] (Session, `resume`): the parked session of a token and its rooms, once; a
@@ -19,20 +25,59 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-use crate::actors::db::LoadRoom;
-use crate::actors::db::TokenHash;
+use crate::actors::db::{CreateRoom, ListRooms, LoadRoom, PurgeExpired, TokenHash};
 use crate::actors::presence::PresenceHandle;
-use crate::actors::room::{Room, RoomIdle, RoomSettings, StoreHandle, TryStop};
-use crate::error::{RoomError, StoreError};
+use crate::actors::room::{
+    Room, RoomIdle, RoomPolicy, RoomSettings, SetPolicy, StoreHandle, TryStop,
+};
+use crate::error::{Forbidden, RoomError, StoreError};
 use crate::ids::SessionId;
-use crate::protocol::RoomName;
-use crate::store::models::RoomState;
+use crate::policy::Policies;
+use crate::protocol::{RoomKind, RoomName, Username};
+use crate::store::models::{RoomRecord, RoomState, RoomSummary, UserRecord};
+use std::sync::Arc;
 
-/// Session → Directory: find or start the actor of room `name`.
+/// Session → Directory: find or start the actor of room `name`. A session about to join it
+/// says how many rooms it has joined (`joined`), and is refused beyond `users.max_joined_rooms`.
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Addr<Room>, RoomError>")]
 pub struct OpenRoom {
     pub name: RoomName,
+    pub joined: Option<usize>,
+}
+
+/// Session → Directory: `rooms`: the rooms `user` may see.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<RoomSummary>, StoreError>")]
+pub struct ListRoomsFor {
+    pub user: UserRecord,
+}
+
+/// Session → Directory: `create_room`, within the user's room limit.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<RoomRecord, StoreError>")]
+pub struct CreateRoomFor {
+    pub name: RoomName,
+    pub kind: RoomKind,
+    pub owner: UserRecord,
+    pub members: Vec<Username>,
+}
+
+/// Server → Directory: a reloaded policy file, already checked and synced to the database.
+/// Replies how many users the running rooms kicked.
+#[derive(Debug, Message)]
+#[rtype(result = "usize")]
+pub struct ApplyPolicies {
+    pub policies: Arc<Policies>,
+}
+
+/// The DB executor's services the directory uses.
+#[derive(Clone)]
+pub struct DirectoryStore {
+    pub load: Recipient<LoadRoom>,
+    pub list: Recipient<ListRooms>,
+    pub create: Recipient<CreateRoom>,
+    pub purge: Recipient<PurgeExpired>,
 }
 
 /// Session → Directory: a session of `token` lost its connection while joined to `rooms`.
@@ -99,40 +144,85 @@ pub struct Directory {
     live: HashMap<TokenHash, (SessionId, Recipient<Yield>)>,
     /// Resumes waiting for a live session to yield and park.
     reclaiming: HashMap<TokenHash, oneshot::Sender<Option<Parked>>>,
-    load: Recipient<LoadRoom>,
+    db: DirectoryStore,
     store: StoreHandle,
     presence: PresenceHandle,
     settings: RoomSettings,
+    policies: Arc<Policies>,
     /// How long a resume waits for a live session to hand over.
     handover: Duration,
+    /// How often messages past their room's retention are deleted.
+    retention_sweep: Duration,
+}
+
+/// How the directory is set up.
+pub struct DirectorySettings {
+    pub rooms: RoomSettings,
+    pub handover: Duration,
+    pub retention_sweep: Duration,
 }
 
 impl Directory {
     pub fn new(
-        load: Recipient<LoadRoom>,
+        db: DirectoryStore,
         store: StoreHandle,
         presence: PresenceHandle,
-        settings: RoomSettings,
-        handover: Duration,
+        settings: DirectorySettings,
+        policies: Arc<Policies>,
     ) -> Self {
         Directory {
             rooms: HashMap::new(),
             parked: HashMap::new(),
             live: HashMap::new(),
             reclaiming: HashMap::new(),
-            load,
+            db,
             store,
             presence,
-            settings,
-            handover,
+            settings: settings.rooms,
+            policies,
+            handover: settings.handover,
+            retention_sweep: settings.retention_sweep,
         }
+    }
+
+    /// The file's private rooms whose whitelist lists `username`.
+    fn whitelisted(&self, username: &str) -> Vec<String> {
+        self.policies
+            .rooms
+            .iter()
+            .filter(|(_, r)| r.kind == RoomKind::Private && r.whitelist.contains(username))
+            .map(|(name, _)| name.to_string())
+            .collect()
+    }
+
+    fn purge_expired(&self) {
+        let rules = self
+            .policies
+            .rooms
+            .iter()
+            .map(|(name, r)| (name.to_string(), r.limits.retention_days))
+            .collect();
+        let request = self.db.purge.send(PurgeExpired {
+            rules,
+            default_days: self.policies.defaults.retention_days,
+        });
+        actix::spawn(async move {
+            match request.await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => {
+                    log::info!("retention: deleted {n} message(s) past their room's retention")
+                }
+                Ok(Err(e)) => log::warn!("retention: deleting old messages failed: {e}"),
+                Err(e) => log::warn!("retention: {e}"),
+            }
+        });
     }
 
     fn start_loading(&mut self, name: String, waiters: Vec<Waiter>, ctx: &mut Context<Self>) {
         self.rooms.insert(name.clone(), Entry::Loading(waiters));
-        let request = self.load.send(LoadRoom {
+        let request = self.db.load.send(LoadRoom {
             name: name.clone(),
-            recent: self.settings.history_limit,
+            recent: self.policies.limits_of(&name).history_limit,
         });
         ctx.spawn(request.into_actor(self).map(move |result, dir, ctx| {
             let result = match result {
@@ -154,8 +244,11 @@ impl Directory {
         };
         match result {
             Ok(state) => {
+                let members = state.members.iter().copied().collect();
+                let policy = RoomPolicy::of(&state.record, members, &self.policies);
                 let room = Room::new(
                     state,
+                    policy,
                     &self.settings,
                     self.store.clone(),
                     self.presence.clone(),
@@ -196,6 +289,7 @@ impl Actor for Directory {
                 dir.parked.retain(|_, p| p.at.elapsed() < grace);
             },
         );
+        ctx.run_interval(self.retention_sweep, |dir, _| dir.purge_expired());
     }
 }
 
@@ -289,6 +383,12 @@ impl Handler<OpenRoom> for Directory {
     type Result = ResponseFuture<Result<Addr<Room>, RoomError>>;
 
     fn handle(&mut self, msg: OpenRoom, ctx: &mut Context<Self>) -> Self::Result {
+        if msg
+            .joined
+            .is_some_and(|n| n >= self.policies.users.max_joined_rooms)
+        {
+            return Box::pin(async { Err(RoomError::Forbidden(Forbidden::TooManyJoined)) });
+        }
         let (tx, rx) = oneshot::channel();
         match self.rooms.get_mut(msg.name.as_str()) {
             Some(Entry::Ready(room)) => {
@@ -329,5 +429,69 @@ impl Handler<RoomIdle> for Directory {
                 dir.rooms.insert(msg.name, Entry::Ready(room));
             }
         }));
+    }
+}
+
+impl Handler<ListRoomsFor> for Directory {
+    type Result = ResponseFuture<Result<Vec<RoomSummary>, StoreError>>;
+
+    fn handle(&mut self, msg: ListRoomsFor, _: &mut Context<Self>) -> Self::Result {
+        let request = self.db.list.send(ListRooms {
+            user: msg.user.id,
+            whitelisted: self.whitelisted(&msg.user.username),
+        });
+        Box::pin(async move {
+            request
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        })
+    }
+}
+
+impl Handler<CreateRoomFor> for Directory {
+    type Result = ResponseFuture<Result<RoomRecord, StoreError>>;
+
+    fn handle(&mut self, msg: CreateRoomFor, _: &mut Context<Self>) -> Self::Result {
+        if self.policies.rooms.contains_key(msg.name.as_str()) {
+            return Box::pin(async { Err(StoreError::Conflict("room")) });
+        }
+        let request = self.db.create.send(CreateRoom {
+            name: msg.name,
+            kind: msg.kind,
+            owner: msg.owner,
+            members: msg.members,
+            max_owned: self.policies.users.max_created_rooms,
+        });
+        Box::pin(async move {
+            request
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        })
+    }
+}
+
+impl Handler<ApplyPolicies> for Directory {
+    type Result = ResponseFuture<usize>;
+
+    fn handle(&mut self, msg: ApplyPolicies, _: &mut Context<Self>) -> Self::Result {
+        self.policies = msg.policies.clone();
+        let requests: Vec<_> = self
+            .rooms
+            .values()
+            .filter_map(|entry| match entry {
+                Entry::Ready(room) => Some(room.send(SetPolicy {
+                    policies: msg.policies.clone(),
+                })),
+                _ => None,
+            })
+            .collect();
+        Box::pin(async move {
+            let mut kicked = 0;
+            for request in requests {
+                // A room that stopped meanwhile starts again under the new policies.
+                kicked += request.await.unwrap_or(0);
+            }
+            kicked
+        })
     }
 }

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize, Serializer};
 use std::borrow::Borrow;
 use std::fmt;
 
-/// Reserved prefix of direct rooms; the room rule excludes ':' from user-created names.
+/// Prefix of direct rooms: `dm:<user>:<user>`, the two usernames in sorted order. Other room
+/// names cannot contain ':'.
 pub const DM_PREFIX: &str = "dm:";
 
 /// A name outside its rule; the message says the rule.
@@ -96,20 +97,35 @@ name_type!(
 );
 
 name_type!(
-    /// 1 to 64 characters of `a-z 0-9 _ -`; the `dm:` prefix is reserved for direct rooms.
+    /// 1 to 64 characters of `a-z 0-9 _ -`, or a direct room's `dm:<user>:<user>`.
     RoomName,
     |name| {
+        if let Some(users) = name.strip_prefix(DM_PREFIX) {
+            let direct = users.split_once(':').is_some_and(|(a, b)| {
+                Username::parse(a).is_ok() && Username::parse(b).is_ok() && a < b
+            });
+            return direct.then_some(()).ok_or(NameError::ReservedRoom);
+        }
         let ok = (1..=64).contains(&name.len())
             && name
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
-        match (ok, name.starts_with(DM_PREFIX)) {
-            (true, _) => Ok(()),
-            (false, true) => Err(NameError::ReservedRoom),
-            (false, false) => Err(NameError::Room),
-        }
+        ok.then_some(()).ok_or(NameError::Room)
     }
 );
+
+impl RoomName {
+    /// Whether this is the name of a direct room.
+    pub fn is_direct(&self) -> bool {
+        self.0.starts_with(DM_PREFIX)
+    }
+}
+
+/// The name of the direct room of two users, the same whichever of them asks.
+pub fn direct_room_name(a: &str, b: &str) -> RoomName {
+    let (first, second) = if a <= b { (a, b) } else { (b, a) };
+    RoomName(format!("{DM_PREFIX}{first}:{second}"))
+}
 
 #[cfg(test)]
 mod tests {
@@ -125,7 +141,15 @@ mod tests {
         assert_eq!(RoomName::parse("General"), Err(NameError::Room));
         assert!(RoomName::parse("").is_err());
         assert!(RoomName::parse("a".repeat(65)).is_err());
-        assert_eq!(RoomName::parse("dm:ann:bob"), Err(NameError::ReservedRoom));
+        assert!(RoomName::parse("dm:ann:bob").is_ok_and(|r| r.is_direct()));
+        assert_eq!(RoomName::parse("dm:bob:ann"), Err(NameError::ReservedRoom));
+        assert_eq!(RoomName::parse("dm:ann"), Err(NameError::ReservedRoom));
+        assert_eq!(RoomName::parse("dm:a:bob"), Err(NameError::ReservedRoom));
+        assert_eq!(
+            direct_room_name("bob", "ann"),
+            direct_room_name("ann", "bob")
+        );
+        assert_eq!(direct_room_name("bob", "ann").as_str(), "dm:ann:bob");
     }
 
     #[test]

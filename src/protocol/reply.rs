@@ -40,6 +40,13 @@ pub struct CreatedRoom {
     pub owner: Option<String>,
 }
 
+/// A room as the `dm` reply names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RoomRef {
+    pub name: String,
+    pub kind: RoomKind,
+}
+
 /// The room of a `join` reply.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JoinedRoom {
@@ -89,6 +96,10 @@ pub enum Reply {
     },
     Online {
         online: Vec<String>,
+    },
+    /// `dm`.
+    Direct {
+        room: RoomRef,
     },
 }
 

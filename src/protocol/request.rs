@@ -95,13 +95,21 @@ pub enum Request<R = RoomName, U = Username> {
     Typing {
         room: R,
     },
+    Invite {
+        room: R,
+        user: U,
+    },
+    Revoke {
+        room: R,
+        user: U,
+    },
+    Dm {
+        user: U,
+    },
 }
 
 /// A request as read, before its names are checked.
 pub type Unchecked = Request<String, String>;
-
-/// Request types the contract names but this server does not serve yet.
-const NOT_YET_SERVED: &[&str] = &["invite", "revoke", "dm"];
 
 impl RequestKind {
     /// The type's name on the wire.
@@ -172,6 +180,9 @@ impl Unchecked {
                 members,
             } => {
                 let room = room(name)?;
+                if room.is_direct() {
+                    return Err(NameError::ReservedRoom.into());
+                }
                 if members.len() > MAX_MEMBERS_PER_REQUEST {
                     return Err(Rejection::bad(format!(
                         "at most {MAX_MEMBERS_PER_REQUEST} members per request"
@@ -221,6 +232,21 @@ impl Unchecked {
             }
             Request::Who { room: name } => Request::Who { room: room(name)? },
             Request::Typing { room: name } => Request::Typing { room: room(name)? },
+            Request::Invite {
+                room: name,
+                user: u,
+            } => Request::Invite {
+                room: room(name)?,
+                user: user(u)?,
+            },
+            Request::Revoke {
+                room: name,
+                user: u,
+            } => Request::Revoke {
+                room: room(name)?,
+                user: user(u)?,
+            },
+            Request::Dm { user: u } => Request::Dm { user: user(u)? },
         })
     }
 }
@@ -339,12 +365,6 @@ pub fn parse_request(text: &str) -> Result<Incoming, FrameError> {
         Some(_) => return Err(fail(Some(id), "type must be a string".into())),
         None => return Err(fail(Some(id), "missing type".into())),
     };
-    if NOT_YET_SERVED.contains(&kind) {
-        return Err(fail(
-            Some(id),
-            format!("request type '{kind}' is not served by this server yet"),
-        ));
-    }
     let Ok(kind) = RequestKind::from_str(kind) else {
         let shown: String = kind.chars().take(32).collect();
         return Err(fail(Some(id), format!("unknown request type '{shown}'")));
@@ -410,7 +430,7 @@ mod tests {
         (incoming.id, request)
     }
 
-    const EVERY_TYPE: [&str; 13] = [
+    const EVERY_TYPE: [&str; 16] = [
         r#"{"id":"1","type":"register","username":"ann","password":"password1"}"#,
         r#"{"id":"1","type":"login","username":"ann","password":"password1"}"#,
         r#"{"id":"1","type":"resume","token":"abc"}"#,
@@ -424,6 +444,9 @@ mod tests {
         r#"{"id":"1","type":"history","room":"a","before":10,"limit":5}"#,
         r#"{"id":"1","type":"who","room":"a"}"#,
         r#"{"id":"1","type":"typing","room":"a"}"#,
+        r#"{"id":"1","type":"invite","room":"a","user":"bob"}"#,
+        r#"{"id":"1","type":"revoke","room":"a","user":"bob"}"#,
+        r#"{"id":"1","type":"dm","user":"bob"}"#,
     ];
 
     #[test]
@@ -515,7 +538,7 @@ mod tests {
         assert!(check_room("General").is_err());
         assert!(check_room("").is_err());
         assert!(check_room(&"a".repeat(65)).is_err());
-        assert!(check_room("dm:ann:bob")
+        assert!(check_room("dm:bob:ann")
             .unwrap_err()
             .message
             .contains("reserved"));

@@ -130,7 +130,7 @@ impl Session {
                 user: user_view(&user),
                 rooms,
             }),
-            then: Then::Release(names),
+            then: Then::AwaitJoins(names),
         }
     }
 

@@ -2,8 +2,12 @@
 //! them. While a room is being joined (a `join`, or a `resume` restoring it), its live events
 //! are held: they go out after the join's reply, minus the messages the reply already carried
 //! in `missed`, so that each message reaches the client once and in order. The hold ends when
-//! the last join of the room is answered and no other join of it waits its turn. Plain data,
-//! generic over the room handle `H` (an actor address in the server, anything in tests).
+//! the last join of the room is answered and no other join of it waits its turn. A room a
+//! `resume` restored stays held after the resume's reply until the client shows whether a
+//! `join {after}` of it follows (the join takes the hold over; any other request, or the end
+//! of a short wait, releases it), since a client may send that join right behind the resume
+//! and the server may not have read it yet. Plain data, generic over the room handle `H` (an
+//! actor address in the server, anything in tests).
 
 use bytestring::ByteString;
 use std::collections::HashMap;
@@ -26,6 +30,8 @@ struct Hold {
     /// The newest seq an answered join's `missed` reached: held messages up to it repeat.
     covered: Option<Seq>,
     held: Vec<Held>,
+    /// Restored by a resume, answered, and kept held for a `join {after}` that may follow.
+    awaiting_join: bool,
 }
 
 #[derive(Debug)]
@@ -48,12 +54,15 @@ pub struct RoomsAtEnd<H> {
 #[derive(Debug)]
 pub struct Joins<H> {
     rooms: HashMap<RoomName, Entry<H>>,
+    /// Whether some hold may await a join after a resume (so that requests need not look).
+    maybe_awaiting: bool,
 }
 
 impl<H> Default for Joins<H> {
     fn default() -> Self {
         Joins {
             rooms: HashMap::new(),
+            maybe_awaiting: false,
         }
     }
 }
@@ -65,7 +74,9 @@ impl<H: Clone> Joins<H> {
             handle: None,
             hold: None,
         });
-        entry.hold.get_or_insert_with(Hold::default).pending += 1;
+        let hold = entry.hold.get_or_insert_with(Hold::default);
+        hold.pending += 1;
+        hold.awaiting_join = false;
     }
 
     /// A join of `room` was answered: joined through `handle` with `missed` up to `covered`,
@@ -113,6 +124,47 @@ impl<H: Clone> Joins<H> {
         frames
     }
 
+    /// Called once a resume's reply is written, for a room it restored: like [`Self::release`],
+    /// except that a hold which would end now waits for the client's next request instead (see
+    /// [`Self::stop_awaiting`]). True when the room awaits a join.
+    pub fn await_join(&mut self, room: &RoomName, join_waiting: bool) -> bool {
+        let Some(hold) = self.rooms.get_mut(room).and_then(|e| e.hold.as_mut()) else {
+            return false;
+        };
+        if join_waiting || hold.pending > 0 {
+            return false;
+        }
+        hold.awaiting_join = true;
+        self.maybe_awaiting = true;
+        true
+    }
+
+    /// Whether `room` is held for a join that may follow a resume.
+    pub fn is_awaiting_join(&self, room: &str) -> bool {
+        self.rooms
+            .get(room)
+            .and_then(|e| e.hold.as_ref())
+            .is_some_and(|h| h.awaiting_join)
+    }
+
+    /// No `join {after}` follows the resume (another request came, or the wait ended): ends
+    /// the holds that awaited one and returns their events to write now.
+    pub fn stop_awaiting(&mut self) -> Vec<ByteString> {
+        if !std::mem::take(&mut self.maybe_awaiting) {
+            return Vec::new();
+        }
+        let awaiting: Vec<RoomName> = self
+            .rooms
+            .iter()
+            .filter(|(_, e)| e.hold.as_ref().is_some_and(|h| h.awaiting_join))
+            .map(|(name, _)| name.clone())
+            .collect();
+        awaiting
+            .iter()
+            .flat_map(|room| self.release(room, false))
+            .collect()
+    }
+
     /// An event of `room` arrived: held while the room is being joined, returned to be written
     /// now when it is joined, dropped otherwise (in flight after a `leave`).
     pub fn event(&mut self, room: &str, seq: Option<Seq>, frame: ByteString) -> Option<ByteString> {
@@ -155,6 +207,11 @@ impl<H: Clone> Joins<H> {
 
     pub fn any_joined(&self) -> bool {
         self.rooms.values().any(|e| e.handle.is_some())
+    }
+
+    /// How many rooms the connection has joined.
+    pub fn joined_count(&self) -> usize {
+        self.rooms.values().filter(|e| e.handle.is_some()).count()
     }
 
     /// The connection ends: each room once, through its handle when joined.
@@ -347,6 +404,33 @@ mod tests {
         joins.begin(&b);
         joins.answered(&b, Some((2, Some(Seq(3)))));
         assert_eq!(frames(joins.release(&b, false)), ["m4"]);
+    }
+
+    /// A resume's restored room stays held after its reply until the client's next request
+    /// says whether a `join {after}` of it follows: a join takes the hold over, anything else
+    /// (or the end of the wait) releases it.
+    #[test]
+    fn a_restored_room_awaits_a_join_that_may_follow_the_resume() {
+        let (a, b, mut joins) = (room("a"), room("b"), Joins::default());
+        joins.begin(&a);
+        joins.begin(&b);
+        joins.answered(&a, Some((1, None)));
+        joins.answered(&b, Some((2, None)));
+        assert!(joins.await_join(&a, false));
+        assert!(joins.await_join(&b, false));
+        assert!(
+            deliver(&mut joins, "a", 1..=3).is_empty(),
+            "held after the reply"
+        );
+        assert!(deliver(&mut joins, "b", 1..=1).is_empty());
+        // The join of a arrives: it takes a's hold over.
+        joins.begin(&a);
+        assert!(!joins.is_awaiting_join("a") && joins.is_awaiting_join("b"));
+        // Then any other request: b's wait ends, a stays held for its join.
+        assert_eq!(frames(joins.stop_awaiting()), ["m1"]);
+        assert!(deliver(&mut joins, "a", 4..=4).is_empty());
+        joins.answered(&a, Some((1, Some(Seq(3)))));
+        assert_eq!(frames(joins.release(&a, false)), ["m4"]);
     }
 
     #[test]

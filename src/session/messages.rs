@@ -1,15 +1,17 @@
-//! Requests within a room: `send`, `history`, `who`, `typing`. They leave the session as it
-//! is, so they run side by side; each is one round trip to the room.
+//! Requests within a room: `send`, `history`, `who`, `typing`, which leave the session as it
+//! is and run side by side, each one round trip to the room; and the room's membership:
+//! `invite`, `revoke` (to the room) and `dm` (to the DB executor).
 
 use actix::prelude::*;
 
 use super::requests::Step;
 use super::rooms::ask_room;
 use super::shell::Session;
-use crate::actors::room::{Post, ReadHistory, Room, Typing, Who};
+use crate::actors::db::OpenDirect;
+use crate::actors::room::{Invite, Post, ReadHistory, Revoke, Room, Typing, Who};
 use crate::error::{Error, Forbidden, RoomError};
 use crate::ids::Seq;
-use crate::protocol::{Reply, RoomName};
+use crate::protocol::{Rejection, Reply, RoomName, RoomRef, Username};
 use crate::store::models::UserRecord;
 
 impl Session {
@@ -56,7 +58,7 @@ impl Session {
     ) -> Step {
         let directory = self.services.directory.clone();
         let read = ReadHistory {
-            user: user.id,
+            user,
             before,
             limit,
         };
@@ -73,8 +75,44 @@ impl Session {
     pub(super) fn who(&mut self, user: UserRecord, room: RoomName) -> Step {
         let directory = self.services.directory.clone();
         let work = async move {
-            let (_, online) = ask_room(&directory, &room, Who { user: user.id }).await?;
+            let (_, online) = ask_room(&directory, &room, Who { user }).await?;
             Ok(Reply::Online { online })
+        };
+        Step::later(work.into_actor(self))
+    }
+
+    pub(super) fn invite(&mut self, by: UserRecord, room: RoomName, user: Username) -> Step {
+        let directory = self.services.directory.clone();
+        let work = async move {
+            ask_room(&directory, &room, Invite { by, user }).await?;
+            Ok(Reply::Done {})
+        };
+        Step::later(work.into_actor(self))
+    }
+
+    pub(super) fn revoke(&mut self, by: UserRecord, room: RoomName, user: Username) -> Step {
+        let directory = self.services.directory.clone();
+        let work = async move {
+            ask_room(&directory, &room, Revoke { by, user }).await?;
+            Ok(Reply::Done {})
+        };
+        Step::later(work.into_actor(self))
+    }
+
+    /// The direct room of the user and `other`; with oneself, `bad_request`.
+    pub(super) fn dm(&mut self, me: UserRecord, other: Username) -> Step {
+        if me.username == other.as_str() {
+            return Step::fail(Rejection::bad("a direct room needs another user"));
+        }
+        let request = self.services.db.send(OpenDirect { me, other });
+        let work = async move {
+            let room = request.await??;
+            Ok(Reply::Direct {
+                room: RoomRef {
+                    name: room.name,
+                    kind: room.kind,
+                },
+            })
         };
         Step::later(work.into_actor(self))
     }

@@ -56,5 +56,7 @@ pub struct SessionSettings {
     pub outbound_queue: usize,
     pub outbound_limit_bytes: usize,
     pub max_waiting_requests: usize,
+    /// How long a resume's restored rooms stay held for a `join {after}` that may follow.
+    pub resume_join_wait: Duration,
     pub guard: guard::GuardSettings,
 }

@@ -36,10 +36,18 @@ pub(super) struct Answer {
 /// The step after a reply is written.
 pub(super) enum Then {
     Nothing,
-    /// Write the events held while these rooms were being joined.
+    /// A join was answered: write the events held while these rooms were being joined.
     Release(Vec<RoomName>),
+    /// A resume was answered: these rooms stay held for a `join {after}` that may follow.
+    AwaitJoins(Vec<RoomName>),
     /// `logout` succeeded: leave every room and close.
     LogOut,
+}
+
+/// What to do with rooms once the requests that waited have run.
+pub(super) enum Holds {
+    Release(Vec<RoomName>),
+    AwaitJoins(Vec<RoomName>),
 }
 
 impl From<Result<Reply, Error>> for Answer {
@@ -77,6 +85,11 @@ impl Step {
 
 impl Session {
     pub(super) fn accept(&mut self, incoming: Incoming, ctx: &mut WsContext) {
+        let joins_awaiting = matches!(&incoming.request,
+            Ok(Request::Join { room, .. }) if self.joins.is_awaiting_join(room.as_str()));
+        if !joins_awaiting {
+            self.stop_awaiting(ctx);
+        }
         if !self.phase.takes_requests() {
             if self.phase.is_draining() {
                 self.refuse(ctx, &incoming.id, SessionError::ShuttingDown);
@@ -99,10 +112,41 @@ impl Session {
         self.answer_now(ctx, id, Err(why.into()).into());
     }
 
-    /// A request answered at once: never one with a release or a logout to follow.
+    /// A request answered at once (never one with held rooms or a logout to follow).
     fn answer_now(&mut self, ctx: &mut WsContext, id: &RequestId, answer: Answer) {
-        let release = self.answer(ctx, id, answer);
-        release.iter().for_each(|room| self.release(room, ctx));
+        let holds = self.answer(ctx, id, answer);
+        self.end_holds(holds, ctx);
+    }
+
+    fn end_holds(&mut self, holds: Holds, ctx: &mut WsContext) {
+        match holds {
+            Holds::Release(rooms) => rooms.iter().for_each(|room| self.release(room, ctx)),
+            Holds::AwaitJoins(rooms) => {
+                let mut awaiting = false;
+                for room in &rooms {
+                    let join_waiting = self.join_waiting(room);
+                    awaiting |= self.joins.await_join(room, join_waiting);
+                }
+                if awaiting {
+                    // A bounded wait for the client's next request, not an ordering device: a
+                    // client that sends no `join {after}` gets the rooms' events after it.
+                    let wait = self.settings.resume_join_wait;
+                    ctx.run_later(wait, |session, ctx| session.stop_awaiting(ctx));
+                }
+            }
+        }
+    }
+
+    /// No `join {after}` follows the resume: write what its restored rooms held.
+    fn stop_awaiting(&mut self, ctx: &mut WsContext) {
+        for frame in self.joins.stop_awaiting() {
+            self.write(ctx, frame);
+        }
+    }
+
+    fn join_waiting(&self, room: &RoomName) -> bool {
+        self.pipeline
+            .is_waiting(|i| matches!(&i.request, Ok(Request::Join { room: r, .. }) if r == room))
     }
 
     fn run(&mut self, incoming: Incoming, ctx: &mut WsContext) {
@@ -113,11 +157,11 @@ impl Session {
                 self.pipeline.started(kind.changes_session());
                 ctx.spawn(work.map(move |answer, session, ctx| {
                     session.pipeline.finished();
-                    let release = session.answer(ctx, &id, answer);
+                    let holds = session.answer(ctx, &id, answer);
                     // The requests that waited run first: a `join` of a released room then
                     // holds its events on, a `leave` drops them.
                     session.run_ready(ctx);
-                    release.iter().for_each(|room| session.release(room, ctx));
+                    session.end_holds(holds, ctx);
                     session.close_if_drained(ctx);
                 }));
             }
@@ -186,12 +230,15 @@ impl Session {
             ) => self.history(user, room, before, limit),
             (Request::Who { room }, Some(user)) => self.who(user, room),
             (Request::Typing { room }, Some(_)) => self.typing(room),
+            (Request::Invite { room, user: u }, Some(user)) => self.invite(user, room, u),
+            (Request::Revoke { room, user: u }, Some(user)) => self.revoke(user, room, u),
+            (Request::Dm { user: other }, Some(user)) => self.dm(user, other),
         }
     }
 
-    /// Writes the reply; after a `logout`, leaves and closes. Returns the rooms whose held
-    /// events are to be released once the waiting requests have run.
-    fn answer(&mut self, ctx: &mut WsContext, id: &RequestId, answer: Answer) -> Vec<RoomName> {
+    /// Writes the reply; after a `logout`, leaves and closes. Returns what to do with the
+    /// rooms held for a join or resume once the waiting requests have run.
+    fn answer(&mut self, ctx: &mut WsContext, id: &RequestId, answer: Answer) -> Holds {
         let frame = match &answer.result {
             Ok(reply) => ok_frame(id, reply),
             Err(e) => {
@@ -206,20 +253,19 @@ impl Session {
         };
         self.write(ctx, frame.into());
         match answer.then {
-            Then::Nothing => Vec::new(),
-            Then::Release(rooms) => rooms,
+            Then::Nothing => Holds::Release(Vec::new()),
+            Then::Release(rooms) => Holds::Release(rooms),
+            Then::AwaitJoins(rooms) => Holds::AwaitJoins(rooms),
             Then::LogOut => {
                 self.logged_out(ctx);
-                Vec::new()
+                Holds::Release(Vec::new())
             }
         }
     }
 
     /// Writes the events held for `room` once no join of it is running or waiting.
     fn release(&mut self, room: &RoomName, ctx: &mut WsContext) {
-        let join_waiting = self
-            .pipeline
-            .is_waiting(|i| matches!(&i.request, Ok(Request::Join { room: r, .. }) if r == room));
+        let join_waiting = self.join_waiting(room);
         for frame in self.joins.release(room, join_waiting) {
             self.write(ctx, frame);
         }

@@ -7,8 +7,7 @@ use actix::prelude::*;
 use super::requests::{Answer, Step, Then};
 use super::shell::Session;
 use super::socket::WsContext;
-use crate::actors::db::{CreateRoom, ListRooms};
-use crate::actors::directory::{Directory, OpenRoom};
+use crate::actors::directory::{CreateRoomFor, Directory, ListRoomsFor, OpenRoom};
 use crate::actors::room::{Join, Joined, Leave, Room};
 use crate::error::{Error, RoomError};
 use crate::ids::Seq;
@@ -17,7 +16,7 @@ use crate::store::models::{RoomSummary, UserRecord};
 
 impl Session {
     pub(super) fn rooms(&mut self, user: UserRecord) -> Step {
-        let request = self.services.db.send(ListRooms { user: user.id });
+        let request = self.services.directory.send(ListRoomsFor { user });
         let work = async move { Ok::<_, Error>(request.await??) };
         Step::later(work.into_actor(self).map(
             |result: Result<Vec<RoomSummary>, Error>, session, _| {
@@ -42,7 +41,7 @@ impl Session {
         kind: RoomKind,
         members: Vec<Username>,
     ) -> Step {
-        let request = self.services.db.send(CreateRoom {
+        let request = self.services.directory.send(CreateRoomFor {
             name: room,
             kind,
             owner,
@@ -75,10 +74,12 @@ impl Session {
             after,
             replaces: None,
         };
+        // Joining one more room counts against users.max_joined_rooms; joining again does not.
+        let joined = (!self.joins.is_joined(room.as_str())).then(|| self.joins.joined_count());
         self.joins.begin(&room);
         let directory = self.services.directory.clone();
         let name = room.clone();
-        let work = async move { ask_room(&directory, &name, join).await };
+        let work = async move { ask_room_to_join(&directory, &name, joined, join).await };
         Step::answer_later(
             work.into_actor(self)
                 .map(move |result, session, _| session.joined(room, result)),
@@ -136,9 +137,28 @@ where
     R: Send + 'static,
     Room: Handler<M>,
 {
+    ask_room_to_join(directory, name, None, msg).await
+}
+
+/// Like [`ask_room`], for a session that has `joined` rooms when it joins one more.
+pub(super) async fn ask_room_to_join<M, R>(
+    directory: &Addr<Directory>,
+    name: &RoomName,
+    joined: Option<usize>,
+    msg: M,
+) -> Result<(Addr<Room>, R), Error>
+where
+    M: Message<Result = Result<R, RoomError>> + Clone + Send + 'static,
+    R: Send + 'static,
+    Room: Handler<M>,
+{
     let mut retried = false;
     loop {
-        let room = directory.send(OpenRoom { name: name.clone() }).await??;
+        let open = OpenRoom {
+            name: name.clone(),
+            joined,
+        };
+        let room = directory.send(open).await??;
         match room.send(msg.clone()).await {
             Ok(result) => return Ok((room, result?)),
             Err(MailboxError::Closed) if !retried => retried = true,

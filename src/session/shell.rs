@@ -4,7 +4,8 @@
 //! the others what [`farewell`] says. Round trips to other actors are spawned, never waited
 //! on, so the socket keeps flowing.
 //!
-//! Messages handled: [`Deliver`] (Room): write an event frame, or close 1013 when evicted;
+//! Messages handled: [`Deliver`] (Room): write an event frame, write `kicked` and forget the
+//! room when kicked, or close 1013 when evicted;
 //! [`Drain`] (Gate): finish, then close 1001; [`Yield`] (Directory): hand the rooms over to a
 //! `resume` on another connection.
 
@@ -25,7 +26,9 @@ use crate::actors::gate::{Drain, Register, Unregister};
 use crate::actors::presence::SessionClosed;
 use crate::actors::room::{Deliver, Detach, Leave, Room};
 use crate::ids::SessionId;
-use crate::protocol::{error_frame, parse_request, ErrorCode, Incoming, RequestId};
+use crate::protocol::{
+    error_frame, parse_request, ErrorCode, Event, Incoming, RequestId, RoomName,
+};
 
 /// Where a connection comes from.
 #[derive(Debug, Clone)]
@@ -46,7 +49,7 @@ pub struct Session {
     outbound: OutboundMeter,
     last_heard: Instant,
     pub(super) services: Services,
-    settings: Arc<SessionSettings>,
+    pub(super) settings: Arc<SessionSettings>,
 }
 
 impl Session {
@@ -244,7 +247,7 @@ impl Session {
         for name in farewell.leave_by_name {
             let directory = directory.clone();
             actix::spawn(async move {
-                if let Ok(Ok(room)) = directory.send(OpenRoom { name }).await {
+                if let Ok(Ok(room)) = directory.send(OpenRoom { name, joined: None }).await {
                     room.do_send(Leave { session });
                 }
             });
@@ -310,6 +313,17 @@ impl Handler<Deliver> for Session {
                 if let Some(frame) = self.joins.event(&room, seq, frame) {
                     self.write(ctx, frame);
                 }
+            }
+            Deliver::Kicked { room, reason } => {
+                if let Ok(name) = RoomName::parse(&*room) {
+                    self.joins.leave(&name);
+                }
+                let frame = Event::Kicked {
+                    room: &room,
+                    reason,
+                }
+                .to_frame();
+                self.write(ctx, frame.into());
             }
             Deliver::Evicted { .. } => {
                 let text = "too slow; reconnect and resume";

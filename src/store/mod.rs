@@ -2,6 +2,9 @@
 //! threads. Owns the SQL; seals and opens bodies with the [`Keyring`] it is given.
 
 pub mod models;
+mod room_queries;
+
+pub use room_queries::*;
 
 use chrono::{DateTime, Duration as TimeDelta, Utc};
 use diesel::connection::SimpleConnection;
@@ -16,18 +19,25 @@ use std::time::Duration;
 use crate::crypto::{Keyring, Sealed};
 use crate::error::StoreError;
 use crate::ids::{RoomId, Seq, UserId};
-use crate::protocol::{format_time, MessageView, RoomKind, UNDECRYPTABLE};
-use crate::schema::{messages, room_members, rooms, session_tokens, users};
+use crate::protocol::{format_time, MessageView, UNDECRYPTABLE};
+use crate::schema::{messages, session_tokens, users};
 use models::*;
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// How many migrations `migrations/` holds.
+pub fn migration_count() -> usize {
+    use diesel::migration::MigrationSource;
+    use diesel::pg::Pg;
+    MigrationSource::<Pg>::migrations(&MIGRATIONS).map_or(0, |m| m.len())
+}
 
 pub type PgPool = Pool<ConnectionManager<PgConnection>>;
 
 /// Any number: serializes concurrent `migrate` runs of several nodes.
 const MIGRATION_LOCK: i64 = 0x0052_6f6f_6b65_7279;
 
-fn is_unique_violation(e: &DieselError) -> bool {
+pub(crate) fn is_unique_violation(e: &DieselError) -> bool {
     matches!(
         e,
         DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)
@@ -217,141 +227,6 @@ pub fn revoke_token(conn: &mut PgConnection, token_hash: &[u8]) -> Result<(), St
         .set(session_tokens::revoked_at.eq(Utc::now()))
         .execute(conn)?;
     Ok(())
-}
-
-fn parse_kind(kind: &str) -> RoomKind {
-    // The CHECK constraint admits only these two values.
-    RoomKind::parse(kind).unwrap_or(RoomKind::Private)
-}
-
-/// Public rooms and the private rooms `user` is a member of, by name.
-pub fn list_rooms(
-    conn: &mut PgConnection,
-    user: UserId,
-    limit: usize,
-) -> Result<Vec<RoomSummary>, StoreError> {
-    let member_of = room_members::table
-        .filter(room_members::user_id.eq(user.0))
-        .select(room_members::room_id);
-    let rows = rooms::table
-        .filter(rooms::kind.eq("public").or(rooms::id.eq_any(member_of)))
-        .order(rooms::name.asc())
-        .limit(i64::try_from(limit).unwrap_or(i64::MAX))
-        .select((rooms::name, rooms::kind, rooms::last_seq))
-        .load::<(String, String, i64)>(conn)?;
-    Ok(rows
-        .into_iter()
-        .map(|(name, kind, last_seq)| RoomSummary {
-            name,
-            kind: parse_kind(&kind),
-            last_seq: Seq(last_seq),
-        })
-        .collect())
-}
-
-/// Creates a room owned by `owner`. A private room's whitelist is the owner plus `members`.
-pub fn create_room(
-    conn: &mut PgConnection,
-    name: &str,
-    kind: RoomKind,
-    owner: &UserRecord,
-    members: &[String],
-) -> Result<RoomRecord, StoreError> {
-    conn.transaction(|conn| {
-        let mut member_ids = vec![owner.id.0];
-        if kind == RoomKind::Private && !members.is_empty() {
-            let found: Vec<(i64, String)> = users::table
-                .filter(users::username.eq_any(members))
-                .select((users::id, users::username))
-                .load(conn)?;
-            if let Some(missing) = members
-                .iter()
-                .find(|m| !found.iter().any(|(_, name)| name == *m))
-            {
-                return Err(StoreError::UnknownMember(missing.clone()));
-            }
-            member_ids.extend(found.into_iter().map(|(id, _)| id));
-        }
-        let id: i64 = diesel::insert_into(rooms::table)
-            .values((
-                rooms::name.eq(name),
-                rooms::kind.eq(kind.as_str()),
-                rooms::owner_id.eq(owner.id.0),
-            ))
-            .returning(rooms::id)
-            .get_result(conn)
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    StoreError::Conflict("room")
-                } else {
-                    e.into()
-                }
-            })?;
-        if kind == RoomKind::Private {
-            member_ids.sort_unstable();
-            member_ids.dedup();
-            let rows: Vec<_> = member_ids
-                .iter()
-                .map(|user| {
-                    (
-                        room_members::room_id.eq(id),
-                        room_members::user_id.eq(*user),
-                    )
-                })
-                .collect();
-            diesel::insert_into(room_members::table)
-                .values(&rows)
-                .execute(conn)?;
-        }
-        Ok(RoomRecord {
-            id: RoomId(id),
-            name: name.to_string(),
-            kind,
-            owner: Some(owner.username.clone()),
-            last_seq: Seq(0),
-        })
-    })
-}
-
-/// A room with its whitelist and its newest `recent` messages; `NotFound` if there is none.
-pub fn load_room(
-    conn: &mut PgConnection,
-    keys: &Keyring,
-    name: &str,
-    recent: usize,
-) -> Result<RoomState, StoreError> {
-    let (id, kind, owner, last_seq) = rooms::table
-        .left_join(users::table)
-        .filter(rooms::name.eq(name))
-        .select((
-            rooms::id,
-            rooms::kind,
-            users::username.nullable(),
-            rooms::last_seq,
-        ))
-        .first::<(i64, String, Option<String>, i64)>(conn)
-        .optional()?
-        .ok_or(StoreError::NotFound)?;
-    let members = room_members::table
-        .filter(room_members::room_id.eq(id))
-        .select(room_members::user_id)
-        .load::<i64>(conn)?
-        .into_iter()
-        .map(UserId)
-        .collect();
-    let record = RoomRecord {
-        id: RoomId(id),
-        name: name.to_string(),
-        kind: parse_kind(&kind),
-        owner,
-        last_seq: Seq(last_seq),
-    };
-    let recent = load_messages(conn, keys, &record, None, recent)?.messages;
-    Ok(RoomState {
-        record,
-        members,
-        recent,
-    })
 }
 
 /// A message to store: who sent it, the plaintext body and the sender's optional retry key.

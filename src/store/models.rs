@@ -13,6 +13,36 @@ pub struct UserRecord {
     pub username: String,
 }
 
+/// Where a room comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomOrigin {
+    /// Created over the protocol; its owner manages it.
+    User,
+    /// Defined by the policy file; its admins manage it.
+    Config,
+    /// The direct room of two users; nobody manages it.
+    Direct,
+}
+
+impl RoomOrigin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoomOrigin::User => "user",
+            RoomOrigin::Config => "config",
+            RoomOrigin::Direct => "direct",
+        }
+    }
+
+    /// The CHECK constraint admits only the three values.
+    pub fn parse(text: &str) -> RoomOrigin {
+        match text {
+            "config" => RoomOrigin::Config,
+            "direct" => RoomOrigin::Direct,
+            _ => RoomOrigin::User,
+        }
+    }
+}
+
 /// A room's durable facts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomRecord {
@@ -21,6 +51,9 @@ pub struct RoomRecord {
     pub kind: RoomKind,
     pub owner: Option<String>,
     pub last_seq: Seq,
+    pub origin: RoomOrigin,
+    /// Removed from the policy file: no joins, no sends; its history stays.
+    pub closed: bool,
 }
 
 /// What a Room actor needs to start: its record, its whitelist and its newest messages.

@@ -77,9 +77,23 @@ impl Drop for TempDir {
     }
 }
 
+/// The room policy every test server starts with: the defaults, but a send rate no test
+/// bursts past (the rate has tests of its own).
+pub const TEST_POLICY: &str =
+    "[defaults]\nrate = { messages = 100000, per_seconds = 1, burst = 100000 }\n";
+
+/// Writes `policy` as the room policy file of a server whose data directory is `data_dir`.
+pub fn write_policy(config: &mut Config, data_dir: &TempDir, policy: &str) -> PathBuf {
+    let path = data_dir.0.join("rooms.toml");
+    std::fs::write(&path, policy).unwrap();
+    config.rooms.policy_file = path.clone();
+    path
+}
+
 /// The configuration tests start from: plain ws, low bcrypt cost, small pools.
 pub fn test_config(db: &TestDb, data_dir: &TempDir) -> Config {
     let mut config = Config::from_toml("").unwrap();
+    write_policy(&mut config, data_dir, TEST_POLICY);
     config.data_dir = data_dir.0.clone();
     config.server.bind = "127.0.0.1:0".into();
     config.server.workers = 1;
@@ -112,11 +126,23 @@ impl TestServer {
     }
 
     pub async fn start_with(change: impl FnOnce(&mut Config)) -> TestServer {
+        Self::start_with_policy(TEST_POLICY, change).await
+    }
+
+    /// A server whose room policy file holds `policy` (see [`TEST_POLICY`] for a rate that
+    /// no test bursts past).
+    pub async fn start_with_policy(policy: &str, change: impl FnOnce(&mut Config)) -> TestServer {
         let db = TestDb::new();
         let data_dir = TempDir::new();
         let mut config = test_config(&db, &data_dir);
+        write_policy(&mut config, &data_dir, policy);
         change(&mut config);
         Self::start_on(db, data_dir, config).await
+    }
+
+    /// Rewrites the room policy file (the server reloads it when it changes on disk).
+    pub fn write_policy(&self, policy: &str) {
+        std::fs::write(&self.config.rooms.policy_file, policy).unwrap();
     }
 
     pub async fn start_on(db: TestDb, data_dir: TempDir, config: Config) -> TestServer {

@@ -1,10 +1,13 @@
 //! The Room actor: one per active room. It is the room's lock: it holds the joined sessions,
-//! the room's policy and a ring buffer of the newest messages. Posts are stored in batches,
-//! one batch at a time (so each sender keeps its order); only after the commit does the room
-//! ack the senders and broadcast the `message` events in seq order, each serialized once and
-//! shared by every recipient. A session that vanished without a close stays joined for the
-//! resume grace. Calls: the store (via [`StoreHandle`]), [`PresenceHandle`], the directory
-//! (when idle), sessions (via [`Deliver`]).
+//! the room's policy ([`policy::RoomPolicy`], a value swapped on reload) and a ring buffer of
+//! the newest messages. Posts are stored in batches, one batch at a time (so each sender keeps
+//! its order); only after the commit does the room ack the senders and broadcast the `message`
+//! events in seq order, each serialized once and shared by every recipient. A room whose
+//! policy says `persist = false` hands out seqs from a block it reserved in the database and
+//! keeps its messages in the ring buffer only. A session that vanished without a close stays
+//! joined for the resume grace; a user no longer admitted is kicked. Calls: the store (via
+//! [`StoreHandle`]), [`PresenceHandle`], the directory (when idle), sessions (via
+//! [`Deliver`]).
 //!
 //! Messages:
 //! - [`Join`] (Session): add (or, on resume, swap in) a session; replies the room's state and,
@@ -16,6 +19,9 @@
 //! - [`ReadHistory`] (Session): a page, from the ring buffer when it reaches, else the store.
 //! - [`Who`] (Session): the users joined, from presence.
 //! - [`Typing`] (Session): tell the other joined sessions.
+//! - [`Invite`] / [`Revoke`] (Session): change a private room's members; a revoked member is
+//!   kicked.
+//! - [`SetPolicy`] (Directory, on reload): swap the policy; kick whom it no longer admits.
 //! - [`TryStop`] (Directory): stop if still idle; replies whether it stopped.
 //!
 //! Sends [`Deliver`] to sessions and [`RoomIdle`] to the directory.
@@ -27,16 +33,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-use crate::actors::db::{LoadHistory, StoreBatch};
+use crate::actors::db::{ChangeMember, LoadHistory, MemberChange, ReserveSeqs, StoreBatch};
 use crate::actors::presence::{PresenceHandle, RoomEntered, RoomExited, WhoIsIn};
 use crate::error::{Forbidden, RoomError, StoreError};
 use crate::ids::{Seq, SessionId, UserId};
-use crate::protocol::{format_time, Event, MessageView, RoomKind, MAX_HISTORY_LIMIT};
-use crate::store::models::{HistoryPage, RoomRecord, RoomState, Stored, UserRecord};
+use crate::policy::Policies;
+use crate::protocol::{format_time, Event, MessageView, RoomKind, Username, MAX_HISTORY_LIMIT};
+use crate::store::models::{HistoryPage, RoomOrigin, RoomRecord, RoomState, Stored, UserRecord};
 use crate::store::NewPost;
+
+pub mod policy;
+pub use policy::{RoomPolicy, SendRates};
 
 /// Most posts stored in one transaction.
 const MAX_BATCH: usize = 256;
+/// Seqs a room that does not store its messages reserves at a time.
+const SEQ_BLOCK: i64 = 256;
+
+/// Why a session was removed from a room (the `reason` of its `kicked` event).
+pub const KICK_REVOKED: &str = "revoked";
+pub const KICK_UNLISTED: &str = "removed from whitelist";
+pub const KICK_CLOSED: &str = "closed";
 /// Most messages a `join` with `after` returns; older ones are paged with `history`.
 pub const MAX_MISSED: usize = 1000;
 
@@ -53,6 +70,11 @@ pub enum Deliver {
     },
     /// The session fell too far behind in `room` and was removed from it.
     Evicted { room: String },
+    /// The session's user is no longer admitted to `room`, and was removed from it.
+    Kicked {
+        room: Arc<str>,
+        reason: &'static str,
+    },
 }
 
 /// Room → Directory: no session has been joined for the idle period.
@@ -67,33 +89,18 @@ pub struct RoomIdle {
 pub struct StoreHandle {
     pub store: Recipient<StoreBatch>,
     pub history: Recipient<LoadHistory>,
+    pub members: Recipient<ChangeMember>,
+    pub seqs: Recipient<ReserveSeqs>,
 }
 
-/// Room settings from config that are not stored per room.
+/// Server-wide room settings from config (a room's limits are its policy's).
 #[derive(Debug, Clone)]
 pub struct RoomSettings {
-    pub history_limit: usize,
-    pub max_body_bytes: usize,
     pub idle_stop: Duration,
     /// How long a send waits for its commit before the sender hears `unavailable`.
     pub store_timeout: Duration,
     /// How long a session whose connection dropped stays joined.
     pub resume_grace: Duration,
-}
-
-/// The policy a room enforces: a value it holds and can swap.
-#[derive(Debug, Clone)]
-pub struct RoomPolicy {
-    pub kind: RoomKind,
-    pub members: HashSet<UserId>,
-    pub history_limit: usize,
-    pub max_body_bytes: usize,
-}
-
-impl RoomPolicy {
-    fn admits(&self, user: UserId) -> bool {
-        self.kind == RoomKind::Public || self.members.contains(&user)
-    }
 }
 
 /// Session → Room: join. With `after`, the reply also holds the messages with seq > after.
@@ -155,7 +162,7 @@ pub struct Ack {
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<HistoryPage, RoomError>")]
 pub struct ReadHistory {
-    pub user: UserId,
+    pub user: UserRecord,
     pub before: Option<Seq>,
     pub limit: Option<u32>,
 }
@@ -164,7 +171,32 @@ pub struct ReadHistory {
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "Result<Vec<String>, RoomError>")]
 pub struct Who {
-    pub user: UserId,
+    pub user: UserRecord,
+}
+
+/// Session → Room: `invite` (by the owner or an admin). Idempotent.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct Invite {
+    pub by: UserRecord,
+    pub user: Username,
+}
+
+/// Session → Room: `revoke` (by the owner or an admin): the user's sessions are kicked.
+/// Idempotent.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<(), RoomError>")]
+pub struct Revoke {
+    pub by: UserRecord,
+    pub user: Username,
+}
+
+/// Directory → Room, on a reload of the policy file: the room's policy under `policies`.
+/// Replies the number of users kicked.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "usize")]
+pub struct SetPolicy {
+    pub policies: Arc<Policies>,
 }
 
 /// Session → Room: `typing`.
@@ -214,6 +246,10 @@ pub struct Room {
     recent: VecDeque<MessageView>,
     sessions: HashMap<SessionId, Member>,
     sessions_per_user: HashMap<UserId, usize>,
+    rates: SendRates,
+    /// The seqs a room that does not store its messages may still hand out: (next, last).
+    seq_block: Option<(Seq, Seq)>,
+    reserving: bool,
     last_active: Instant,
     store: StoreHandle,
     presence: PresenceHandle,
@@ -223,19 +259,14 @@ pub struct Room {
 impl Room {
     pub fn new(
         state: RoomState,
+        policy: RoomPolicy,
         settings: &RoomSettings,
         store: StoreHandle,
         presence: PresenceHandle,
         directory: Option<Recipient<RoomIdle>>,
     ) -> Room {
-        let policy = RoomPolicy {
-            kind: state.record.kind,
-            members: state.members.into_iter().collect(),
-            history_limit: settings.history_limit,
-            max_body_bytes: settings.max_body_bytes,
-        };
         let mut recent: VecDeque<MessageView> = state.recent.into();
-        while recent.len() > policy.history_limit {
+        while recent.len() > policy.limits.history_limit {
             recent.pop_front();
         }
         // The ring buffer is only trusted when it ends at the room's last seq.
@@ -257,6 +288,9 @@ impl Room {
             recent,
             sessions: HashMap::new(),
             sessions_per_user: HashMap::new(),
+            rates: SendRates::default(),
+            seq_block: None,
+            reserving: false,
             last_active: Instant::now(),
             store,
             presence,
@@ -264,9 +298,46 @@ impl Room {
         }
     }
 
-    /// Replaces the policy (config reload). Sessions no longer admitted are not removed here.
-    pub fn set_policy(&mut self, policy: RoomPolicy) {
+    /// Swaps in `policy` and kicks the users it no longer admits (from a closed room, all of
+    /// them). Returns how many users were kicked.
+    fn set_policy(&mut self, policy: RoomPolicy) -> usize {
         self.policy = policy;
+        while self.recent.len() > self.policy.limits.history_limit {
+            self.recent.pop_front();
+        }
+        let reason = if self.policy.closed {
+            KICK_CLOSED
+        } else {
+            KICK_UNLISTED
+        };
+        let unwelcome: HashSet<UserId> = self
+            .sessions
+            .values()
+            .filter(|m| !self.policy.admits(&m.user))
+            .map(|m| m.user.id)
+            .collect();
+        unwelcome
+            .iter()
+            .for_each(|user| self.kick_user(*user, reason));
+        unwelcome.len()
+    }
+
+    /// Removes every session of `user`, telling each why.
+    fn kick_user(&mut self, user: UserId, reason: &'static str) {
+        let sessions: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, m)| m.user.id == user)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in sessions {
+            if let Some(member) = self.remove_session(id) {
+                member.deliver.do_send(Deliver::Kicked {
+                    room: self.name.clone(),
+                    reason,
+                });
+            }
+        }
     }
 
     fn is_idle(&self) -> bool {
@@ -405,7 +476,7 @@ impl Room {
             let frame = self.frame(Event::Message(&view));
             self.broadcast_seq(&frame, Some(view.seq), None);
             self.recent.push_back(view);
-            if self.recent.len() > self.policy.history_limit {
+            if self.recent.len() > self.policy.limits.history_limit {
                 self.recent.pop_front();
             }
         }
@@ -526,7 +597,7 @@ impl Room {
                     });
                 }
             }
-            room.store_queued(ctx);
+            room.serve_queue(ctx);
         }));
     }
 
@@ -617,6 +688,153 @@ impl Room {
     }
 }
 
+impl Room {
+    /// Serves the queue: to the store as a batch, or, when the room does not store its
+    /// messages, at once from the reserved seqs (after any batch still being stored).
+    fn serve_queue(&mut self, ctx: &mut Context<Self>) {
+        if self.policy.limits.persist {
+            self.store_queued(ctx);
+        } else if self.in_flight.is_none() {
+            self.hand_out_queued(ctx);
+        }
+    }
+
+    /// A room that does not store its messages: each queued post gets the next reserved seq,
+    /// is delivered and acked now; a retry of a message still in the ring gets its original.
+    fn hand_out_queued(&mut self, ctx: &mut Context<Self>) {
+        while let Some(front) = self.queue.front() {
+            if let Some(ack) = self.earlier_ack(&front.post) {
+                if let Some(pending) = self.queue.pop_front() {
+                    let _ = pending.reply.send(Ok(ack));
+                }
+                continue;
+            }
+            let Some(seq) = self.next_reserved_seq() else {
+                break;
+            };
+            let Some(pending) = self.queue.pop_front() else {
+                break;
+            };
+            let sent_at = format_time(chrono::Utc::now());
+            let view = MessageView {
+                room: self.record.name.clone(),
+                seq,
+                from: pending.post.user.username.clone(),
+                body: Some(pending.post.body.to_string()),
+                sent_at: sent_at.clone(),
+                client_msg_id: pending.post.client_msg_id.clone(),
+                error: None,
+            };
+            // Seqs of an unused block left by an earlier run are skipped, never reused.
+            self.delivered = Seq(self.delivered.0.max(seq.0 - 1));
+            self.committed(view, ctx);
+            let _ = pending.reply.send(Ok(Ack { seq, sent_at }));
+        }
+        let low = self
+            .seq_block
+            .is_none_or(|(next, last)| last.0 - next.0 < SEQ_BLOCK / 2);
+        if low {
+            self.reserve_seqs(ctx);
+        }
+    }
+
+    fn next_reserved_seq(&mut self) -> Option<Seq> {
+        let (next, last) = self.seq_block?;
+        if next > last {
+            self.seq_block = None;
+            return None;
+        }
+        self.seq_block = Some((next.next(), last));
+        Some(next)
+    }
+
+    /// The ack of a message of the same sender and client_msg_id still in the ring.
+    fn earlier_ack(&self, post: &Post) -> Option<Ack> {
+        let key = post.client_msg_id.as_deref()?;
+        self.recent
+            .iter()
+            .find(|m| m.from == post.user.username && m.client_msg_id.as_deref() == Some(key))
+            .map(|m| Ack {
+                seq: m.seq,
+                sent_at: m.sent_at.clone(),
+            })
+    }
+
+    /// Reserves the next block of seqs in the database (one request at a time; retried).
+    fn reserve_seqs(&mut self, ctx: &mut Context<Self>) {
+        if self.reserving {
+            return;
+        }
+        self.reserving = true;
+        let request = self.store.seqs.send(ReserveSeqs {
+            room: self.record.id,
+            count: SEQ_BLOCK,
+        });
+        ctx.spawn(request.into_actor(self).map(|result, room, ctx| {
+            room.reserving = false;
+            match result {
+                Ok(Ok(last)) => {
+                    let first = Seq(last.0 - SEQ_BLOCK + 1);
+                    let next = match room.seq_block {
+                        Some((next, _)) => next,
+                        None => first,
+                    };
+                    room.seq_block = Some((next.max(first), last));
+                    room.serve_queue(ctx);
+                }
+                failed => {
+                    log::warn!(
+                        "room {}: reserving seqs failed: {failed:?}",
+                        room.record.name
+                    );
+                    ctx.run_later(Duration::from_millis(200), |room, ctx| {
+                        room.serve_queue(ctx)
+                    });
+                }
+            }
+        }));
+    }
+
+    /// A history page of a room that does not store its messages: what the ring still holds.
+    fn page_from_ring_only(&self, before: Option<Seq>, limit: usize) -> HistoryPage {
+        let end = before.map_or(self.delivered, |b| Seq(b.0 - 1));
+        let mut messages: Vec<MessageView> = self
+            .recent
+            .iter()
+            .rev()
+            .filter(|m| m.seq <= end)
+            .take(limit)
+            .cloned()
+            .collect();
+        messages.reverse();
+        HistoryPage {
+            messages,
+            has_more: false,
+            unreadable: Vec::new(),
+        }
+    }
+
+    /// The messages after `after`, for a join: from the ring when it reaches back far enough
+    /// (or the room keeps nothing else), else None (they are loaded from the store).
+    fn missed_from_ring(&self, after: Seq, limit: usize) -> Option<(Vec<MessageView>, bool)> {
+        let last = self.delivered;
+        if let Some(page) = self.page_from_recent(Some(last.next()), limit) {
+            return Some((page.messages, false));
+        }
+        if self.policy.limits.persist {
+            return None;
+        }
+        let messages: Vec<MessageView> = self
+            .recent
+            .iter()
+            .filter(|m| m.seq > after)
+            .cloned()
+            .collect();
+        let reaches = self.recent.front().is_some_and(|m| m.seq.0 <= after.0 + 1);
+        Some((messages, !reaches))
+    }
+}
+
 fn fail_all(replies: Vec<AckSender>, why: impl Fn() -> RoomError) {
     for reply in replies {
         let _ = reply.send(Err(why()));
@@ -648,6 +866,8 @@ impl Actor for Room {
         ctx.run_interval(sweep, |room, _| {
             room.expire_queued();
             room.expire_detached();
+            room.rates
+                .forget_full(&room.policy.limits.rate, Instant::now());
         });
     }
 
@@ -660,8 +880,12 @@ impl Handler<Join> for Room {
     type Result = ResponseActFuture<Self, Result<Joined, RoomError>>;
 
     fn handle(&mut self, msg: Join, _: &mut Context<Self>) -> Self::Result {
-        if !self.policy.admits(msg.user.id) {
-            return Box::pin(fut::ready(Err(RoomError::Forbidden(Forbidden::NotMember))));
+        if let Some(why) = self.policy.refuses(&msg.user) {
+            return Box::pin(fut::ready(Err(RoomError::Forbidden(why))));
+        }
+        let new_user = !self.sessions_per_user.contains_key(&msg.user.id);
+        if new_user && self.sessions_per_user.len() >= self.policy.limits.max_members {
+            return Box::pin(fut::ready(Err(RoomError::Forbidden(Forbidden::Full))));
         }
         self.last_active = Instant::now();
         let replaced = msg.replaces.filter(|old| {
@@ -694,7 +918,7 @@ impl Handler<Join> for Room {
         let last_seq = self.delivered;
         let mut joined = Joined {
             name: self.record.name.clone(),
-            kind: self.record.kind,
+            kind: self.policy.kind,
             last_seq,
             missed: None,
             truncated: false,
@@ -709,8 +933,9 @@ impl Handler<Join> for Room {
             joined.missed = Some(Vec::new());
             return Box::pin(fut::ready(Ok(joined)));
         }
-        if let Some(page) = self.page_from_recent(Some(last_seq.next()), limit) {
-            joined.missed = Some(page.messages);
+        if let Some((missed, older_gone)) = self.missed_from_ring(after, limit) {
+            joined.missed = Some(missed);
+            joined.truncated |= older_gone;
             return Box::pin(fut::ready(Ok(joined)));
         }
         let request = self.store.history.send(LoadHistory {
@@ -759,16 +984,8 @@ impl Handler<Post> for Room {
     type Result = ResponseFuture<Result<Ack, RoomError>>;
 
     fn handle(&mut self, post: Post, ctx: &mut Context<Self>) -> Self::Result {
-        let joined = self
-            .sessions
-            .get(&post.session)
-            .is_some_and(|m| m.user.id == post.user.id);
-        if !joined {
-            return Box::pin(async { Err(RoomError::Forbidden(Forbidden::NotJoined)) });
-        }
-        if post.body.len() > self.policy.max_body_bytes {
-            let max = self.policy.max_body_bytes;
-            return Box::pin(async move { Err(RoomError::TooLarge { max }) });
+        if let Err(e) = self.admit_post(&post) {
+            return Box::pin(async move { Err(e) });
         }
         let (reply, answer) = oneshot::channel();
         self.queue.push_back(Pending {
@@ -776,8 +993,34 @@ impl Handler<Post> for Room {
             reply,
             queued_at: Instant::now(),
         });
-        self.store_queued(ctx);
+        self.serve_queue(ctx);
         Box::pin(async move { answer.await.unwrap_or(Err(RoomError::Gone)) })
+    }
+}
+
+impl Room {
+    /// Whether a post may go in: sent by a joined session, allowed to send here, within the
+    /// room's body size and the sender's rate.
+    fn admit_post(&mut self, post: &Post) -> Result<(), RoomError> {
+        let joined = self
+            .sessions
+            .get(&post.session)
+            .is_some_and(|m| m.user.id == post.user.id);
+        if !joined {
+            return Err(RoomError::Forbidden(Forbidden::NotJoined));
+        }
+        self.policy.may_send(&post.user)?;
+        let max = self.policy.limits.max_body_bytes;
+        if post.body.len() > max {
+            return Err(RoomError::TooLarge { max });
+        }
+        if !self
+            .rates
+            .take(post.user.id, &self.policy.limits.rate, Instant::now())
+        {
+            return Err(RoomError::RateLimited);
+        }
+        Ok(())
     }
 }
 
@@ -785,12 +1028,20 @@ impl Handler<ReadHistory> for Room {
     type Result = ResponseFuture<Result<HistoryPage, RoomError>>;
 
     fn handle(&mut self, msg: ReadHistory, _: &mut Context<Self>) -> Self::Result {
-        if !self.policy.admits(msg.user) {
+        if !self.policy.may_read(&msg.user) {
             return Box::pin(async { Err(RoomError::Forbidden(Forbidden::NotMember)) });
         }
-        let default_limit = self.policy.history_limit.min(MAX_HISTORY_LIMIT as usize);
+        let default_limit = self
+            .policy
+            .limits
+            .history_limit
+            .min(MAX_HISTORY_LIMIT as usize);
         let limit = msg.limit.map(|l| l as usize).unwrap_or(default_limit);
         if let Some(page) = self.page_from_recent(msg.before, limit) {
+            return Box::pin(async { Ok(page) });
+        }
+        if !self.policy.limits.persist {
+            let page = self.page_from_ring_only(msg.before, limit);
             return Box::pin(async { Ok(page) });
         }
         let before = msg
@@ -815,8 +1066,8 @@ impl Handler<Who> for Room {
     type Result = ResponseFuture<Result<Vec<String>, RoomError>>;
 
     fn handle(&mut self, msg: Who, _: &mut Context<Self>) -> Self::Result {
-        if !self.policy.admits(msg.user) {
-            return Box::pin(async { Err(RoomError::Forbidden(Forbidden::NotMember)) });
+        if let Some(why) = self.policy.refuses(&msg.user) {
+            return Box::pin(async move { Err(RoomError::Forbidden(why)) });
         }
         let request = self.presence.who.send(WhoIsIn {
             room: self.record.name.clone(),
@@ -838,6 +1089,80 @@ impl Handler<Typing> for Room {
         });
         self.broadcast(&frame, Some(msg.session));
         Ok(())
+    }
+}
+
+impl Handler<Invite> for Room {
+    type Result = ResponseActFuture<Self, Result<(), RoomError>>;
+
+    fn handle(&mut self, msg: Invite, _: &mut Context<Self>) -> Self::Result {
+        if let Err(e) = self.policy.check_manager(&msg.by) {
+            return Box::pin(fut::ready(Err(e)));
+        }
+        if self.policy.whitelist.contains(msg.user.as_str()) {
+            return Box::pin(fut::ready(Ok(())));
+        }
+        let cap = self
+            .policy
+            .limits
+            .max_members
+            .saturating_sub(self.policy.whitelist.len());
+        let request = self.store.members.send(ChangeMember {
+            room: self.record.id,
+            user: msg.user,
+            change: MemberChange::Add { cap },
+        });
+        Box::pin(request.into_actor(self).map(|result, room, _| {
+            let user = result.map_err(|_| RoomError::Gone)??;
+            room.policy.members.insert(user.id);
+            Ok(())
+        }))
+    }
+}
+
+impl Handler<Revoke> for Room {
+    type Result = ResponseActFuture<Self, Result<(), RoomError>>;
+
+    fn handle(&mut self, msg: Revoke, _: &mut Context<Self>) -> Self::Result {
+        if let Err(e) = self.policy.check_manager(&msg.by) {
+            return Box::pin(fut::ready(Err(e)));
+        }
+        if self.policy.whitelist.contains(msg.user.as_str()) {
+            return Box::pin(fut::ready(Err(RoomError::Forbidden(
+                Forbidden::ListedInFile,
+            ))));
+        }
+        let owner = self.policy.owner.as_deref() == Some(msg.user.as_str());
+        if owner && self.policy.origin == RoomOrigin::User {
+            return Box::pin(fut::ready(Err(RoomError::Forbidden(Forbidden::Owner))));
+        }
+        let request = self.store.members.send(ChangeMember {
+            room: self.record.id,
+            user: msg.user,
+            change: MemberChange::Remove,
+        });
+        Box::pin(request.into_actor(self).map(|result, room, _| {
+            let user = result.map_err(|_| RoomError::Gone)??;
+            room.policy.members.remove(&user.id);
+            if !room.policy.admits(&user) {
+                room.kick_user(user.id, KICK_REVOKED);
+            }
+            Ok(())
+        }))
+    }
+}
+
+impl Handler<SetPolicy> for Room {
+    type Result = usize;
+
+    fn handle(&mut self, msg: SetPolicy, ctx: &mut Context<Self>) -> usize {
+        let policy = RoomPolicy::of(&self.record, self.policy.members.clone(), &msg.policies);
+        if policy == self.policy {
+            return 0;
+        }
+        let kicked = self.set_policy(policy);
+        self.serve_queue(ctx);
+        kicked
     }
 }
 

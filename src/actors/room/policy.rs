@@ -1,0 +1,286 @@
+//! The policy a Room actor enforces, as a value it holds and swaps on reload: who is admitted
+//! (public, members, the policy file's whitelist), who manages the room (its owner, or the
+//! file's admins), who may send (read-only rooms), and the per-user send rate. Plain data:
+//! the caller passes `now`.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Instant;
+
+use crate::error::{Forbidden, RoomError};
+use crate::ids::UserId;
+use crate::policy::{ConfigRoom, Limits, Policies, Rate};
+use crate::protocol::RoomKind;
+use crate::store::models::{RoomOrigin, RoomRecord, UserRecord};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomPolicy {
+    pub kind: RoomKind,
+    pub origin: RoomOrigin,
+    /// The creator of a room made over the protocol.
+    pub owner: Option<String>,
+    /// Members by id: a created room's creator and members, and those invited since.
+    pub members: HashSet<UserId>,
+    /// A config room's whitelist from the file, by username.
+    pub whitelist: BTreeSet<String>,
+    /// A config room's admins from the file, by username.
+    pub admins: BTreeSet<String>,
+    pub limits: Limits,
+    /// Removed from the policy file: nobody joins or sends any more.
+    pub closed: bool,
+}
+
+impl RoomPolicy {
+    /// The policy of a room as stored, under `policies`: the file's entry for a config room,
+    /// the defaults for every other room.
+    pub fn of(record: &RoomRecord, members: HashSet<UserId>, policies: &Policies) -> RoomPolicy {
+        let defined = policies.rooms.get(record.name.as_str());
+        let (whitelist, admins, limits) = match defined {
+            Some(ConfigRoom {
+                whitelist,
+                admins,
+                limits,
+                ..
+            }) => (whitelist.clone(), admins.clone(), limits.clone()),
+            None => Default::default(),
+        };
+        let closed = match defined {
+            Some(_) => false,
+            None => record.closed || record.origin == RoomOrigin::Config,
+        };
+        RoomPolicy {
+            kind: defined.map_or(record.kind, |r| r.kind),
+            origin: if defined.is_some() {
+                RoomOrigin::Config
+            } else {
+                record.origin
+            },
+            owner: record.owner.clone(),
+            members,
+            whitelist,
+            admins,
+            limits: if defined.is_some() {
+                limits
+            } else {
+                policies.defaults.clone()
+            },
+            closed,
+        }
+    }
+
+    pub fn admits(&self, user: &UserRecord) -> bool {
+        !self.closed && self.may_read(user)
+    }
+
+    /// Whether `user` may read the room's history (a closed room's too).
+    pub fn may_read(&self, user: &UserRecord) -> bool {
+        self.kind == RoomKind::Public
+            || self.members.contains(&user.id)
+            || self.whitelist.contains(&user.username)
+    }
+
+    /// Why `user` may not join (or read) the room, if it may not.
+    pub fn refuses(&self, user: &UserRecord) -> Option<Forbidden> {
+        if self.closed {
+            return Some(Forbidden::Closed);
+        }
+        (!self.admits(user)).then_some(Forbidden::NotMember)
+    }
+
+    /// The owner of a created room, or an admin of a config room.
+    pub fn manages(&self, user: &UserRecord) -> bool {
+        match self.origin {
+            RoomOrigin::User => self.owner.as_deref() == Some(user.username.as_str()),
+            RoomOrigin::Config => self.admins.contains(&user.username),
+            RoomOrigin::Direct => false,
+        }
+    }
+
+    /// Whether `user` may send: a read-only room takes messages from its managers only.
+    pub fn may_send(&self, user: &UserRecord) -> Result<(), RoomError> {
+        if self.closed {
+            return Err(RoomError::Forbidden(Forbidden::Closed));
+        }
+        if self.limits.read_only && !self.manages(user) {
+            return Err(RoomError::Forbidden(Forbidden::ReadOnly));
+        }
+        Ok(())
+    }
+
+    /// May `by` invite into or revoke from this room?
+    pub fn check_manager(&self, by: &UserRecord) -> Result<(), RoomError> {
+        if self.closed {
+            return Err(RoomError::Forbidden(Forbidden::Closed));
+        }
+        match (self.origin, self.kind) {
+            (RoomOrigin::Direct, _) => Err(RoomError::Forbidden(Forbidden::Direct)),
+            _ if !self.manages(by) => Err(RoomError::Forbidden(Forbidden::NotManager)),
+            (_, RoomKind::Public) => Err(RoomError::PublicRoom),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a private room's whitelist (members and file-listed names) is at its limit.
+    pub fn is_full(&self) -> bool {
+        self.members.len() + self.whitelist.len() >= self.limits.max_members
+    }
+}
+
+/// One token bucket per user: the room's send rate.
+#[derive(Debug, Default)]
+pub struct SendRates {
+    buckets: HashMap<UserId, Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl SendRates {
+    /// Takes a token of `user` at `rate`; false when the user is over it.
+    pub fn take(&mut self, user: UserId, rate: &Rate, now: Instant) -> bool {
+        let burst = f64::from(rate.burst);
+        let bucket = self.buckets.entry(user).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * rate.per_second()).min(burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Forgets the buckets that have filled up again (their users sent nothing for a while).
+    pub fn forget_full(&mut self, rate: &Rate, now: Instant) {
+        let burst = f64::from(rate.burst);
+        self.buckets.retain(|_, b| {
+            b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate.per_second() < burst
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{RoomId, Seq};
+    use std::time::Duration;
+
+    fn user(id: i64, name: &str) -> UserRecord {
+        UserRecord {
+            id: UserId(id),
+            username: name.into(),
+        }
+    }
+
+    fn record(origin: RoomOrigin, kind: RoomKind) -> RoomRecord {
+        RoomRecord {
+            id: RoomId(1),
+            name: "staff".into(),
+            kind,
+            owner: Some("ann".into()),
+            last_seq: Seq(0),
+            origin,
+            closed: false,
+        }
+    }
+
+    fn file(text: &str) -> Policies {
+        Policies::parse(text, "rooms.toml").unwrap()
+    }
+
+    #[test]
+    fn a_config_room_admits_its_whitelist_and_its_invited_members() {
+        let policies = file(
+            "[[room]]\nname = \"staff\"\nkind = \"private\"\nwhitelist = [\"bob\"]\nadmins = [\"cat\"]\n",
+        );
+        let members = HashSet::from([UserId(4)]);
+        let policy = RoomPolicy::of(
+            &record(RoomOrigin::Config, RoomKind::Private),
+            members,
+            &policies,
+        );
+        assert!(policy.admits(&user(2, "bob")), "listed in the file");
+        assert!(policy.admits(&user(4, "dan")), "invited");
+        assert!(!policy.admits(&user(5, "eve")));
+        assert!(policy.manages(&user(3, "cat")) && !policy.manages(&user(1, "ann")));
+    }
+
+    #[test]
+    fn a_config_room_no_longer_in_the_file_is_closed() {
+        let policy = RoomPolicy::of(
+            &record(RoomOrigin::Config, RoomKind::Public),
+            HashSet::new(),
+            &Policies::default(),
+        );
+        assert!(policy.closed);
+        assert_eq!(policy.refuses(&user(1, "ann")), Some(Forbidden::Closed));
+    }
+
+    #[test]
+    fn read_only_rooms_take_messages_from_their_managers_only() {
+        let policies = file(
+            "[[room]]\nname = \"staff\"\nkind = \"public\"\nread_only = true\nadmins = [\"cat\"]\n",
+        );
+        let policy = RoomPolicy::of(
+            &record(RoomOrigin::Config, RoomKind::Public),
+            HashSet::new(),
+            &policies,
+        );
+        assert!(policy.may_send(&user(3, "cat")).is_ok());
+        assert!(matches!(
+            policy.may_send(&user(2, "bob")),
+            Err(RoomError::Forbidden(Forbidden::ReadOnly))
+        ));
+    }
+
+    #[test]
+    fn only_managers_of_private_non_direct_rooms_invite() {
+        let policies = Policies::default();
+        let created = RoomPolicy::of(
+            &record(RoomOrigin::User, RoomKind::Private),
+            HashSet::new(),
+            &policies,
+        );
+        assert!(created.check_manager(&user(1, "ann")).is_ok());
+        assert!(created.check_manager(&user(2, "bob")).is_err());
+        let direct = RoomPolicy::of(
+            &record(RoomOrigin::Direct, RoomKind::Private),
+            HashSet::new(),
+            &policies,
+        );
+        assert!(matches!(
+            direct.check_manager(&user(1, "ann")),
+            Err(RoomError::Forbidden(Forbidden::Direct))
+        ));
+    }
+
+    #[test]
+    fn the_send_rate_is_a_bucket_per_user() {
+        let rate = Rate {
+            messages: 2,
+            per_seconds: 1,
+            burst: 3,
+        };
+        let (mut rates, start) = (SendRates::default(), Instant::now());
+        assert_eq!(
+            (0..5)
+                .filter(|_| rates.take(UserId(1), &rate, start))
+                .count(),
+            3
+        );
+        assert!(
+            rates.take(UserId(2), &rate, start),
+            "another user has a bucket of its own"
+        );
+        assert!(!rates.take(UserId(1), &rate, start));
+        assert!(rates.take(UserId(1), &rate, start + Duration::from_millis(500)));
+        rates.forget_full(&rate, start + Duration::from_secs(10));
+        assert!(rates.buckets.is_empty());
+    }
+}

@@ -1,0 +1,242 @@
+//! Live reload of the room policy file. SIGHUP, or a change of the file on disk (a watcher
+//! with a debounce), reads the whole file and checks it: an invalid file changes nothing and
+//! its problems are logged with file, line and column; a valid one is synced to the database
+//! (config rooms created or reopened, removed ones closed) and handed to the running rooms by
+//! the directory, which kick whom they no longer admit. Each reload logs one line. Calls the
+//! DB executor and the directory.
+
+use actix::Addr;
+use notify_debouncer_mini::notify::RecursiveMode;
+use notify_debouncer_mini::{new_debouncer, DebounceEventResult};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+use crate::actors::db::{DbExecutor, SyncConfigRooms};
+use crate::actors::directory::{ApplyPolicies, Directory};
+use crate::config::Config;
+use crate::error::ConfigProblem;
+use crate::policy::Policies;
+
+/// How long the file must be quiet after a change before it is read.
+const DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// Where the policy file is, and whether it must exist.
+#[derive(Debug, Clone)]
+pub struct PolicySource {
+    pub path: PathBuf,
+    pub required: bool,
+    /// The frame limit every room's body limit must fit in (1 KiB of envelope spare).
+    pub max_frame_bytes: usize,
+}
+
+impl PolicySource {
+    pub fn of(config: &Config) -> PolicySource {
+        PolicySource {
+            path: config.rooms.policy_file.clone(),
+            required: config.rooms.policy_file != Path::new(crate::config::DEFAULT_POLICY_FILE),
+            max_frame_bytes: config.session.max_frame_bytes,
+        }
+    }
+
+    /// Reads and checks the file, and the limits it sets against the main config.
+    pub fn load(&self) -> Result<Policies, Vec<ConfigProblem>> {
+        let policies = Policies::load(&self.path, self.required)?;
+        let too_large: Vec<ConfigProblem> = std::iter::once(("defaults", &policies.defaults))
+            .chain(policies.rooms.iter().map(|(n, r)| (n.as_str(), &r.limits)))
+            .filter(|(_, limits)| limits.max_body_bytes.saturating_add(1024) > self.max_frame_bytes)
+            .map(|(section, _)| ConfigProblem {
+                key: format!("{section}.max_body_bytes"),
+                problem: "must be at least 1 KiB below session.max_frame_bytes".into(),
+                origin: Some(self.path.display().to_string()),
+            })
+            .collect();
+        if too_large.is_empty() {
+            Ok(policies)
+        } else {
+            Err(too_large)
+        }
+    }
+}
+
+/// The rooms the policy file defines, with their kind, as the database keeps them.
+pub fn defined_rooms(policies: &Policies) -> Vec<(String, crate::protocol::RoomKind)> {
+    policies
+        .rooms
+        .iter()
+        .map(|(name, room)| (name.to_string(), room.kind))
+        .collect()
+}
+
+/// What a reload changed, for its log line.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub added: usize,
+    pub changed: usize,
+    pub removed: usize,
+}
+
+impl Changes {
+    pub fn between(old: &Policies, new: &Policies) -> Changes {
+        let mut changes = Changes::default();
+        for (name, room) in &new.rooms {
+            match old.rooms.get(name) {
+                None => changes.added += 1,
+                Some(before) if before != room => changes.changed += 1,
+                Some(_) => {}
+            }
+        }
+        changes.removed = old
+            .rooms
+            .keys()
+            .filter(|n| !new.rooms.contains_key(*n))
+            .count();
+        if old.defaults != new.defaults || old.users != new.users {
+            changes.changed += 1;
+        }
+        changes
+    }
+}
+
+/// Reloads on every trigger until the triggers end (the server stops).
+pub async fn run(
+    source: PolicySource,
+    initial: Arc<Policies>,
+    db: Addr<DbExecutor>,
+    directory: Addr<Directory>,
+) {
+    let (tx, mut triggers) = mpsc::unbounded_channel::<&'static str>();
+    let _watcher = watch(&source.path, tx.clone());
+    actix::spawn(on_sighup(tx));
+    let mut current = initial;
+    while let Some(trigger) = triggers.recv().await {
+        // Several changes in a row need one reload.
+        while triggers.try_recv().is_ok() {}
+        current = reload(&source, current, &db, &directory, trigger).await;
+    }
+}
+
+async fn reload(
+    source: &PolicySource,
+    current: Arc<Policies>,
+    db: &Addr<DbExecutor>,
+    directory: &Addr<Directory>,
+    trigger: &str,
+) -> Arc<Policies> {
+    let file = source.path.display();
+    let policies = match source.load() {
+        Ok(policies) => Arc::new(policies),
+        Err(problems) => {
+            let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            log::error!(
+                "room policies ({trigger}): {file} rejected, nothing changed: {}",
+                list.join("; ")
+            );
+            return current;
+        }
+    };
+    let synced = db
+        .send(SyncConfigRooms {
+            rooms: defined_rooms(&policies),
+        })
+        .await;
+    if let Err(e) = synced
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
+        log::error!("room policies ({trigger}): {file} not applied, the database failed: {e}");
+        return current;
+    }
+    let changes = Changes::between(&current, &policies);
+    let kicked = directory
+        .send(ApplyPolicies {
+            policies: policies.clone(),
+        })
+        .await
+        .unwrap_or(0);
+    log::info!(
+        "room policies ({trigger}): {file} applied: {} room(s) added, {} changed, {} removed, {kicked} user(s) kicked",
+        changes.added,
+        changes.changed,
+        changes.removed
+    );
+    policies
+}
+
+/// Watches the file's folder (editors often replace a file rather than write it in place).
+fn watch(
+    path: &Path,
+    tx: mpsc::UnboundedSender<&'static str>,
+) -> Option<notify_debouncer_mini::Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>> {
+    let file = path.file_name()?.to_os_string();
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut debouncer = new_debouncer(DEBOUNCE, move |events: DebounceEventResult| {
+        let ours = events
+            .map(|events| {
+                events
+                    .iter()
+                    .any(|e| e.path.file_name() == Some(file.as_os_str()))
+            })
+            .unwrap_or(false);
+        if ours {
+            let _ = tx.send("file changed");
+        }
+    })
+    .map_err(|e| log::warn!("room policies: cannot watch {}: {e}", folder.display()))
+    .ok()?;
+    if let Err(e) = debouncer
+        .watcher()
+        .watch(&folder, RecursiveMode::NonRecursive)
+    {
+        log::warn!(
+            "room policies: cannot watch {} (reload with SIGHUP): {e}",
+            folder.display()
+        );
+    }
+    Some(debouncer)
+}
+
+async fn on_sighup(tx: mpsc::UnboundedSender<&'static str>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        log::warn!("room policies: cannot listen for SIGHUP");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        if tx.send("SIGHUP").is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_count_rooms_added_changed_and_removed() {
+        let old = Policies::parse(
+            "[[room]]\nname = \"a\"\nkind = \"public\"\n[[room]]\nname = \"b\"\nkind = \"public\"\n",
+            "old",
+        )
+        .unwrap();
+        let new = Policies::parse(
+            "[[room]]\nname = \"a\"\nkind = \"public\"\nread_only = true\n[[room]]\nname = \"c\"\nkind = \"public\"\n",
+            "new",
+        )
+        .unwrap();
+        assert_eq!(
+            Changes::between(&old, &new),
+            Changes {
+                added: 1,
+                changed: 1,
+                removed: 1
+            }
+        );
+        assert_eq!(Changes::between(&new, &new), Changes::default());
+    }
+}
