@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use crate::config::Config;
 use crate::error::StartError;
+use crate::reload::PolicySource;
 
 #[derive(Debug, Parser)]
 #[command(name = "rookery", version, about = "Rookery: a real-time chat server")]
@@ -24,7 +25,8 @@ pub enum Command {
     Serve,
     /// Create the database if missing and apply pending migrations, then exit.
     Migrate,
-    /// Validate the configuration; print every problem with its key, exit non-zero if any.
+    /// Validate the configuration and the room policy file; print every problem with its key
+    /// and place, exit non-zero if any.
     CheckConfig,
     /// Add a new message key (the next id) to the key file; restart to seal with it.
     RotateKey,
@@ -73,29 +75,46 @@ fn report(result: Result<(), StartError>) -> ExitCode {
 }
 
 fn check_config(file: Option<&std::path::Path>) -> ExitCode {
-    match Config::load(file) {
-        Ok(config) => {
-            println!("configuration is valid");
-            println!("  database: {}", redact_url(config.database.url.expose()));
-            println!(
-                "  listen: {} ({})",
-                config.server.bind,
-                if config.tls.enabled {
-                    "wss"
-                } else {
-                    "plain ws"
-                }
-            );
-            ExitCode::SUCCESS
-        }
+    let config = match Config::load(file) {
+        Ok(config) => config,
         Err(e) => {
             eprintln!("configuration is invalid:");
             for problem in e.problems() {
                 eprintln!("  {problem}");
             }
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
-    }
+    };
+    let policies = match PolicySource::of(&config).load() {
+        Ok(policies) => policies,
+        Err(problems) => {
+            eprintln!(
+                "room policy file {} is invalid:",
+                config.rooms.policy_file.display()
+            );
+            for problem in problems {
+                eprintln!("  {problem}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("configuration is valid");
+    println!("  database: {}", redact_url(config.database.url.expose()));
+    println!(
+        "  listen: {} ({})",
+        config.server.bind,
+        if config.tls.enabled {
+            "wss"
+        } else {
+            "plain ws"
+        }
+    );
+    println!(
+        "  room policies: {} ({} room(s) defined)",
+        config.rooms.policy_file.display(),
+        policies.rooms.len()
+    );
+    ExitCode::SUCCESS
 }
 
 /// The URL without its password.

@@ -145,24 +145,27 @@ impl Policies {
             }]
         })?;
         let mut problems = Vec::new();
-        let defaults_at =
-            crate::config::locate_key(text, "defaults").map(|(l, c)| format!("{source}:{l}:{c}"));
-        let defaults =
-            file.defaults
-                .apply(&Limits::default(), "defaults", &defaults_at, &mut problems);
-        let users = file.users.checked(&mut problems, |key| {
-            crate::config::locate_key(text, &format!("users.{key}"))
-                .map(|(l, c)| format!("{source}:{l}:{c}"))
-        });
+        let locate = Locator::new(text, source);
+        let defaults = file.defaults.apply(
+            &Limits::default(),
+            "defaults",
+            &|key| locate.key(&["defaults", key]),
+            &mut problems,
+        );
+        let users = file
+            .users
+            .checked(&mut problems, |key| locate.key(&["users", key]));
         let mut rooms = BTreeMap::new();
-        for entry in file.room {
-            let origin = at(entry.span().start);
+        for (index, entry) in file.room.into_iter().enumerate() {
+            let start = at(entry.span().start);
+            let origin = |key: &str| locate.room_key(index, key).or_else(|| start.clone());
             let (name, room) = entry
                 .into_inner()
                 .checked(&defaults, &origin, &mut problems);
             if let Some(name) = name {
                 if rooms.insert(name.clone(), room).is_some() {
-                    problems.push(problem(&origin, &format!("room.{name}"), "defined twice"));
+                    let key = format!("room.{name}");
+                    problems.push(problem(&origin("name"), &key, "defined twice"));
                 }
             }
         }
@@ -180,6 +183,58 @@ impl Policies {
     /// The policy of a room: the file's for a room it defines, the defaults otherwise.
     pub fn limits_of(&self, room: &str) -> &Limits {
         self.rooms.get(room).map_or(&self.defaults, |r| &r.limits)
+    }
+}
+
+/// Finds keys of the file by their place, for the problems' "file:line:col".
+struct Locator<'a> {
+    text: &'a str,
+    source: &'a str,
+    table: Option<toml::Spanned<toml::de::DeTable<'a>>>,
+}
+
+impl<'a> Locator<'a> {
+    fn new(text: &'a str, source: &'a str) -> Self {
+        Locator {
+            text,
+            source,
+            table: toml::de::DeTable::parse(text).ok(),
+        }
+    }
+
+    fn at(&self, offset: usize) -> String {
+        let (line, col) = line_col(self.text, offset);
+        format!("{}:{line}:{col}", self.source)
+    }
+
+    /// The key at `path` (tables only), or the nearest table on the way that exists.
+    fn key(&self, path: &[&str]) -> Option<String> {
+        let mut table = self.table.as_ref()?.get_ref();
+        let mut found = None;
+        for part in path {
+            let Some((key, value)) = table.get_key_value(*part) else {
+                break;
+            };
+            found = Some(key.span().start);
+            match value.get_ref() {
+                toml::de::DeValue::Table(inner) => table = inner,
+                _ => break,
+            }
+        }
+        found.map(|offset| self.at(offset))
+    }
+
+    /// Key `key` of the `index`-th `[[room]]`.
+    fn room_key(&self, index: usize, key: &str) -> Option<String> {
+        let rooms = self.table.as_ref()?.get_ref().get("room")?;
+        let toml::de::DeValue::Array(rooms) = rooms.get_ref() else {
+            return None;
+        };
+        let toml::de::DeValue::Table(room) = rooms.get(index)?.get_ref() else {
+            return None;
+        };
+        let (found, _) = room.get_key_value(key)?;
+        Some(self.at(found.span().start))
     }
 }
 
@@ -224,13 +279,13 @@ impl LimitsSection {
         &self,
         base: &Limits,
         section: &str,
-        origin: &Option<String>,
+        origin: &dyn Fn(&str) -> Option<String>,
         problems: &mut Vec<ConfigProblem>,
     ) -> Limits {
         let mut out = base.clone();
         let mut check = |key: &str, ok: bool, rule: &str| {
             if !ok {
-                problems.push(problem(origin, &format!("{section}.{key}"), rule));
+                problems.push(problem(&origin(key), &format!("{section}.{key}"), rule));
             }
         };
         if let Some(n) = self.history_limit {
@@ -329,19 +384,19 @@ impl RoomSection {
     fn checked(
         self,
         defaults: &Limits,
-        origin: &Option<String>,
+        origin: &dyn Fn(&str) -> Option<String>,
         problems: &mut Vec<ConfigProblem>,
     ) -> (Option<RoomName>, ConfigRoom) {
         let name = match RoomName::parse(self.name.as_str()) {
             Ok(name) if !name.is_direct() => Some(name),
             Ok(_) => {
                 let rule = "a room of the file cannot use the dm: prefix (direct rooms)";
-                problems.push(problem(origin, "room.name", rule));
+                problems.push(problem(&origin("name"), "room.name", rule));
                 None
             }
             Err(e) => {
                 problems.push(problem(
-                    origin,
+                    &origin("name"),
                     "room.name",
                     &format!("'{}': {e}", self.name),
                 ));
@@ -355,7 +410,7 @@ impl RoomSection {
                 .filter(|n| Username::parse(n.as_str()).is_err())
             {
                 let text = format!("'{bad}' is not a username (3..32 of A-Z a-z 0-9 _ . -)");
-                problems.push(problem(origin, &format!("{section}.{key}"), &text));
+                problems.push(problem(&origin(key), &format!("{section}.{key}"), &text));
             }
             names.iter().cloned().collect()
         };
@@ -365,7 +420,11 @@ impl RoomSection {
             (None, _) => BTreeSet::new(),
             (Some(_), RoomKind::Public) => {
                 let text = "a public room has no whitelist (anyone may join it)";
-                problems.push(problem(origin, &format!("{section}.whitelist"), text));
+                problems.push(problem(
+                    &origin("whitelist"),
+                    &format!("{section}.whitelist"),
+                    text,
+                ));
                 BTreeSet::new()
             }
         };
@@ -381,7 +440,11 @@ impl RoomSection {
         .apply(defaults, &section, origin, problems);
         if whitelist.len() > limits.max_members {
             let text = format!("{} names, more than max_members", whitelist.len());
-            problems.push(problem(origin, &format!("{section}.whitelist"), &text));
+            problems.push(problem(
+                &origin("whitelist"),
+                &format!("{section}.whitelist"),
+                &text,
+            ));
         }
         let room = ConfigRoom {
             kind: self.kind,
@@ -390,5 +453,80 @@ impl RoomSection {
             limits,
         };
         (name, room)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match Policies::parse(text, "rooms.toml") {
+            Ok(p) => panic!("parsed {p:?}"),
+            Err(problems) => problems.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn rooms_take_the_defaults_for_the_keys_they_leave_out() {
+        let policies = Policies::parse(
+            "[defaults]\nmax_body_bytes = 100\n[users]\nmax_joined_rooms = 7\n[[room]]\nname = \"staff\"\nkind = \"private\"\nwhitelist = [\"ann\"]\nhistory_limit = 5\n",
+            "rooms.toml",
+        )
+        .unwrap();
+        let staff = &policies.rooms[&RoomName::parse("staff").unwrap()];
+        assert_eq!(
+            (staff.limits.history_limit, staff.limits.max_body_bytes),
+            (5, 100)
+        );
+        assert_eq!(policies.limits_of("other").max_body_bytes, 100);
+        assert_eq!(policies.users.max_joined_rooms, 7);
+        assert_eq!(
+            policies.users.max_created_rooms, 100,
+            "the built-in default"
+        );
+        assert!(staff.whitelist.contains("ann"));
+    }
+
+    #[test]
+    fn every_problem_is_named_with_its_place() {
+        let found = problems(
+            "[defaults]\nmax_members = 0\n\n[[room]]\nname = \"Bad\"\nkind = \"public\"\nadmins = [\"x\"]\n",
+        );
+        assert_eq!(found.len(), 3, "{found:#?}");
+        assert!(
+            found[0].starts_with("rooms.toml:2:1: defaults.max_members"),
+            "{found:#?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("rooms.toml:5:1: room.name")),
+            "{found:#?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("rooms.toml:7:1: room.Bad.admins")),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused_with_their_place() {
+        let found = problems("[defaults]\nhistory_limits = 5\n");
+        assert!(
+            found[0].starts_with("rooms.toml:2:1:") && found[0].contains("history_limits"),
+            "{found:?}"
+        );
+        let found = problems("[[room]]\nname = \"a\"\nkind = \"secret\"\n");
+        assert!(found[0].starts_with("rooms.toml:3:"), "{found:?}");
+    }
+
+    #[test]
+    fn a_missing_default_file_means_defaults_only_and_a_missing_chosen_one_is_an_error() {
+        let nowhere = Path::new("/nonexistent/rooms.toml");
+        assert_eq!(Policies::load(nowhere, false), Ok(Policies::default()));
+        assert!(Policies::load(nowhere, true).is_err());
     }
 }

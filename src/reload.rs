@@ -6,8 +6,7 @@
 //! DB executor and the directory.
 
 use actix::Addr;
-use notify_debouncer_mini::notify::RecursiveMode;
-use notify_debouncer_mini::{new_debouncer, DebounceEventResult};
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,12 +109,20 @@ pub async fn run(
     let _watcher = watch(&source.path, tx.clone());
     actix::spawn(on_sighup(tx));
     let mut current = initial;
-    while let Some(trigger) = triggers.recv().await {
-        // Several changes in a row need one reload.
-        while triggers.try_recv().is_ok() {}
+    while let Some(mut trigger) = triggers.recv().await {
+        // An editor's save is several events: wait until the file is quiet, then read it once.
+        tokio::time::sleep(DEBOUNCE).await;
+        while let Ok(next) = triggers.try_recv() {
+            if next == SIGHUP {
+                trigger = SIGHUP;
+            }
+        }
         current = reload(&source, current, &db, &directory, trigger).await;
     }
 }
+
+const SIGHUP: &str = "SIGHUP";
+const CHANGED: &str = "file changed";
 
 async fn reload(
     source: &PolicySource,
@@ -126,6 +133,9 @@ async fn reload(
 ) -> Arc<Policies> {
     let file = source.path.display();
     let policies = match source.load() {
+        // A change on disk that leaves the policies as they are (a save of the same text, a
+        // touch) is not worth a line; an operator's SIGHUP always gets one.
+        Ok(unchanged) if trigger == CHANGED && unchanged == *current => return current,
         Ok(policies) => Arc::new(policies),
         Err(problems) => {
             let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
@@ -164,40 +174,38 @@ async fn reload(
     policies
 }
 
-/// Watches the file's folder (editors often replace a file rather than write it in place).
-fn watch(
-    path: &Path,
-    tx: mpsc::UnboundedSender<&'static str>,
-) -> Option<notify_debouncer_mini::Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>> {
+/// Watches the file's folder (editors often replace a file rather than write it in place)
+/// for changes of the file: writes, creations, renames and removals, not reads.
+fn watch(path: &Path, tx: mpsc::UnboundedSender<&'static str>) -> Option<RecommendedWatcher> {
     let file = path.file_name()?.to_os_string();
     let folder = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let mut debouncer = new_debouncer(DEBOUNCE, move |events: DebounceEventResult| {
-        let ours = events
-            .map(|events| {
-                events
-                    .iter()
-                    .any(|e| e.path.file_name() == Some(file.as_os_str()))
-            })
-            .unwrap_or(false);
-        if ours {
-            let _ = tx.send("file changed");
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let changes = matches!(
+            event.kind,
+            EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+        );
+        if changes
+            && event
+                .paths
+                .iter()
+                .any(|p| p.file_name() == Some(file.as_os_str()))
+        {
+            let _ = tx.send(CHANGED);
         }
     })
     .map_err(|e| log::warn!("room policies: cannot watch {}: {e}", folder.display()))
     .ok()?;
-    if let Err(e) = debouncer
-        .watcher()
-        .watch(&folder, RecursiveMode::NonRecursive)
-    {
+    if let Err(e) = watcher.watch(&folder, RecursiveMode::NonRecursive) {
         log::warn!(
             "room policies: cannot watch {} (reload with SIGHUP): {e}",
             folder.display()
         );
     }
-    Some(debouncer)
+    Some(watcher)
 }
 
 async fn on_sighup(tx: mpsc::UnboundedSender<&'static str>) {
@@ -207,7 +215,7 @@ async fn on_sighup(tx: mpsc::UnboundedSender<&'static str>) {
         return;
     };
     while hup.recv().await.is_some() {
-        if tx.send("SIGHUP").is_err() {
+        if tx.send(SIGHUP).is_err() {
             return;
         }
     }

@@ -18,7 +18,7 @@ use rookery::actors::db::{
 };
 use rookery::actors::presence::{Presence, PresenceHandle};
 use rookery::actors::room::*;
-use rookery::error::{Error, RoomError, StoreError};
+use rookery::error::{Error, Forbidden, RoomError, StoreError};
 use rookery::ids::{RoomId, Seq, SessionId, UserId};
 use rookery::policy::Policies;
 use rookery::protocol::{ErrorCode, RoomKind};
@@ -821,4 +821,179 @@ async fn store_batches_commits_rooms_together_and_never_duplicates_on_retry() {
         .first(&mut conn)
         .unwrap();
     assert_eq!(stored, 8);
+}
+
+// ---------------------------------------------------------------- room policies
+
+const NO_RATE: &str = "rate = { messages = 100000, per_seconds = 1, burst = 100000 }";
+
+fn start_room_with_policy(
+    kind: RoomKind,
+    members: &[i64],
+    policy: &str,
+) -> (Addr<Room>, Addr<FakeStore>) {
+    start_room_under(kind, members, Mode::Commit, settings(), policy)
+}
+
+/// The frames of kind `kind` a peer has been sent so far (the others are dropped).
+async fn frames_of(peer: &mut Peer, kind: &str) -> Vec<Value> {
+    actix_rt::time::sleep(Duration::from_millis(50)).await;
+    let mut out = Vec::new();
+    while let Ok(deliver) = peer.rx.try_recv() {
+        let frame = match deliver {
+            Deliver::Frame { frame, .. } => serde_json::from_str(&frame).unwrap(),
+            Deliver::Kicked { room, reason } => {
+                serde_json::json!({"type": "kicked", "room": &*room, "reason": reason})
+            }
+            Deliver::Evicted { room } => panic!("evicted from {room}"),
+        };
+        if frame["type"] == kind {
+            out.push(frame);
+        }
+    }
+    out
+}
+
+#[actix_rt::test]
+async fn a_config_room_admits_its_whitelist_and_a_reload_that_drops_a_name_kicks_it() {
+    let file = format!(
+        "[defaults]\n{NO_RATE}\n[[room]]\nname = \"hall\"\nkind = \"private\"\nwhitelist = [\"ann\", \"bob\"]\n"
+    );
+    let (room, _) = start_room_with_policy(RoomKind::Private, &[], &file);
+    let mut ann = Peer::new(1, 1, "ann");
+    let mut bob = Peer::new(2, 2, "bob");
+    let eve = Peer::new(3, 3, "eve");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    room.send(bob.join_msg()).await.unwrap().unwrap();
+    let err = room.send(eve.join_msg()).await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, RoomError::Forbidden(Forbidden::NotMember)),
+        "{err:?}"
+    );
+
+    let reloaded = file.replace("[\"ann\", \"bob\"]", "[\"ann\"]");
+    let policies = Arc::new(Policies::parse(&reloaded, "test").unwrap());
+    assert_eq!(room.send(SetPolicy { policies }).await.unwrap(), 1);
+    assert_eq!(
+        frames_of(&mut bob, "kicked").await,
+        [serde_json::json!({"type": "kicked", "room": "hall", "reason": "removed from whitelist"})]
+    );
+    room.send(ann.post("after the kick"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ann.message().await["body"], "after the kick");
+    assert!(
+        frames_of(&mut bob, "message").await.is_empty(),
+        "no event after the kick"
+    );
+    let err = room
+        .send(bob.post("still here?"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(err, RoomError::Forbidden(Forbidden::NotJoined)),
+        "{err:?}"
+    );
+    let err = room.send(bob.join_msg()).await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, RoomError::Forbidden(Forbidden::NotMember)),
+        "{err:?}"
+    );
+}
+
+#[actix_rt::test]
+async fn a_read_only_room_takes_messages_from_its_admins_only() {
+    let file = format!(
+        "[defaults]\n{NO_RATE}\n[[room]]\nname = \"hall\"\nkind = \"public\"\nread_only = true\nadmins = [\"ann\"]\n"
+    );
+    let (room, _) = start_room_with_policy(RoomKind::Public, &[], &file);
+    let mut ann = Peer::new(1, 1, "ann");
+    let bob = Peer::new(2, 2, "bob");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    room.send(bob.join_msg()).await.unwrap().unwrap();
+    let err = room.send(bob.post("may I?")).await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, RoomError::Forbidden(Forbidden::ReadOnly)),
+        "{err:?}"
+    );
+    room.send(ann.post("news")).await.unwrap().unwrap();
+    assert_eq!(ann.message().await["body"], "news");
+}
+
+#[actix_rt::test]
+async fn a_sender_over_the_room_rate_is_refused_then_allowed_again() {
+    let file = "[defaults]\nrate = { messages = 5, per_seconds = 1, burst = 2 }\n";
+    let (room, _) = start_room_with_policy(RoomKind::Public, &[], file);
+    let ann = Peer::new(1, 1, "ann");
+    let bob = Peer::new(2, 2, "bob");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    room.send(bob.join_msg()).await.unwrap().unwrap();
+    room.send(ann.post("1")).await.unwrap().unwrap();
+    room.send(ann.post("2")).await.unwrap().unwrap();
+    let err = room.send(ann.post("3")).await.unwrap().unwrap_err();
+    assert!(matches!(err, RoomError::RateLimited), "{err:?}");
+    room.send(bob.post("mine")).await.unwrap().unwrap();
+    actix_rt::time::sleep(Duration::from_millis(250)).await;
+    room.send(ann.post("later")).await.unwrap().unwrap();
+}
+
+#[actix_rt::test]
+async fn a_full_room_refuses_one_more_user_but_not_another_session_of_a_member() {
+    let file = format!("[defaults]\n{NO_RATE}\nmax_members = 1\n");
+    let (room, _) = start_room_with_policy(RoomKind::Public, &[], &file);
+    let ann = Peer::new(1, 1, "ann");
+    let ann_again = Peer::new(2, 1, "ann");
+    let bob = Peer::new(3, 2, "bob");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    room.send(ann_again.join_msg()).await.unwrap().unwrap();
+    let err = room.send(bob.join_msg()).await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, RoomError::Forbidden(Forbidden::Full)),
+        "{err:?}"
+    );
+    assert_eq!(Error::Room(err).to_wire().1, "room is full");
+}
+
+#[actix_rt::test]
+async fn a_room_that_does_not_persist_delivers_from_reserved_seqs_and_keeps_only_its_ring() {
+    let file = format!("[defaults]\n{NO_RATE}\npersist = false\nhistory_limit = 3\n");
+    let (room, store) = start_room_with_policy(RoomKind::Public, &[], &file);
+    let mut ann = Peer::new(1, 1, "ann");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        let ack = room
+            .send(ann.post(&format!("m{i}")))
+            .await
+            .unwrap()
+            .unwrap();
+        seqs.push(ack.seq.0);
+        assert_eq!(ann.message().await["seq"], ack.seq.0);
+    }
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert!(
+        store.send(Release).await.unwrap().is_empty(),
+        "nothing was stored"
+    );
+    let page = room
+        .send(ReadHistory {
+            user: ann.user.clone(),
+            before: None,
+            limit: Some(10),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let kept: Vec<i64> = page.messages.iter().map(|m| m.seq.0).collect();
+    assert_eq!(kept, seqs[2..], "the ring holds the newest 3");
+    assert!(!page.has_more);
+    let mut late = ann.join_msg();
+    late.session = SessionId(9);
+    late.after = Some(Seq(seqs[0]));
+    let joined = room.send(late).await.unwrap().unwrap();
+    let missed: Vec<i64> = joined.missed.unwrap().iter().map(|m| m.seq.0).collect();
+    assert_eq!(missed, seqs[2..]);
+    assert!(joined.truncated, "what rolled out of the ring is gone");
 }

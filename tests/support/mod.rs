@@ -234,30 +234,35 @@ impl TestServer {
 
     /// Every stored message of `room`, for the history checker, read straight from Postgres.
     pub fn stored(&self, room: &str) -> Vec<rookery::checker::StoredMessage> {
-        #[derive(QueryableByName)]
-        struct Row {
-            #[diesel(sql_type = diesel::sql_types::BigInt)]
-            seq: i64,
-            #[diesel(sql_type = diesel::sql_types::Text)]
-            username: String,
-            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
-            client_msg_id: Option<String>,
-        }
-        diesel::sql_query(
-            "SELECT m.seq, u.username, m.client_msg_id FROM messages m JOIN users u ON u.id = m.sender_id \
-             JOIN rooms r ON r.id = m.room_id WHERE r.name = $1 ORDER BY m.seq",
-        )
-        .bind::<diesel::sql_types::Text, _>(room)
-        .load::<Row>(&mut self.db.conn())
-        .unwrap()
-        .into_iter()
-        .map(|r| rookery::checker::StoredMessage {
-            seq: rookery::ids::Seq(r.seq),
-            from: r.username,
-            client_msg_id: r.client_msg_id,
-        })
-        .collect()
+        stored_messages(&self.db, room)
     }
+}
+
+/// Every stored message of `room` in `db`, for the history checker.
+pub fn stored_messages(db: &TestDb, room: &str) -> Vec<rookery::checker::StoredMessage> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        seq: i64,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        username: String,
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+        client_msg_id: Option<String>,
+    }
+    diesel::sql_query(
+        "SELECT m.seq, u.username, m.client_msg_id FROM messages m JOIN users u ON u.id = m.sender_id \
+         JOIN rooms r ON r.id = m.room_id WHERE r.name = $1 ORDER BY m.seq",
+    )
+    .bind::<diesel::sql_types::Text, _>(room)
+    .load::<Row>(&mut db.conn())
+    .unwrap()
+    .into_iter()
+    .map(|r| rookery::checker::StoredMessage {
+        seq: rookery::ids::Seq(r.seq),
+        from: r.username,
+        client_msg_id: r.client_msg_id,
+    })
+    .collect()
 }
 
 pub fn http_client() -> awc::Client {
@@ -392,6 +397,26 @@ pub mod req {
     pub fn typing(name: &str) -> Request {
         Request::Typing { room: room(name) }
     }
+
+    pub fn invite(name: &str, username: &str) -> Request {
+        Request::Invite {
+            room: room(name),
+            user: user(username),
+        }
+    }
+
+    pub fn revoke(name: &str, username: &str) -> Request {
+        Request::Revoke {
+            room: room(name),
+            user: user(username),
+        }
+    }
+
+    pub fn dm(username: &str) -> Request {
+        Request::Dm {
+            user: user(username),
+        }
+    }
 }
 
 /// A protocol client over a real WebSocket ([`rookery::client::Connection`]), with asserting
@@ -468,6 +493,27 @@ impl Client {
         let id = request["id"].clone();
         self.send_text(&request.to_string()).await;
         self.reply_to(&id).await
+    }
+
+    /// The replies to `ids`, in whatever order they come; events are kept for `next_event`.
+    pub async fn replies_to(&mut self, ids: &[String]) -> std::collections::HashMap<String, Value> {
+        let mut replies = std::collections::HashMap::new();
+        while replies.len() < ids.len() {
+            let frame = self
+                .read()
+                .await
+                .expect("connection closed while waiting for replies");
+            match frame["id"].as_str() {
+                Some(id) if ids.iter().any(|i| i == id) => {
+                    replies.insert(id.to_string(), frame);
+                }
+                _ if frame["type"] == "ok" || frame["type"] == "error" => {
+                    panic!("reply to another request: {frame}")
+                }
+                _ => self.events.push_back(frame),
+            }
+        }
+        replies
     }
 
     pub async fn reply_to(&mut self, id: &Value) -> Value {
@@ -668,5 +714,121 @@ impl PgProxy {
         let mut url = url::Url::parse(&db.url).unwrap();
         url.set_port(Some(self.port)).unwrap();
         url.to_string()
+    }
+}
+
+/// The real `rookery` binary, serving plain ws on a free port with its own database and data
+/// directory; its log goes to `log` in the data directory. Killed on drop.
+pub struct RealServer {
+    pub child: std::process::Child,
+    pub url: String,
+    pub db: TestDb,
+    pub data: TempDir,
+    pub log: PathBuf,
+    pub policy: PathBuf,
+}
+
+impl RealServer {
+    /// Starts it with `policy` as its room policy file and `env` on top of the test settings.
+    pub async fn start(policy: &str, env: &[(&str, &str)]) -> RealServer {
+        let db = TestDb::new();
+        let data = TempDir::new();
+        let policy_file = data.0.join("rooms.toml");
+        std::fs::write(&policy_file, policy).unwrap();
+        let log = data.0.join("server.log");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_rookery"));
+        command
+            .arg("serve")
+            .env("DATABASE_URL", &db.url)
+            .env("ROOKERY__SERVER__BIND", format!("127.0.0.1:{port}"))
+            .env("ROOKERY__TLS__ENABLED", "false")
+            .env("ROOKERY__DATA_DIR", &data.0)
+            .env("ROOKERY__DATABASE__BCRYPT_COST", "4")
+            .env("ROOKERY__ROOMS__POLICY_FILE", &policy_file)
+            .env("ROOKERY__SESSION__REQUESTS_PER_SECOND", "100000")
+            .env("ROOKERY__SESSION__REQUEST_BURST", "100000")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().unwrap();
+        let server = RealServer {
+            child,
+            url: format!("ws://127.0.0.1:{port}/ws"),
+            db,
+            data,
+            log,
+            policy: policy_file,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while Client::connect_url(&server.url, None).await.is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not start: {}",
+                server.log_text()
+            );
+            actix_rt::time::sleep(Duration::from_millis(100)).await;
+        }
+        server
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle` more than `seen` times; returns the new count.
+    pub async fn wait_for_log(&self, needle: &str, seen: usize) -> usize {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let count = self.log_text().matches(needle).count();
+            if count > seen {
+                return count;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no new {needle:?} in the log:\n{}",
+                self.log_text()
+            );
+            actix_rt::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn connect(&self) -> Client {
+        Client::connect_url(&self.url, None).await.unwrap()
+    }
+
+    /// A connected client, registered and logged in as `username`.
+    pub async fn user(&self, username: &str) -> Client {
+        let mut client = self.connect().await;
+        client.register(username).await;
+        client.login(username).await;
+        client
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Every stored message of `room`, for the history checker.
+    pub fn stored(&self, room: &str) -> Vec<rookery::checker::StoredMessage> {
+        stored_messages(&self.db, room)
+    }
+}
+
+impl Drop for RealServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
