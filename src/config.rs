@@ -152,8 +152,12 @@ pub struct SessionConfig {
 #[serde(deny_unknown_fields)]
 pub struct RoomsConfig {
     /// The admins' room policies (limits, config rooms); relative to the working directory.
-    /// When it is the default path and missing, every room gets the built-in defaults.
+    /// When it is not set and the default file is missing, every room gets the built-in
+    /// defaults; a file that was set must exist.
     pub policy_file: PathBuf,
+    /// Whether `policy_file` was set (by a file or the environment), not left at its default.
+    #[serde(skip)]
+    pub policy_file_set: bool,
     /// Idle time before a room actor stops.
     pub idle_stop_ms: u64,
     /// Most rooms listed by `rooms`.
@@ -264,6 +268,10 @@ impl Config {
                 Err(e) => return Err(unreadable(e)),
             }
         };
+        let mut config = config;
+        config.rooms.policy_file_set = figment
+            .find_metadata("rooms.policy_file")
+            .is_some_and(|m| !matches!(m.source, Some(Source::Code(_))));
         let reported: Vec<String> = problems.iter().map(|p| p.key.clone()).collect();
         problems.extend(
             config

@@ -112,10 +112,15 @@ pub struct Policies {
 }
 
 impl Policies {
-    /// The file at `path`. A missing file is "defaults only" when `required` is false.
-    pub fn load(path: &Path, required: bool) -> Result<Policies, Vec<ConfigProblem>> {
+    /// The file at `path`, its rooms allowing bodies of at most `max_body_bytes`. A missing
+    /// file is "defaults only" when `required` is false.
+    pub fn load(
+        path: &Path,
+        required: bool,
+        max_body_bytes: usize,
+    ) -> Result<Policies, Vec<ConfigProblem>> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Policies::parse(&text, &path.display().to_string()),
+            Ok(text) => Policies::parse_within(&text, &path.display().to_string(), max_body_bytes),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
                 Ok(Policies::default())
             }
@@ -127,8 +132,18 @@ impl Policies {
         }
     }
 
-    /// Parses and checks policy-file `text`; `source` names it in the problems.
+    /// Parses and checks policy-file `text`; `source` names it in the problems. Bodies may be
+    /// up to [`MAX_BODY_BYTES`].
     pub fn parse(text: &str, source: &str) -> Result<Policies, Vec<ConfigProblem>> {
+        Policies::parse_within(text, source, MAX_BODY_BYTES)
+    }
+
+    /// Like [`Policies::parse`], allowing bodies of at most `max_body_bytes`.
+    pub fn parse_within(
+        text: &str,
+        source: &str,
+        max_body_bytes: usize,
+    ) -> Result<Policies, Vec<ConfigProblem>> {
         let at = |offset: usize| {
             let (line, col) = line_col(text, offset);
             Some(format!("{source}:{line}:{col}"))
@@ -146,9 +161,11 @@ impl Policies {
         })?;
         let mut problems = Vec::new();
         let locate = Locator::new(text, source);
+        let bounds = Bounds { max_body_bytes };
         let defaults = file.defaults.apply(
             &Limits::default(),
             "defaults",
+            &bounds,
             &|key| locate.key(&["defaults", key]),
             &mut problems,
         );
@@ -159,9 +176,10 @@ impl Policies {
         for (index, entry) in file.room.into_iter().enumerate() {
             let start = at(entry.span().start);
             let origin = |key: &str| locate.room_key(index, key).or_else(|| start.clone());
-            let (name, room) = entry
-                .into_inner()
-                .checked(&defaults, &origin, &mut problems);
+            let (name, room) =
+                entry
+                    .into_inner()
+                    .checked(&defaults, &bounds, &origin, &mut problems);
             if let Some(name) = name {
                 if rooms.insert(name.clone(), room).is_some() {
                     let key = format!("room.{name}");
@@ -270,8 +288,14 @@ struct LimitsSection {
     read_only: Option<bool>,
 }
 
-/// Largest body a room may allow: it must fit in a frame (session.max_frame_bytes' ceiling).
+/// Largest body a room may allow when nothing smaller bounds it (the server allows 1 KiB
+/// below `session.max_frame_bytes`).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// What the rest of the configuration bounds the file's values by.
+struct Bounds {
+    max_body_bytes: usize,
+}
 
 impl LimitsSection {
     /// `base` with the keys given here, each checked; problems are named `{section}.{key}`.
@@ -279,6 +303,7 @@ impl LimitsSection {
         &self,
         base: &Limits,
         section: &str,
+        bounds: &Bounds,
         origin: &dyn Fn(&str) -> Option<String>,
         problems: &mut Vec<ConfigProblem>,
     ) -> Limits {
@@ -297,10 +322,14 @@ impl LimitsSection {
             out.history_limit = n;
         }
         if let Some(n) = self.max_body_bytes {
+            let rule = format!(
+                "must be 1..{} (1 KiB below session.max_frame_bytes)",
+                bounds.max_body_bytes
+            );
             check(
                 "max_body_bytes",
-                (1..=MAX_BODY_BYTES).contains(&n),
-                "must be 1..1048576",
+                (1..=bounds.max_body_bytes).contains(&n),
+                &rule,
             );
             out.max_body_bytes = n;
         }
@@ -384,6 +413,7 @@ impl RoomSection {
     fn checked(
         self,
         defaults: &Limits,
+        bounds: &Bounds,
         origin: &dyn Fn(&str) -> Option<String>,
         problems: &mut Vec<ConfigProblem>,
     ) -> (Option<RoomName>, ConfigRoom) {
@@ -437,7 +467,7 @@ impl RoomSection {
             retention_days: self.retention_days,
             read_only: self.read_only,
         }
-        .apply(defaults, &section, origin, problems);
+        .apply(defaults, &section, bounds, origin, problems);
         if whitelist.len() > limits.max_members {
             let text = format!("{} names, more than max_members", whitelist.len());
             problems.push(problem(
@@ -526,7 +556,10 @@ mod tests {
     #[test]
     fn a_missing_default_file_means_defaults_only_and_a_missing_chosen_one_is_an_error() {
         let nowhere = Path::new("/nonexistent/rooms.toml");
-        assert_eq!(Policies::load(nowhere, false), Ok(Policies::default()));
-        assert!(Policies::load(nowhere, true).is_err());
+        assert_eq!(
+            Policies::load(nowhere, false, MAX_BODY_BYTES),
+            Ok(Policies::default())
+        );
+        assert!(Policies::load(nowhere, true, MAX_BODY_BYTES).is_err());
     }
 }

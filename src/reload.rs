@@ -34,28 +34,26 @@ impl PolicySource {
     pub fn of(config: &Config) -> PolicySource {
         PolicySource {
             path: config.rooms.policy_file.clone(),
-            required: config.rooms.policy_file != Path::new(crate::config::DEFAULT_POLICY_FILE),
+            required: config.rooms.policy_file_set,
             max_frame_bytes: config.session.max_frame_bytes,
         }
     }
 
-    /// Reads and checks the file, and the limits it sets against the main config.
+    /// Reads and checks the file at start: a file that was not set and is missing means the
+    /// defaults only.
     pub fn load(&self) -> Result<Policies, Vec<ConfigProblem>> {
-        let policies = Policies::load(&self.path, self.required)?;
-        let too_large: Vec<ConfigProblem> = std::iter::once(("defaults", &policies.defaults))
-            .chain(policies.rooms.iter().map(|(n, r)| (n.as_str(), &r.limits)))
-            .filter(|(_, limits)| limits.max_body_bytes.saturating_add(1024) > self.max_frame_bytes)
-            .map(|(section, _)| ConfigProblem {
-                key: format!("{section}.max_body_bytes"),
-                problem: "must be at least 1 KiB below session.max_frame_bytes".into(),
-                origin: Some(self.path.display().to_string()),
-            })
-            .collect();
-        if too_large.is_empty() {
-            Ok(policies)
-        } else {
-            Err(too_large)
-        }
+        Policies::load(&self.path, self.required, self.max_body_bytes())
+    }
+
+    /// Reads and checks the file on a reload: a missing file is refused (it changes nothing,
+    /// rather than closing every room the file defined).
+    fn reload(&self) -> Result<Policies, Vec<ConfigProblem>> {
+        Policies::load(&self.path, true, self.max_body_bytes())
+    }
+
+    /// The largest body a room may allow: 1 KiB below the frame limit.
+    fn max_body_bytes(&self) -> usize {
+        self.max_frame_bytes.saturating_sub(1024)
     }
 }
 
@@ -110,11 +108,19 @@ pub async fn run(
     actix::spawn(on_sighup(tx));
     let mut current = initial;
     while let Some(mut trigger) = triggers.recv().await {
-        // An editor's save is several events: wait until the file is quiet, then read it once.
-        tokio::time::sleep(DEBOUNCE).await;
-        while let Ok(next) = triggers.try_recv() {
-            if next == SIGHUP {
-                trigger = SIGHUP;
+        // A save is several events (or a slow write): wait until the file has been quiet for
+        // the debounce, then read it once.
+        loop {
+            tokio::time::sleep(DEBOUNCE).await;
+            let mut more = false;
+            while let Ok(next) = triggers.try_recv() {
+                more = true;
+                if next == SIGHUP {
+                    trigger = SIGHUP;
+                }
+            }
+            if !more {
+                break;
             }
         }
         current = reload(&source, current, &db, &directory, trigger).await;
@@ -132,7 +138,7 @@ async fn reload(
     trigger: &str,
 ) -> Arc<Policies> {
     let file = source.path.display();
-    let policies = match source.load() {
+    let policies = match source.reload() {
         // A change on disk that leaves the policies as they are (a save of the same text, a
         // touch) is not worth a line; an operator's SIGHUP always gets one.
         Ok(unchanged) if trigger == CHANGED && unchanged == *current => return current,
@@ -175,7 +181,9 @@ async fn reload(
 }
 
 /// Watches the file's folder (editors often replace a file rather than write it in place)
-/// for changes of the file: writes, creations, renames and removals, not reads.
+/// for changes of the file: writes, creations, renames and removals, not reads. Kubernetes
+/// mounts a ConfigMap as symlinks through `..data`, which it swaps: changes of `..`-names
+/// count too (a reload of an unchanged file changes nothing and logs nothing).
 fn watch(path: &Path, tx: mpsc::UnboundedSender<&'static str>) -> Option<RecommendedWatcher> {
     let file = path.file_name()?.to_os_string();
     let folder = match path.parent() {
@@ -188,12 +196,12 @@ fn watch(path: &Path, tx: mpsc::UnboundedSender<&'static str>) -> Option<Recomme
             event.kind,
             EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
         );
-        if changes
-            && event
-                .paths
-                .iter()
-                .any(|p| p.file_name() == Some(file.as_os_str()))
-        {
+        let ours = |p: &PathBuf| {
+            p.file_name().is_some_and(|name| {
+                name == file.as_os_str() || name.to_string_lossy().starts_with("..")
+            })
+        };
+        if changes && event.paths.iter().any(ours) {
             let _ = tx.send(CHANGED);
         }
     })

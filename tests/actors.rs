@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use rookery::actors::db::{
-    ChangeMember, DbExecutor, DbSettings, LoadHistory, ReserveSeqs, StoreBatch,
+    ChangeMember, DbExecutor, DbSettings, LoadHistory, PurgeExpired, ReserveSeqs, StoreBatch,
 };
 use rookery::actors::presence::{Presence, PresenceHandle};
 use rookery::actors::room::*;
@@ -996,4 +996,171 @@ async fn a_room_that_does_not_persist_delivers_from_reserved_seqs_and_keeps_only
     let missed: Vec<i64> = joined.missed.unwrap().iter().map(|m| m.seq.0).collect();
     assert_eq!(missed, seqs[2..]);
     assert!(joined.truncated, "what rolled out of the ring is gone");
+}
+
+#[actix_rt::test]
+async fn a_reload_that_stops_then_resumes_storing_keeps_seqs_increasing_and_delivers_all() {
+    let stored = format!("[defaults]\n{NO_RATE}\n");
+    let in_memory = format!("[defaults]\n{NO_RATE}\npersist = false\n");
+    let (room, store) = start_room_with_policy(RoomKind::Public, &[], &stored);
+    let mut ann = Peer::new(1, 1, "ann");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    let reload = |text: &str| SetPolicy {
+        policies: Arc::new(Policies::parse(text, "test").unwrap()),
+    };
+    let mut acked = Vec::new();
+    for (round, policy) in [&stored, &in_memory, &stored, &in_memory]
+        .into_iter()
+        .enumerate()
+    {
+        room.send(reload(policy)).await.unwrap();
+        // Posts accepted before and after the flip, without waiting for each other.
+        let pending: Vec<_> = (0..3)
+            .map(|i| room.send(ann.post(&format!("r{round} m{i}"))))
+            .collect();
+        for request in pending {
+            acked.push(request.await.unwrap().unwrap().seq.0);
+        }
+    }
+    let mut delivered = Vec::new();
+    while delivered.len() < acked.len() {
+        delivered.push(ann.message().await["seq"].as_i64().unwrap());
+    }
+    assert!(acked.windows(2).all(|w| w[1] > w[0]), "acks: {acked:?}");
+    assert_eq!(
+        delivered, acked,
+        "every message delivered once, in seq order"
+    );
+    let batches = store.send(Release).await.unwrap();
+    assert_eq!(
+        batches.iter().sum::<usize>(),
+        6,
+        "the stored rounds only: {batches:?}"
+    );
+}
+
+/// The real DB executor on a fresh database, with `ann` and her public room `hall`.
+async fn executor_with_a_room() -> (TestDb, Addr<DbExecutor>, UserRecord, RoomRecord) {
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    rookery::store::run_migrations(&mut conn).unwrap();
+    let user = rookery::store::create_user(&mut conn, "ann", "x").unwrap();
+    let room =
+        rookery::store::create_room(&mut conn, "hall", RoomKind::Public, &user, &[], 10).unwrap();
+    let pool =
+        rookery::store::connect_pool(&db.url, 2, Duration::from_secs(2), Duration::from_secs(10))
+            .unwrap();
+    let keys = Arc::new(rookery::crypto::Keyring::new([(1, [7u8; 32])]).unwrap());
+    let settings = DbSettings {
+        token_ttl: Duration::from_secs(60),
+        max_listed_rooms: 10,
+    };
+    (db, DbExecutor::start(1, pool, keys, settings), user, room)
+}
+
+#[actix_rt::test]
+async fn the_retention_job_deletes_only_messages_past_their_rooms_window() {
+    use diesel::RunQueryDsl;
+    use rookery::store::NewPost;
+    let (db, executor, user, room) = executor_with_a_room().await;
+    let posts = (0..3)
+        .map(|i| NewPost {
+            sender: user.id,
+            body: format!("m{i}").into(),
+            client_msg_id: None,
+        })
+        .collect();
+    executor
+        .send(StoreBatch {
+            room: room.id,
+            posts,
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    diesel::sql_query("UPDATE messages SET created_at = now() - interval '3 days' WHERE seq = 1")
+        .execute(&mut db.conn())
+        .unwrap();
+    let purge = |rules: Vec<(String, u32)>, default_days| PurgeExpired {
+        rules,
+        default_days,
+    };
+    // The room has a rule of its own (keep for ever) that beats the default of 1 day.
+    let kept = executor
+        .send(purge(vec![("hall".into(), 0)], 1))
+        .await
+        .unwrap();
+    assert_eq!(kept.unwrap(), 0);
+    let deleted = executor.send(purge(vec![], 2)).await.unwrap().unwrap();
+    assert_eq!(deleted, 1, "only the message older than 2 days");
+    let left: Vec<i64> = stored_messages(&db, "hall")
+        .iter()
+        .map(|m| m.seq.0)
+        .collect();
+    assert_eq!(left, [2, 3]);
+}
+
+#[actix_rt::test]
+async fn the_db_executor_refuses_a_room_beyond_its_owners_limit() {
+    use rookery::actors::db::CreateRoom;
+    use rookery::protocol::RoomName;
+    let (_db, executor, user, _) = executor_with_a_room().await;
+    let create = |name: &str| CreateRoom {
+        name: RoomName::parse(name).unwrap(),
+        kind: RoomKind::Public,
+        owner: user.clone(),
+        members: Vec::new(),
+        max_owned: 2,
+    };
+    executor.send(create("second")).await.unwrap().unwrap();
+    let err = executor.send(create("third")).await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, StoreError::TooManyRooms { max: 2 }),
+        "{err:?}"
+    );
+}
+
+#[actix_rt::test]
+async fn the_directory_refuses_a_join_beyond_the_users_joined_room_limit() {
+    use rookery::actors::directory::*;
+    use rookery::protocol::RoomName;
+    let (_db, executor, _, _) = executor_with_a_room().await;
+    let presence = PresenceHandle::of(&Presence::default().start());
+    let policies = Policies::parse("[users]\nmax_joined_rooms = 2\n", "test").unwrap();
+    let directory = Directory::new(
+        DirectoryStore {
+            load: executor.clone().recipient(),
+            list: executor.clone().recipient(),
+            create: executor.clone().recipient(),
+            purge: executor.clone().recipient(),
+        },
+        StoreHandle {
+            store: executor.clone().recipient(),
+            history: executor.clone().recipient(),
+            members: executor.clone().recipient(),
+            seqs: executor.clone().recipient(),
+        },
+        presence,
+        DirectorySettings {
+            rooms: settings(),
+            handover: Duration::from_secs(1),
+            retention_sweep: Duration::from_secs(3600),
+        },
+        Arc::new(policies),
+    )
+    .start();
+    let open = |joined| OpenRoom {
+        name: RoomName::parse("hall").unwrap(),
+        joined,
+    };
+    assert!(directory.send(open(Some(1))).await.unwrap().is_ok());
+    assert!(
+        directory.send(open(None)).await.unwrap().is_ok(),
+        "not a join"
+    );
+    let err = directory.send(open(Some(2))).await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, RoomError::Forbidden(Forbidden::TooManyJoined)),
+        "{err:?}"
+    );
 }

@@ -265,8 +265,13 @@ impl Directory {
                 if !not_found {
                     log::warn!("room {name} could not be loaded: {e}");
                 }
+                // Whether two users have a direct room is nobody else's business: one that
+                // does not exist answers as one the asker is not a member of.
+                let direct = name.starts_with(crate::protocol::DM_PREFIX);
                 for waiter in waiters {
-                    let error = if not_found {
+                    let error = if not_found && direct {
+                        RoomError::Forbidden(Forbidden::NotMember)
+                    } else if not_found {
                         RoomError::NotFound
                     } else {
                         RoomError::Store(StoreError::Unavailable(e.to_string()))

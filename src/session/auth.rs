@@ -115,13 +115,16 @@ impl Session {
         for (name, outcome) in restored {
             match outcome {
                 Some((addr, joined)) => {
-                    rooms.push(RestoredRoom {
-                        name: joined.name,
-                        last_seq: joined.last_seq,
-                    });
-                    self.joins.answered(&name, Some((addr, None)));
+                    if self.joins.answered(&name, Some((addr, None))) {
+                        rooms.push(RestoredRoom {
+                            name: joined.name,
+                            last_seq: joined.last_seq,
+                        });
+                    }
                 }
-                None => self.joins.answered(&name, None),
+                None => {
+                    self.joins.answered(&name, None);
+                }
             }
             names.push(name);
         }

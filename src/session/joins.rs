@@ -32,6 +32,9 @@ struct Hold {
     held: Vec<Held>,
     /// Restored by a resume, answered, and kept held for a `join {after}` that may follow.
     awaiting_join: bool,
+    /// The room kicked the connection while a join was in flight: that join's answer, even a
+    /// success the room gave just before the kick, does not make it joined.
+    kicked: bool,
 }
 
 #[derive(Debug)]
@@ -80,22 +83,41 @@ impl<H: Clone> Joins<H> {
     }
 
     /// A join of `room` was answered: joined through `handle` with `missed` up to `covered`,
-    /// or (None) refused, after which the connection is not joined to it.
-    pub fn answered(&mut self, room: &RoomName, joined: Option<(H, Option<Seq>)>) {
+    /// or (None) refused, after which the connection is not joined to it. Returns whether it
+    /// is joined now (not when the room kicked it while the join was in flight).
+    pub fn answered(&mut self, room: &RoomName, joined: Option<(H, Option<Seq>)>) -> bool {
         let Some(entry) = self.rooms.get_mut(room) else {
-            return;
+            return false;
         };
+        let mut kicked = false;
         if let Some(hold) = entry.hold.as_mut() {
             hold.pending = hold.pending.saturating_sub(1);
+            kicked = hold.kicked;
+            if hold.pending == 0 {
+                hold.kicked = false;
+            }
         }
         match joined {
-            Some((handle, covered)) => {
+            Some((handle, covered)) if !kicked => {
                 entry.handle = Some(handle);
                 if let Some(hold) = entry.hold.as_mut() {
                     hold.covered = hold.covered.max(covered);
                 }
+                true
             }
-            None => entry.handle = None,
+            _ => {
+                entry.handle = None;
+                false
+            }
+        }
+    }
+
+    /// The room removed the connection (`kicked`): not joined any more, nothing held is for
+    /// the client, and a join in flight does not make it joined.
+    pub fn kick(&mut self, room: &RoomName) {
+        self.leave(room);
+        if let Some(hold) = self.rooms.get_mut(room).and_then(|e| e.hold.as_mut()) {
+            hold.kicked = hold.pending > 0;
         }
     }
 
@@ -431,6 +453,23 @@ mod tests {
         assert!(deliver(&mut joins, "a", 4..=4).is_empty());
         joins.answered(&a, Some((1, Some(Seq(3)))));
         assert_eq!(frames(joins.release(&a, false)), ["m4"]);
+    }
+
+    /// Race: the room answers a join, then kicks the connection, and the kick arrives first.
+    /// The join's success must not leave the connection thinking it is joined.
+    #[test]
+    fn race_a_kick_that_overtakes_the_join_reply_leaves_the_room_not_joined() {
+        let (a, mut joins) = (room("a"), Joins::default());
+        joins.begin(&a);
+        joins.kick(&a);
+        assert!(!joins.answered(&a, Some((1, None))), "refused");
+        assert!(!joins.is_joined("a"));
+        assert!(joins.release(&a, false).is_empty());
+        assert!(deliver(&mut joins, "a", 1..=1).is_empty());
+        // A later join (re-invited) works again.
+        joins.begin(&a);
+        assert!(joins.answered(&a, Some((1, None))));
+        assert!(joins.is_joined("a"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use super::shell::Session;
 use super::socket::WsContext;
 use crate::actors::directory::{CreateRoomFor, Directory, ListRoomsFor, OpenRoom};
 use crate::actors::room::{Join, Joined, Leave, Room};
-use crate::error::{Error, RoomError};
+use crate::error::{Error, Forbidden, RoomError};
 use crate::ids::Seq;
 use crate::protocol::{CreatedRoom, JoinedRoom, Reply, RoomKind, RoomListing, RoomName, Username};
 use crate::store::models::{RoomSummary, UserRecord};
@@ -90,8 +90,11 @@ impl Session {
         let result = match result {
             Ok((addr, joined)) => {
                 let covered = joined.missed.is_some().then_some(joined.last_seq);
-                self.joins.answered(&room, Some((addr, covered)));
-                Ok(join_reply(joined))
+                if self.joins.answered(&room, Some((addr, covered))) {
+                    Ok(join_reply(joined))
+                } else {
+                    Err(RoomError::Forbidden(Forbidden::NotMember).into())
+                }
             }
             Err(e) => {
                 self.joins.answered(&room, None);

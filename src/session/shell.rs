@@ -316,7 +316,7 @@ impl Handler<Deliver> for Session {
             }
             Deliver::Kicked { room, reason } => {
                 if let Ok(name) = RoomName::parse(&*room) {
-                    self.joins.leave(&name);
+                    self.joins.kick(&name);
                 }
                 let frame = Event::Kicked {
                     room: &room,

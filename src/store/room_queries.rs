@@ -64,6 +64,12 @@ pub fn create_room(
     max_owned: usize,
 ) -> Result<RoomRecord, StoreError> {
     conn.transaction(|conn| {
+        // One creation at a time per user, so that concurrent ones cannot pass the limit.
+        users::table
+            .filter(users::id.eq(owner.id.0))
+            .select(users::id)
+            .for_update()
+            .first::<i64>(conn)?;
         let owned: i64 = rooms::table
             .filter(rooms::owner_id.eq(owner.id.0))
             .filter(rooms::origin.eq(RoomOrigin::User.as_str()))
@@ -198,6 +204,19 @@ pub fn sync_config_rooms(
     defined: &[(String, RoomKind)],
 ) -> Result<Vec<String>, StoreError> {
     conn.transaction(|conn| {
+        let names: Vec<&str> = defined.iter().map(|(n, _)| n.as_str()).collect();
+        // A room created over the protocol that the file now defines: the file's admins manage
+        // it from now on, its members are the file's whitelist and whom they invite.
+        let taken_over: Vec<i64> = diesel::update(
+            rooms::table
+                .filter(rooms::name.eq_any(&names))
+                .filter(rooms::origin.ne(RoomOrigin::Config.as_str())),
+        )
+        .set(rooms::owner_id.eq(None::<i64>))
+        .returning(rooms::id)
+        .get_results(conn)?;
+        diesel::delete(room_members::table.filter(room_members::room_id.eq_any(&taken_over)))
+            .execute(conn)?;
         for (name, kind) in defined {
             diesel::insert_into(rooms::table)
                 .values((
@@ -214,7 +233,6 @@ pub fn sync_config_rooms(
                 ))
                 .execute(conn)?;
         }
-        let names: Vec<&str> = defined.iter().map(|(n, _)| n.as_str()).collect();
         Ok(diesel::update(
             rooms::table
                 .filter(rooms::origin.eq(RoomOrigin::Config.as_str()))
@@ -237,6 +255,12 @@ pub fn add_member(
 ) -> Result<UserRecord, StoreError> {
     let user = find_user(conn, username)?;
     conn.transaction(|conn| {
+        // One change of the room's members at a time, so that invites cannot pass the cap.
+        rooms::table
+            .filter(rooms::id.eq(room.0))
+            .select(rooms::id)
+            .for_update()
+            .first::<i64>(conn)?;
         let members = room_members::table.filter(room_members::room_id.eq(room.0));
         let already: i64 = members
             .filter(room_members::user_id.eq(user.id.0))
@@ -292,6 +316,19 @@ pub fn open_direct(
 ) -> Result<RoomRecord, StoreError> {
     let other = find_user(conn, other)?;
     let name = direct_room_name(&me.username, &other.username);
+    match open_direct_once(conn, me, &other, &name) {
+        // The other user asked at the same moment and created it first.
+        Err(StoreError::Conflict(_)) => open_direct_once(conn, me, &other, &name),
+        opened => opened,
+    }
+}
+
+fn open_direct_once(
+    conn: &mut PgConnection,
+    me: &UserRecord,
+    other: &UserRecord,
+    name: &crate::protocol::RoomName,
+) -> Result<RoomRecord, StoreError> {
     conn.transaction(|conn| {
         let existing = rooms::table
             .filter(rooms::name.eq(name.as_str()))
@@ -314,7 +351,7 @@ pub fn open_direct(
         };
         Ok(RoomRecord {
             id: RoomId(id),
-            name: name.into_string(),
+            name: name.to_string(),
             kind: RoomKind::Private,
             owner: None,
             last_seq: Seq(last_seq),

@@ -43,12 +43,12 @@ use crate::store::models::{HistoryPage, RoomOrigin, RoomRecord, RoomState, Store
 use crate::store::NewPost;
 
 pub mod policy;
+pub mod seqs;
 pub use policy::{RoomPolicy, SendRates};
+use seqs::ReservedSeqs;
 
 /// Most posts stored in one transaction.
 const MAX_BATCH: usize = 256;
-/// Seqs a room that does not store its messages reserves at a time.
-const SEQ_BLOCK: i64 = 256;
 
 /// Why a session was removed from a room (the `reason` of its `kicked` event).
 pub const KICK_REVOKED: &str = "revoked";
@@ -217,6 +217,9 @@ struct Pending {
     post: Post,
     reply: AckSender,
     queued_at: Instant,
+    /// Whether the policy that admitted it stores messages: a reload does not change what
+    /// happens to a post already accepted.
+    persist: bool,
 }
 
 struct Member {
@@ -247,9 +250,8 @@ pub struct Room {
     sessions: HashMap<SessionId, Member>,
     sessions_per_user: HashMap<UserId, usize>,
     rates: SendRates,
-    /// The seqs a room that does not store its messages may still hand out: (next, last).
-    seq_block: Option<(Seq, Seq)>,
-    reserving: bool,
+    /// The seqs a room that does not store its messages hands out.
+    seqs: ReservedSeqs,
     last_active: Instant,
     store: StoreHandle,
     presence: PresenceHandle,
@@ -289,8 +291,7 @@ impl Room {
             sessions: HashMap::new(),
             sessions_per_user: HashMap::new(),
             rates: SendRates::default(),
-            seq_block: None,
-            reserving: false,
+            seqs: ReservedSeqs::default(),
             last_active: Instant::now(),
             store,
             presence,
@@ -301,6 +302,14 @@ impl Room {
     /// Swaps in `policy` and kicks the users it no longer admits (from a closed room, all of
     /// them). Returns how many users were kicked.
     fn set_policy(&mut self, policy: RoomPolicy) -> usize {
+        if policy.limits.persist && !self.policy.limits.persist {
+            self.drop_reserved_seqs();
+        }
+        // What the room now is, for the next reload (a room the file took over and then
+        // dropped is closed; a closed room keeps its last kind).
+        self.record.kind = policy.kind;
+        self.record.origin = policy.origin;
+        self.record.closed = policy.closed;
         self.policy = policy;
         while self.recent.len() > self.policy.limits.history_limit {
             self.recent.pop_front();
@@ -532,16 +541,27 @@ impl Room {
             }
             if !room.out_of_order.is_empty() || room.gap_target.is_some() {
                 room.fill_gap(ctx);
+            } else {
+                room.serve_queue(ctx);
             }
         }));
     }
 
-    /// Sends the queued posts as one batch unless a batch is already being stored.
+    /// Sends the queued posts to be stored as one batch, unless a batch is being stored or
+    /// seqs are being reserved (the batch's seqs must come after the reserved ones).
     fn store_queued(&mut self, ctx: &mut Context<Self>) {
-        if self.in_flight.is_some() || self.queue.is_empty() {
+        if self.in_flight.is_some() || self.seqs.is_reserving() {
             return;
         }
-        let take = self.queue.len().min(MAX_BATCH);
+        let take = self
+            .queue
+            .iter()
+            .take(MAX_BATCH)
+            .take_while(|pending| pending.persist)
+            .count();
+        if take == 0 {
+            return;
+        }
         let (posts, replies): (Vec<Post>, Vec<AckSender>) = self
             .queue
             .drain(..take)
@@ -689,27 +709,30 @@ impl Room {
 }
 
 impl Room {
-    /// Serves the queue: to the store as a batch, or, when the room does not store its
-    /// messages, at once from the reserved seqs (after any batch still being stored).
+    /// Serves the queue in order: posts to store go as a batch; posts of a room that does not
+    /// store its messages are handed out at once from reserved seqs, once nothing stored is
+    /// still on its way (a batch in flight, a gap being filled).
     fn serve_queue(&mut self, ctx: &mut Context<Self>) {
-        if self.policy.limits.persist {
-            self.store_queued(ctx);
-        } else if self.in_flight.is_none() {
-            self.hand_out_queued(ctx);
+        match self.queue.front().map(|p| p.persist) {
+            Some(true) => self.store_queued(ctx),
+            Some(false) if self.in_flight.is_none() && !self.filling_gap => {
+                self.hand_out_queued(ctx)
+            }
+            _ => {}
         }
     }
 
-    /// A room that does not store its messages: each queued post gets the next reserved seq,
-    /// is delivered and acked now; a retry of a message still in the ring gets its original.
+    /// Each queued post not to be stored gets the next reserved seq and is delivered and acked
+    /// now; a retry of a message still in the ring gets its original.
     fn hand_out_queued(&mut self, ctx: &mut Context<Self>) {
-        while let Some(front) = self.queue.front() {
+        while let Some(front) = self.queue.front().filter(|p| !p.persist) {
             if let Some(ack) = self.earlier_ack(&front.post) {
                 if let Some(pending) = self.queue.pop_front() {
                     let _ = pending.reply.send(Ok(ack));
                 }
                 continue;
             }
-            let Some(seq) = self.next_reserved_seq() else {
+            let Some(seq) = self.seqs.next_after(self.delivered) else {
                 break;
             };
             let Some(pending) = self.queue.pop_front() else {
@@ -725,27 +748,27 @@ impl Room {
                 client_msg_id: pending.post.client_msg_id.clone(),
                 error: None,
             };
-            // Seqs of an unused block left by an earlier run are skipped, never reused.
+            // A block reserved before the last one was used up (by an earlier run of the room)
+            // leaves seqs that are skipped, never reused.
             self.delivered = Seq(self.delivered.0.max(seq.0 - 1));
             self.committed(view, ctx);
             let _ = pending.reply.send(Ok(Ack { seq, sent_at }));
         }
-        let low = self
-            .seq_block
-            .is_none_or(|(next, last)| last.0 - next.0 < SEQ_BLOCK / 2);
-        if low {
+        if !self.policy.limits.persist && self.seqs.wants_more() {
             self.reserve_seqs(ctx);
+        }
+        // Posts accepted to be stored (before a reload) may follow.
+        if self.queue.front().is_some_and(|p| p.persist) {
+            self.store_queued(ctx);
         }
     }
 
-    fn next_reserved_seq(&mut self) -> Option<Seq> {
-        let (next, last) = self.seq_block?;
-        if next > last {
-            self.seq_block = None;
-            return None;
+    /// The room stores its messages (again): the reserved seqs are dropped; the database's
+    /// seqs continue after them, so delivery does too.
+    fn drop_reserved_seqs(&mut self) {
+        if let Some(last) = self.seqs.drop_all() {
+            self.delivered = self.delivered.max(last);
         }
-        self.seq_block = Some((next.next(), last));
-        Some(next)
     }
 
     /// The ack of a message of the same sender and client_msg_id still in the ring.
@@ -762,27 +785,23 @@ impl Room {
 
     /// Reserves the next block of seqs in the database (one request at a time; retried).
     fn reserve_seqs(&mut self, ctx: &mut Context<Self>) {
-        if self.reserving {
-            return;
-        }
-        self.reserving = true;
+        self.seqs.reserving();
         let request = self.store.seqs.send(ReserveSeqs {
             room: self.record.id,
-            count: SEQ_BLOCK,
+            count: seqs::BLOCK,
         });
         ctx.spawn(request.into_actor(self).map(|result, room, ctx| {
-            room.reserving = false;
             match result {
                 Ok(Ok(last)) => {
-                    let first = Seq(last.0 - SEQ_BLOCK + 1);
-                    let next = match room.seq_block {
-                        Some((next, _)) => next,
-                        None => first,
-                    };
-                    room.seq_block = Some((next.max(first), last));
+                    room.seqs.reserved(last);
+                    if room.policy.limits.persist {
+                        // A reload made the room store its messages meanwhile.
+                        room.drop_reserved_seqs();
+                    }
                     room.serve_queue(ctx);
                 }
                 failed => {
+                    room.seqs.failed();
                     log::warn!(
                         "room {}: reserving seqs failed: {failed:?}",
                         room.record.name
@@ -824,14 +843,12 @@ impl Room {
         if self.policy.limits.persist {
             return None;
         }
-        let messages: Vec<MessageView> = self
-            .recent
-            .iter()
-            .filter(|m| m.seq > after)
-            .cloned()
-            .collect();
+        // Only the ring holds messages: the newest `limit` of those after `after`.
+        let newer: Vec<&MessageView> = self.recent.iter().filter(|m| m.seq > after).collect();
+        let skip = newer.len().saturating_sub(limit);
         let reaches = self.recent.front().is_some_and(|m| m.seq.0 <= after.0 + 1);
-        Some((messages, !reaches))
+        let messages = newer.into_iter().skip(skip).cloned().collect();
+        Some((messages, skip > 0 || !reaches))
     }
 }
 
@@ -992,6 +1009,7 @@ impl Handler<Post> for Room {
             post,
             reply,
             queued_at: Instant::now(),
+            persist: self.policy.limits.persist,
         });
         self.serve_queue(ctx);
         Box::pin(async move { answer.await.unwrap_or(Err(RoomError::Gone)) })

@@ -71,11 +71,13 @@ impl RoomPolicy {
         !self.closed && self.may_read(user)
     }
 
-    /// Whether `user` may read the room's history (a closed room's too).
+    /// Whether `user` may read the room's history (a closed room's too). A config room's
+    /// admins are admitted to the room they manage.
     pub fn may_read(&self, user: &UserRecord) -> bool {
         self.kind == RoomKind::Public
             || self.members.contains(&user.id)
             || self.whitelist.contains(&user.username)
+            || (self.origin == RoomOrigin::Config && self.admins.contains(&user.username))
     }
 
     /// Why `user` may not join (or read) the room, if it may not.
@@ -112,16 +114,15 @@ impl RoomPolicy {
             return Err(RoomError::Forbidden(Forbidden::Closed));
         }
         match (self.origin, self.kind) {
+            // To a non-member, a direct room answers as one that does not exist would.
+            (RoomOrigin::Direct, _) if !self.may_read(by) => {
+                Err(RoomError::Forbidden(Forbidden::NotMember))
+            }
             (RoomOrigin::Direct, _) => Err(RoomError::Forbidden(Forbidden::Direct)),
             _ if !self.manages(by) => Err(RoomError::Forbidden(Forbidden::NotManager)),
             (_, RoomKind::Public) => Err(RoomError::PublicRoom),
             _ => Ok(()),
         }
-    }
-
-    /// Whether a private room's whitelist (members and file-listed names) is at its limit.
-    pub fn is_full(&self) -> bool {
-        self.members.len() + self.whitelist.len() >= self.limits.max_members
     }
 }
 
@@ -251,12 +252,17 @@ mod tests {
         assert!(created.check_manager(&user(2, "bob")).is_err());
         let direct = RoomPolicy::of(
             &record(RoomOrigin::Direct, RoomKind::Private),
-            HashSet::new(),
+            HashSet::from([UserId(1), UserId(2)]),
             &policies,
         );
         assert!(matches!(
             direct.check_manager(&user(1, "ann")),
             Err(RoomError::Forbidden(Forbidden::Direct))
+        ));
+        // To an outsider, a direct room looks like one it is not a member of.
+        assert!(matches!(
+            direct.check_manager(&user(3, "eve")),
+            Err(RoomError::Forbidden(Forbidden::NotMember))
         ));
     }
 
