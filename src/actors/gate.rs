@@ -6,7 +6,8 @@
 //! Messages:
 //! - [`Admit`] (upgrade handler): may `ip` open one more connection? Counts it if so.
 //! - [`Register`] / [`Unregister`] (Session, on start / stop): track it; release its IP slot.
-//! - [`LoginAllowed`] / [`LoginFinished`] (Session, around `login`).
+//! - [`LoginAllowed`] / [`LoginFinished`] (Session, around `login`; the latter always, through
+//!   a [`LoginAttempt`] guard).
 //! - [`Release`] (upgrade handler): a counted connection that never became a session.
 //! - [`DrainAll`] (server, on SIGTERM/SIGINT): tell every session to finish and close with
 //!   1001; replies when all are gone or the deadline passed.
@@ -68,12 +69,56 @@ pub struct LoginAllowed {
 }
 
 /// Session → Gate: an allowed login attempt ended; `failed` when the credentials were wrong.
+/// Sent by [`LoginAttempt`], whatever happens to the connection.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct LoginFinished {
     pub username: Username,
     pub ip: Option<IpAddr>,
     pub failed: bool,
+}
+
+/// A login attempt the gate allowed. It is finished in the gate exactly once: by
+/// [`LoginAttempt::finish`] with its outcome, or, when the connection goes away first (the
+/// future holding it is dropped), as not failed: an attempt whose answer nobody got taught
+/// its sender nothing.
+pub struct LoginAttempt {
+    gate: Addr<Gate>,
+    username: Username,
+    ip: Option<IpAddr>,
+    finished: bool,
+}
+
+impl LoginAttempt {
+    pub fn new(gate: Addr<Gate>, username: Username, ip: Option<IpAddr>) -> Self {
+        LoginAttempt {
+            gate,
+            username,
+            ip,
+            finished: false,
+        }
+    }
+
+    pub fn finish(mut self, failed: bool) {
+        self.finished = true;
+        self.report(failed);
+    }
+
+    fn report(&self, failed: bool) {
+        self.gate.do_send(LoginFinished {
+            username: self.username.clone(),
+            ip: self.ip,
+            failed,
+        });
+    }
+}
+
+impl Drop for LoginAttempt {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.report(false);
+        }
+    }
 }
 
 /// Upgrade handler → Gate: give back a slot taken by [`Admit`] for a connection that never
@@ -97,9 +142,10 @@ pub struct Gate {
     sessions: HashMap<SessionId, Recipient<Drain>>,
     failures_by_user: HashMap<Username, VecDeque<Instant>>,
     failures_by_ip: HashMap<IpAddr, VecDeque<Instant>>,
-    /// Login attempts per username allowed and not finished yet: they count as failures until
-    /// they end, so parallel attempts cannot get past the limit together.
-    attempts_by_user: HashMap<Username, usize>,
+    /// Login attempts per username allowed and not finished yet (when each began): they count
+    /// as failures until they end, so parallel attempts cannot get past the limit together;
+    /// one never reported finished stops counting once the window has passed.
+    attempts_by_user: HashMap<Username, VecDeque<Instant>>,
     drained: Vec<oneshot::Sender<()>>,
     draining: bool,
 }
@@ -147,6 +193,8 @@ impl Actor for Gate {
             gate.failures_by_user
                 .retain(|_, w| Gate::recent(w, span) > 0);
             gate.failures_by_ip.retain(|_, w| Gate::recent(w, span) > 0);
+            gate.attempts_by_user
+                .retain(|_, w| Gate::recent(w, span) > 0);
         });
     }
 }
@@ -215,8 +263,8 @@ impl Handler<LoginAllowed> for Gate {
             .unwrap_or(0)
             + self
                 .attempts_by_user
-                .get(&msg.username)
-                .copied()
+                .get_mut(&msg.username)
+                .map(|w| Gate::recent(w, span))
                 .unwrap_or(0);
         // Attempts in flight count against a username (so a parallel burst cannot guess more
         // often than the limit), but not against an address, where many users may log in at once.
@@ -228,7 +276,10 @@ impl Handler<LoginAllowed> for Gate {
         let allowed = by_user < self.settings.failed_logins_per_user
             && by_ip < self.settings.failed_logins_per_ip;
         if allowed {
-            *self.attempts_by_user.entry(msg.username).or_default() += 1;
+            self.attempts_by_user
+                .entry(msg.username)
+                .or_default()
+                .push_back(Instant::now());
         }
         allowed
     }
@@ -238,9 +289,9 @@ impl Handler<LoginFinished> for Gate {
     type Result = ();
 
     fn handle(&mut self, msg: LoginFinished, _: &mut Context<Self>) {
-        if let Some(n) = self.attempts_by_user.get_mut(&msg.username) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+        if let Some(attempts) = self.attempts_by_user.get_mut(&msg.username) {
+            attempts.pop_front();
+            if attempts.is_empty() {
                 self.attempts_by_user.remove(&msg.username);
             }
         }

@@ -14,7 +14,7 @@ use crate::actors::db::{
     hash_token, CreateUser, FindLogin, IssueToken, IssuedToken, ResumeToken, RevokeToken, TokenHash,
 };
 use crate::actors::directory::{Directory, Parked, Reclaim};
-use crate::actors::gate::{LoginAllowed, LoginFinished};
+use crate::actors::gate::{LoginAllowed, LoginAttempt};
 use crate::actors::room::{Deliver, Join, Joined, Room};
 use crate::error::{AuthError, Error};
 use crate::ids::SessionId;
@@ -175,13 +175,12 @@ async fn login_attempt(
     if !allowed {
         return Err(AuthError::TooManyFailures.into());
     }
+    let admitted = LoginAttempt::new(services.gate.clone(), username.clone(), ip);
     let attempt = check_password(&services, &username, password).await;
-    let failed = matches!(attempt, Err(Error::Auth(AuthError::InvalidCredentials)));
-    services.gate.do_send(LoginFinished {
-        username,
-        ip,
-        failed,
-    });
+    admitted.finish(matches!(
+        attempt,
+        Err(Error::Auth(AuthError::InvalidCredentials))
+    ));
     attempt
 }
 
