@@ -18,7 +18,9 @@ use rookery::error::StoreError;
 use rookery::ids::{RoomId, Seq, SessionId, UserId};
 use rookery::policy::Policies;
 use rookery::protocol::{parse_request, Event, MessageView, RoomKind};
-use rookery::store::models::{HistoryPage, RoomOrigin, RoomRecord, RoomState, Stored, UserRecord};
+use rookery::store::models::{
+    HistoryPage, Outcome, RoomOrigin, RoomRecord, RoomState, Stored, UserRecord,
+};
 use std::collections::HashSet;
 
 fn parsing(c: &mut Criterion) {
@@ -69,18 +71,18 @@ impl Actor for InstantStore {
 }
 
 impl Handler<StoreBatch> for InstantStore {
-    type Result = Result<Vec<Stored>, StoreError>;
+    type Result = Result<Vec<Outcome>, StoreError>;
     fn handle(&mut self, msg: StoreBatch, _: &mut Context<Self>) -> Self::Result {
         Ok(msg
             .posts
             .iter()
             .map(|_| {
                 self.last += 1;
-                Stored {
+                Ok(Stored {
                     seq: Seq(self.last),
                     sent_at: chrono::Utc::now(),
                     duplicate: false,
-                }
+                })
             })
             .collect())
     }

@@ -129,6 +129,8 @@ pub enum RoomError {
     RateLimited,
     #[error("a public room needs no invitation")]
     PublicRoom,
+    #[error("the database refused this message")]
+    Unstorable,
     #[error("the commit did not finish within the store timeout")]
     CommitTimeout,
     #[error("the message waited longer than the store timeout for its batch")]
@@ -300,6 +302,7 @@ fn room_to_wire(e: &RoomError) -> (ErrorCode, Cow<'static, str>) {
             "too many messages in this room; slow down",
         ),
         RoomError::PublicRoom => (ErrorCode::BadRequest, "a public room needs no invitation"),
+        RoomError::Unstorable => (ErrorCode::BadRequest, "this message cannot be stored"),
         RoomError::TooLarge { .. } => return (ErrorCode::TooLarge, e.to_string().into()),
         RoomError::Store(e) => return store_to_wire(e),
     };

@@ -22,7 +22,9 @@ use rookery::error::{Error, Forbidden, RoomError, StoreError};
 use rookery::ids::{RoomId, Seq, SessionId, UserId};
 use rookery::policy::Policies;
 use rookery::protocol::{ErrorCode, RoomKind};
-use rookery::store::models::{HistoryPage, RoomOrigin, RoomRecord, RoomState, Stored, UserRecord};
+use rookery::store::models::{
+    HistoryPage, Outcome, RoomOrigin, RoomRecord, RoomState, Stored, UserRecord,
+};
 use support::*;
 
 // ---------------------------------------------------------------- fakes
@@ -35,8 +37,8 @@ enum Mode {
 }
 
 type Held = (
-    oneshot::Sender<Result<Vec<Stored>, StoreError>>,
-    Vec<Stored>,
+    oneshot::Sender<Result<Vec<Outcome>, StoreError>>,
+    Vec<Outcome>,
 );
 
 /// A store that numbers messages like the real one, and can hold or fail commits.
@@ -52,23 +54,23 @@ impl Actor for FakeStore {
 }
 
 impl Handler<StoreBatch> for FakeStore {
-    type Result = ResponseFuture<Result<Vec<Stored>, StoreError>>;
+    type Result = ResponseFuture<Result<Vec<Outcome>, StoreError>>;
 
     fn handle(&mut self, msg: StoreBatch, _: &mut Context<Self>) -> Self::Result {
         self.batch_sizes.push(msg.posts.len());
         if self.mode == Mode::Fail {
             return Box::pin(async { Err(StoreError::Unavailable("cut off".into())) });
         }
-        let stored: Vec<Stored> = msg
+        let stored: Vec<Outcome> = msg
             .posts
             .iter()
             .map(|_| {
                 self.last_seq += 1;
-                Stored {
+                Ok(Stored {
                     seq: Seq(self.last_seq),
                     sent_at: Utc::now(),
                     duplicate: false,
-                }
+                })
             })
             .collect();
         if self.mode == Mode::Hold {
@@ -585,6 +587,7 @@ async fn the_db_executor_stores_batches_once_per_client_msg_id() {
         .await
         .unwrap()
         .unwrap();
+    let first: Vec<Stored> = first.into_iter().map(Result::unwrap).collect();
     let seqs: Vec<(i64, bool)> = first.iter().map(|s| (s.seq.0, s.duplicate)).collect();
     assert_eq!(seqs, [(1, false), (2, false), (1, true)]);
     let second = executor
@@ -595,6 +598,7 @@ async fn the_db_executor_stores_batches_once_per_client_msg_id() {
         .await
         .unwrap()
         .unwrap();
+    let second: Vec<Stored> = second.into_iter().map(Result::unwrap).collect();
     let seqs: Vec<(i64, bool)> = second.iter().map(|s| (s.seq.0, s.duplicate)).collect();
     assert_eq!(seqs, [(3, false), (1, true)]);
     assert_eq!(second[1].sent_at, first[0].sent_at);
@@ -660,7 +664,7 @@ impl Actor for FakeDb {
 }
 
 impl Handler<rookery::actors::db::StoreBatches> for FakeDb {
-    type Result = ResponseFuture<Result<Vec<Vec<Stored>>, StoreError>>;
+    type Result = ResponseFuture<Result<Vec<Vec<Outcome>>, StoreError>>;
 
     fn handle(
         &mut self,
@@ -679,10 +683,12 @@ impl Handler<rookery::actors::db::StoreBatches> for FakeDb {
                 .iter()
                 .map(|b| {
                     (1..=b.posts.len() as i64)
-                        .map(|seq| Stored {
-                            seq: Seq(seq),
-                            sent_at: Utc::now(),
-                            duplicate: false,
+                        .map(|seq| {
+                            Ok(Stored {
+                                seq: Seq(seq),
+                                sent_at: Utc::now(),
+                                duplicate: false,
+                            })
                         })
                         .collect()
                 })
@@ -772,7 +778,11 @@ async fn store_batches_commits_rooms_together_and_never_duplicates_on_retry() {
     };
     let (pa, pb) = (posts("a", 3), posts("b", 2));
     let first = store_batches(&mut conn, &keys, &[(a.id, &pa), (b.id, &pb)]).unwrap();
-    let seqs = |r: &Vec<Stored>| r.iter().map(|s| (s.seq.0, s.duplicate)).collect::<Vec<_>>();
+    let seqs = |r: &Vec<Outcome>| {
+        r.iter()
+            .map(|s| s.as_ref().map(|s| (s.seq.0, s.duplicate)).unwrap())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(seqs(&first[0]), [(1, false), (2, false), (3, false)]);
     assert_eq!(seqs(&first[1]), [(1, false), (2, false)]);
 
@@ -821,6 +831,50 @@ async fn store_batches_commits_rooms_together_and_never_duplicates_on_retry() {
         .first(&mut conn)
         .unwrap();
     assert_eq!(stored, 8);
+}
+
+/// A value Postgres refuses (U+0000 in a text column) fails only its own message: the other
+/// messages of the combined batch, in its room and in others, are stored once, in order.
+#[actix_rt::test]
+async fn a_message_the_database_refuses_fails_alone() {
+    use rookery::store::{store_batches, NewPost};
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    rookery::store::run_migrations(&mut conn).unwrap();
+    let user = rookery::store::create_user(&mut conn, "ann", "x").unwrap();
+    let a = rookery::store::create_room(&mut conn, "a", RoomKind::Public, &user, &[], 10).unwrap();
+    let b = rookery::store::create_room(&mut conn, "b", RoomKind::Public, &user, &[], 10).unwrap();
+    let keys = rookery::crypto::Keyring::new([(1, [9u8; 32])]).unwrap();
+    let post = |key: &str| NewPost {
+        sender: user.id,
+        body: format!("body of {key}").into(),
+        client_msg_id: Some(key.to_string()),
+    };
+    let pa = [post("a1"), post("poi\u{0}son"), post("a2")];
+    let pb = [post("b1"), post("b2")];
+    let outcomes = store_batches(&mut conn, &keys, &[(a.id, &pa), (b.id, &pb)]).unwrap();
+    let seqs = |r: &Vec<Outcome>| {
+        r.iter()
+            .map(|o| o.as_ref().ok().map(|s| s.seq.0))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(seqs(&outcomes[0]), [Some(1), None, Some(2)]);
+    assert_eq!(seqs(&outcomes[1]), [Some(1), Some(2)]);
+    assert!(outcomes[0][1].as_ref().unwrap_err().why.contains("0x00"));
+
+    // Retrying the good ones finds them stored: each exists once.
+    let again = store_batches(&mut conn, &keys, &[(a.id, &pa[..1]), (b.id, &pb)]).unwrap();
+    assert!(again
+        .iter()
+        .flatten()
+        .all(|o| o.as_ref().unwrap().duplicate));
+    let page = rookery::store::load_messages(&mut conn, &keys, &a, None, 10).unwrap();
+    let keys_stored: Vec<Option<&str>> = page
+        .messages
+        .iter()
+        .map(|m| m.client_msg_id.as_deref())
+        .collect();
+    assert_eq!(keys_stored, [Some("a1"), Some("a2")]);
 }
 
 // ---------------------------------------------------------------- room policies

@@ -334,3 +334,68 @@ async fn sigterm_stops_the_process_gracefully() {
     };
     assert!(exit.success(), "{exit:?}");
 }
+
+/// Regression (hardening 1): logins whose connections go away while bcrypt runs must not
+/// leave their attempts counted: afterwards the right password still logs in.
+#[actix_rt::test]
+async fn aborted_logins_do_not_lock_the_account_out() {
+    let server = TestServer::start_with(|c| c.database.bcrypt_cost = 10).await;
+    let mut ann = server.connect().await;
+    ann.register("ann").await;
+    for _ in 0..5 {
+        let mut c = server.connect().await;
+        c.send_request("l", &req::login("ann", "wrong-password"))
+            .await;
+        actix_rt::time::sleep(Duration::from_millis(5)).await;
+        drop(c); // gone while the password is being checked
+    }
+    actix_rt::time::sleep(Duration::from_millis(1500)).await;
+    let mut c = server.connect().await;
+    c.login("ann").await;
+}
+
+/// Regression (hardening 2): a send the database could not store must fail alone. A retry key
+/// with U+0000, or a string that is not text, is refused with its id; the sender's sends around
+/// it and other users' sends are acked, stored once and delivered; a body may hold U+0000.
+#[actix_rt::test]
+async fn a_poisoned_send_fails_alone() {
+    let server = TestServer::start().await;
+    let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
+    let [mut carl] = server.public_room("other", ["carl"]).await;
+    let send = |id: &str, body: &str, key: &str| {
+        json!({"id": id, "type": "send", "room": "general", "body": body, "client_msg_id": key})
+            .to_string()
+    };
+    ann.send_text(&send("s1", "first", "k1")).await;
+    ann.send_text(&send("s2", "poison", "k\u{0}2")).await;
+    ann.send_text(r#"{"id":"s3","type":"send","room":"general","body":"\ud800"}"#)
+        .await;
+    ann.send_text(&send("s4", "nul\u{0}inside", "k4")).await;
+    carl.send_text(
+        &json!({"id": "c1", "type": "send", "room": "other", "body": "elsewhere"}).to_string(),
+    )
+    .await;
+    let ids = ["s1", "s2", "s3", "s4"].map(String::from);
+    let replies = ann.replies_to(&ids).await;
+    assert_eq!(replies["s1"]["seq"], 1, "{}", replies["s1"]);
+    for bad in ["s2", "s3"] {
+        assert_eq!(replies[bad]["type"], "error", "{}", replies[bad]);
+        assert_eq!(replies[bad]["code"], "bad_request");
+    }
+    assert_eq!(replies["s4"]["seq"], 2, "{}", replies["s4"]);
+    assert_eq!(
+        carl.replies_to(&["c1".to_string()]).await["c1"]["type"],
+        "ok"
+    );
+
+    assert_eq!(bob.next_event_of("message").await["body"], "first");
+    assert_eq!(bob.next_event_of("message").await["body"], "nul\u{0}inside");
+    let keys: Vec<Option<String>> = server
+        .stored("general")
+        .into_iter()
+        .map(|m| m.client_msg_id)
+        .collect();
+    assert_eq!(keys, [Some("k1".to_string()), Some("k4".to_string())]);
+    let page = bob.ok(req::history("general", None, None)).await;
+    assert_eq!(page["messages"][1]["body"], "nul\u{0}inside");
+}

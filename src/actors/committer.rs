@@ -14,9 +14,9 @@ use tokio::sync::oneshot;
 
 use crate::actors::db::{StoreBatch, StoreBatches};
 use crate::error::StoreError;
-use crate::store::models::Stored;
+use crate::store::models::Outcome;
 
-type BatchSender = oneshot::Sender<Result<Vec<Stored>, StoreError>>;
+type BatchSender = oneshot::Sender<Result<Vec<Outcome>, StoreError>>;
 
 pub struct Committer {
     db: Recipient<StoreBatches>,
@@ -107,7 +107,7 @@ impl Actor for Committer {
 }
 
 impl Handler<StoreBatch> for Committer {
-    type Result = ResponseFuture<Result<Vec<Stored>, StoreError>>;
+    type Result = ResponseFuture<Result<Vec<Outcome>, StoreError>>;
 
     fn handle(&mut self, msg: StoreBatch, ctx: &mut Context<Self>) -> Self::Result {
         let (reply, answer) = oneshot::channel();

@@ -275,14 +275,14 @@ impl Handler<LoadRoom> for DbExecutor {
 /// Room → DbExecutor: store a batch of one room's messages in one transaction, in order.
 /// `Ok` means all are committed (one `Stored` per message, in order); `Err` means none is.
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "Result<Vec<Stored>, StoreError>")]
+#[rtype(result = "Result<Vec<Outcome>, StoreError>")]
 pub struct StoreBatch {
     pub room: RoomId,
     pub posts: Vec<NewPost>,
 }
 
 impl Handler<StoreBatch> for DbExecutor {
-    type Result = Result<Vec<Stored>, StoreError>;
+    type Result = Result<Vec<Outcome>, StoreError>;
 
     fn handle(&mut self, msg: StoreBatch, _: &mut Self::Context) -> Self::Result {
         store::store_batch(&mut *self.conn()?, &self.keys, msg.room, &msg.posts)
@@ -391,13 +391,13 @@ impl Handler<PurgeExpired> for DbExecutor {
 /// Committer → DbExecutor: several rooms' batches in one transaction (group commit). `Ok`
 /// holds each batch's results, in order; `Err` means nothing was stored.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Vec<Vec<Stored>>, StoreError>")]
+#[rtype(result = "Result<Vec<Vec<Outcome>>, StoreError>")]
 pub struct StoreBatches {
     pub batches: Vec<StoreBatch>,
 }
 
 impl Handler<StoreBatches> for DbExecutor {
-    type Result = Result<Vec<Vec<Stored>>, StoreError>;
+    type Result = Result<Vec<Vec<Outcome>>, StoreError>;
 
     fn handle(&mut self, msg: StoreBatches, _: &mut Self::Context) -> Self::Result {
         let batches: Vec<(RoomId, &[NewPost])> = msg

@@ -256,11 +256,20 @@ fn check_body(body: &str, client_msg_id: Option<&str>) -> Result<(), Rejection> 
         return Err(Rejection::bad("body must not be empty"));
     }
     match client_msg_id {
-        Some(id) if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_LEN => Err(Rejection::bad(
-            format!("client_msg_id must be 1..{MAX_CLIENT_MSG_ID_LEN} bytes"),
-        )),
+        Some(id) if !is_client_msg_id(id) => Err(Rejection::bad(format!(
+            "client_msg_id must be 1..{MAX_CLIENT_MSG_ID_LEN} characters of A-Z a-z 0-9 . _ : -"
+        ))),
         _ => Ok(()),
     }
+}
+
+/// The form of a retry key: printable ASCII that every database column and log line takes
+/// as it is.
+fn is_client_msg_id(id: &str) -> bool {
+    (1..=MAX_CLIENT_MSG_ID_LEN).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 /// A request with its id, as the client side sends it: `{"id": ..., "type": ..., ...fields}`.
@@ -350,7 +359,7 @@ pub fn parse_request(text: &str) -> Result<Incoming, FrameError> {
         rejection: Rejection::bad(message),
     };
     let value: Value =
-        serde_json::from_str(text).map_err(|_| fail(None, "malformed JSON".into()))?;
+        serde_json::from_str(text).map_err(|_| fail(readable_id(text), "malformed JSON".into()))?;
     let Value::Object(object) = &value else {
         return Err(fail(None, "a frame must be a JSON object".into()));
     };
@@ -376,6 +385,19 @@ pub fn parse_request(text: &str) -> Result<Incoming, FrameError> {
             request: request.check(),
         }),
         Err(e) => Err(fail(Some(id), describe_field_error(&e))),
+    }
+}
+
+/// The id of a frame that is JSON in form but holds a string that is not text (a lone
+/// surrogate escape such as `"\ud800"`): reading only the id skips over the other values.
+fn readable_id(text: &str) -> Option<RequestId> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: Value,
+    }
+    match serde_json::from_str::<IdOnly>(text).ok()?.id {
+        Value::String(id) => RequestId::parse(id),
+        _ => None,
     }
 }
 
@@ -518,6 +540,40 @@ mod tests {
         }
         let long = format!(r#"{{"id":"{}","type":"ping"}}"#, "x".repeat(MAX_ID_LEN + 1));
         assert_eq!(parse_err(&long).id, None);
+    }
+
+    #[test]
+    fn a_string_that_is_not_text_is_answered_with_the_readable_id() {
+        let e = parse_err(r#"{"id":"7","type":"send","room":"a","body":"\ud800"}"#);
+        assert_eq!(e.id.as_ref().map(RequestId::as_str), Some("7"));
+        assert_eq!(e.rejection.message, "malformed JSON");
+        // The id itself unreadable, or the frame cut short: nothing to answer with.
+        assert_eq!(parse_err(r#"{"id":"\ud800","type":"ping"}"#).id, None);
+        assert_eq!(parse_err(r#"{"id":"7","type":"send","body":"#).id, None);
+    }
+
+    #[test]
+    fn client_msg_ids_are_printable_ascii_of_a_bounded_length() {
+        let send = |key: &str| {
+            let frame = serde_json::json!({"id": "1", "type": "send", "room": "a", "body": "hi",
+                "client_msg_id": key});
+            parse_request(&frame.to_string()).unwrap().request
+        };
+        for good in ["c-17", "a.b_c:d-E9", &"k".repeat(MAX_CLIENT_MSG_ID_LEN)] {
+            assert!(send(good).is_ok(), "{good}");
+        }
+        let long = "k".repeat(MAX_CLIENT_MSG_ID_LEN + 1);
+        for bad in ["", "a\u{0}b", "a b", "ключ", "a/b", long.as_str()] {
+            let refused = send(bad).unwrap_err();
+            assert_eq!(refused.code, ErrorCode::BadRequest, "{bad:?}");
+            assert!(
+                refused.message.starts_with("client_msg_id must be"),
+                "{bad:?}"
+            );
+        }
+        // A body may hold any character, U+0000 included: it is stored sealed, as bytes.
+        let frame = serde_json::json!({"id": "1", "type": "send", "room": "a", "body": "a\u{0}b"});
+        assert!(parse_request(&frame.to_string()).unwrap().request.is_ok());
     }
 
     #[test]

@@ -246,17 +246,55 @@ pub fn store_batch(
     keys: &Keyring,
     room: RoomId,
     posts: &[NewPost],
-) -> Result<Vec<Stored>, StoreError> {
+) -> Result<Vec<Outcome>, StoreError> {
     let mut results = store_batches(conn, keys, &[(room, posts)])?;
     Ok(results.pop().unwrap_or_default())
 }
 
 /// Group commit: the batches of several rooms in one transaction, in three statements
 /// whatever the number of rooms: one look-up of repeated `client_msg_id`s, one update of the
-/// rooms' counters, one multi-row insert. All are committed or none is; results per batch, in
-/// order. A repeated `client_msg_id` (stored before, or earlier in the batch) returns the
-/// original seq and stores nothing.
+/// rooms' counters, one multi-row insert. Results per batch, in order. A repeated
+/// `client_msg_id` (stored before, or earlier in the batch) returns the original seq and
+/// stores nothing.
+///
+/// The transaction is all or nothing; when it fails for a reason that may belong to one
+/// message (a value the database refuses, not a lost connection), each batch is stored on
+/// its own, and the messages of a batch that still fails one by one, in order: the others
+/// are stored, and only a message that fails alone is [`Refused`].
 pub fn store_batches(
+    conn: &mut PgConnection,
+    keys: &Keyring,
+    batches: &[(RoomId, &[NewPost])],
+) -> Result<Vec<Vec<Outcome>>, StoreError> {
+    match store_together(conn, keys, batches) {
+        Ok(results) => Ok(results.into_iter().map(all_stored).collect()),
+        Err(e)
+            if may_belong_to_one_message(&e)
+                && batches.iter().map(|b| b.1.len()).sum::<usize>() > 1 =>
+        {
+            log::warn!(
+                "storing {} batch(es) failed ({e}); storing them apart",
+                batches.len()
+            );
+            batches
+                .iter()
+                .map(|(room, posts)| store_apart(conn, keys, *room, posts))
+                .collect()
+        }
+        Err(e) if may_belong_to_one_message(&e) => {
+            Ok(vec![vec![Err(Refused { why: e.to_string() })]])
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn all_stored(batch: Vec<Stored>) -> Vec<Outcome> {
+    batch.into_iter().map(Ok).collect()
+}
+
+/// One transaction for `batches`, retried once when a concurrent writer committed one of
+/// their client_msg_ids first (now it is a duplicate).
+fn store_together(
     conn: &mut PgConnection,
     keys: &Keyring,
     batches: &[(RoomId, &[NewPost])],
@@ -264,10 +302,51 @@ pub fn store_batches(
     let attempt =
         |conn: &mut PgConnection| conn.transaction(|conn| store_batches_once(conn, keys, batches));
     match attempt(conn) {
-        // A concurrent writer committed one of our client_msg_ids first: now it is a duplicate.
         Err(StoreError::Database(e)) if is_unique_violation(&e) => attempt(conn),
         other => other,
     }
+}
+
+/// One room's batch on its own; when it fails for a message's sake, its messages one by one.
+fn store_apart(
+    conn: &mut PgConnection,
+    keys: &Keyring,
+    room: RoomId,
+    posts: &[NewPost],
+) -> Result<Vec<Outcome>, StoreError> {
+    match store_together(conn, keys, &[(room, posts)]) {
+        Ok(mut results) => return Ok(all_stored(results.pop().unwrap_or_default())),
+        Err(e) if !may_belong_to_one_message(&e) => return Err(e),
+        Err(_) => {}
+    }
+    let mut outcomes = Vec::with_capacity(posts.len());
+    for post in posts {
+        match store_together(conn, keys, &[(room, std::slice::from_ref(post))]) {
+            Ok(mut results) => outcomes.extend(all_stored(results.pop().unwrap_or_default())),
+            Err(e) if may_belong_to_one_message(&e) => {
+                log::warn!("room {}: a message cannot be stored: {e}", room.0);
+                outcomes.push(Err(Refused { why: e.to_string() }));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Whether a failed store may be one message's fault: the database refused a value. Lost
+/// connections, cancelled statements and the like are everyone's, and fail the whole batch.
+fn may_belong_to_one_message(e: &StoreError) -> bool {
+    let StoreError::Database(DieselError::DatabaseError(kind, info)) = e else {
+        return false;
+    };
+    let transient = matches!(
+        kind,
+        DatabaseErrorKind::ClosedConnection
+            | DatabaseErrorKind::UnableToSendCommand
+            | DatabaseErrorKind::SerializationFailure
+            | DatabaseErrorKind::ReadOnlyTransaction
+    ) || info.message().contains("canceling statement");
+    !transient
 }
 
 /// A stored message found by its retry key.

@@ -81,6 +81,17 @@ pub struct Stored {
     pub duplicate: bool,
 }
 
+/// Why one message of a batch could not be stored while the others were (a value the
+/// database refuses): the sender hears `bad_request`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// The database's reason, for the log.
+    pub why: String,
+}
+
+/// What became of one message of a batch.
+pub type Outcome = Result<Stored, Refused>;
+
 /// One page of history in ascending seq.
 #[derive(Debug, Clone, Default)]
 pub struct HistoryPage {

@@ -39,7 +39,7 @@ use crate::error::{Forbidden, RoomError, StoreError};
 use crate::ids::{Seq, SessionId, UserId};
 use crate::policy::Policies;
 use crate::protocol::{format_time, Event, MessageView, RoomKind, Username, MAX_HISTORY_LIMIT};
-use crate::store::models::{HistoryPage, RoomOrigin, RoomRecord, RoomState, Stored, UserRecord};
+use crate::store::models::{HistoryPage, Outcome, RoomOrigin, RoomRecord, RoomState, UserRecord};
 use crate::store::NewPost;
 
 pub mod policy;
@@ -624,13 +624,23 @@ impl Room {
     fn batch_committed(
         &mut self,
         posts: Vec<Post>,
-        stored: Vec<Stored>,
+        outcomes: Vec<Outcome>,
         replies: Vec<AckSender>,
         ctx: &mut Context<Self>,
     ) {
         // `replies` is empty when the timeout already answered: the messages are delivered anyway.
         let mut replies = replies.into_iter();
-        for (post, stored) in posts.into_iter().zip(stored) {
+        for (post, outcome) in posts.into_iter().zip(outcomes) {
+            let stored = match outcome {
+                Ok(stored) => stored,
+                Err(_) => {
+                    // This message alone could not be stored; the others of the batch were.
+                    if let Some(reply) = replies.next() {
+                        let _ = reply.send(Err(RoomError::Unstorable));
+                    }
+                    continue;
+                }
+            };
             let sent_at = format_time(stored.sent_at);
             if let Some(reply) = replies.next() {
                 let _ = reply.send(Ok(Ack {
