@@ -42,8 +42,10 @@ pub struct AuthConfig {
     pub failed_logins_per_user: usize,
     /// Failed logins per IP address within the window before `rate_limited`.
     pub failed_logins_per_ip: usize,
-    /// The window for counting failed logins.
+    /// The window for counting failed logins (and failed resumes).
     pub failed_login_window_ms: u64,
+    /// Failed `resume`s per IP address within the window before `rate_limited`.
+    pub failed_resumes_per_ip: usize,
     /// How often the windows of failed logins that have run out are forgotten.
     pub failed_login_sweep_ms: u64,
     /// Threads running bcrypt.
@@ -94,8 +96,10 @@ pub struct TlsConfig {
 pub struct DatabaseConfig {
     /// PostgreSQL URL (may hold a password, hence a Secret).
     pub url: Secret,
-    /// DB-executor threads, one connection each.
+    /// Read-lane DB-executor threads (every request but message commits), one connection each.
     pub executors: usize,
+    /// Requests queued or running on the read lane at most; beyond, `rate_limited`.
+    pub max_queued: usize,
     /// Longest wait for a connection.
     pub connect_timeout_ms: u64,
     /// bcrypt cost for new hashes.
@@ -106,8 +110,8 @@ pub struct DatabaseConfig {
     pub store_timeout_ms: u64,
     /// Postgres cancels any statement of the server's after this long.
     pub statement_timeout_ms: u64,
-    /// Group commit: message-storing transactions started at once before messages gather
-    /// (values above `executors` count as `executors`).
+    /// Group commit: message-storing transactions run at once before messages gather; also
+    /// the commit lane's threads and connections.
     pub commits_in_flight: usize,
     /// Group commit: most messages gathered into one transaction while commits are running.
     pub batch_max_messages: usize,
@@ -395,6 +399,9 @@ impl Config {
                 "limits must be at least 1".into(),
             );
         }
+        if self.auth.failed_resumes_per_ip == 0 {
+            bad("auth.failed_resumes_per_ip", "must be at least 1".into());
+        }
         if self.auth.bcrypt_threads == 0 || self.auth.bcrypt_threads > 64 {
             bad("auth.bcrypt_threads", "must be 1..64".into());
         }
@@ -433,8 +440,11 @@ impl Config {
         if self.database.executors == 0 || self.database.executors > 64 {
             bad("database.executors", "must be 1..64".into());
         }
-        if self.database.commits_in_flight == 0 {
-            bad("database.commits_in_flight", "must be at least 1".into());
+        if self.database.commits_in_flight == 0 || self.database.commits_in_flight > 64 {
+            bad("database.commits_in_flight", "must be 1..64".into());
+        }
+        if self.database.max_queued == 0 {
+            bad("database.max_queued", "must be at least 1".into());
         }
         if !(4..=31).contains(&self.database.bcrypt_cost) {
             bad("database.bcrypt_cost", "must be 4..31".into());

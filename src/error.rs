@@ -22,6 +22,8 @@ pub enum StoreError {
     RoomFull,
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    #[error("too many database requests are waiting")]
+    Busy,
     #[error("database error: {0}")]
     Database(#[from] diesel::result::Error),
     #[error("migration failed: {0}")]
@@ -72,6 +74,8 @@ pub enum AuthError {
     InvalidToken,
     #[error("too many failed logins")]
     TooManyFailures,
+    #[error("too many failed resumes")]
+    TooManyFailedResumes,
     #[error("the password hasher's queue is full")]
     HasherBusy,
     #[error("password hashing failed: {0}")]
@@ -267,6 +271,10 @@ fn auth_to_wire(e: &AuthError) -> (ErrorCode, Cow<'static, str>) {
             ErrorCode::RateLimited,
             "too many failed logins; wait and retry",
         ),
+        AuthError::TooManyFailedResumes => (
+            ErrorCode::RateLimited,
+            "too many failed resumes from this address; wait and retry",
+        ),
         AuthError::HasherBusy => (
             ErrorCode::RateLimited,
             "too many password checks in progress; retry shortly",
@@ -332,6 +340,10 @@ fn store_to_wire(e: &StoreError) -> (ErrorCode, Cow<'static, str>) {
             format!("you may create at most {max} rooms").into(),
         ),
         StoreError::Unavailable(_) => unavailable(),
+        StoreError::Busy => (
+            ErrorCode::RateLimited,
+            "the server is busy; try again shortly".into(),
+        ),
         StoreError::Database(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::ClosedConnection
             | diesel::result::DatabaseErrorKind::UnableToSendCommand,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::actors::committer::Committer;
-use crate::actors::db::{DbExecutor, DbSettings};
+use crate::actors::db::{DbExecutor, DbQueue, DbSettings};
 use crate::actors::directory::{Directory, DirectorySettings, DirectoryStore};
 use crate::actors::gate::{DrainAll, Gate, GateSettings};
 use crate::actors::hasher::HasherHandle;
@@ -65,7 +65,7 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
     }
     let pool = store::connect_pool(
         config.database.url.expose(),
-        u32::try_from(config.database.executors).unwrap_or(64),
+        u32::try_from(config.database.executors + config.database.commits_in_flight).unwrap_or(128),
         ms(config.database.connect_timeout_ms),
         ms(config.database.statement_timeout_ms),
     )?;
@@ -144,7 +144,7 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
     let reloading = actix::spawn(reload::run(
         PolicySource::of(&config),
         policies,
-        services.db.clone(),
+        services.executors.clone(),
         services.directory.clone(),
     ));
     let gate = services.gate.clone();
@@ -199,22 +199,18 @@ fn start_actors(
     keys: Arc<Keyring>,
     policies: Arc<Policies>,
 ) -> Services {
-    let db = DbExecutor::start(
-        config.database.executors,
-        pool,
-        keys,
-        DbSettings {
-            token_ttl: Duration::from_secs(config.database.token_ttl_hours.saturating_mul(3600)),
-            max_listed_rooms: config.rooms.max_listed,
-        },
-    );
+    let settings = DbSettings {
+        token_ttl: Duration::from_secs(config.database.token_ttl_hours.saturating_mul(3600)),
+        max_listed_rooms: config.rooms.max_listed,
+    };
+    let commits = config.database.commits_in_flight;
+    let commit_lane = DbExecutor::start(commits, pool.clone(), keys.clone(), settings.clone());
+    let executors = DbExecutor::start(config.database.executors, pool, keys, settings);
+    let db = DbQueue::new(executors.clone(), config.database.max_queued).start();
     let presence = PresenceHandle::of(&Presence::default().start());
     let committer = Committer::new(
-        db.clone().recipient(),
-        config
-            .database
-            .commits_in_flight
-            .min(config.database.executors),
+        commit_lane.clone().recipient(),
+        commits,
         config.database.batch_max_messages,
         ms(config.database.batch_max_wait_ms),
     )
@@ -223,13 +219,14 @@ fn start_actors(
         store: committer.recipient(),
         history: db.clone().recipient(),
         members: db.clone().recipient(),
-        seqs: db.clone().recipient(),
+        seqs: commit_lane.recipient(),
     };
     let directory = Directory::new(
         DirectoryStore {
             load: db.clone().recipient(),
             list: db.clone().recipient(),
             create: db.clone().recipient(),
+            direct: db.clone().recipient(),
             purge: db.clone().recipient(),
         },
         store,
@@ -251,6 +248,7 @@ fn start_actors(
         failed_logins_per_user: config.auth.failed_logins_per_user,
         failed_logins_per_ip: config.auth.failed_logins_per_ip,
         failed_login_window: ms(config.auth.failed_login_window_ms),
+        failed_resumes_per_ip: config.auth.failed_resumes_per_ip,
         sweep_interval: ms(config.auth.failed_login_sweep_ms),
     })
     .start();
@@ -261,6 +259,7 @@ fn start_actors(
     );
     Services {
         db,
+        executors,
         directory,
         presence,
         gate,

@@ -1174,18 +1174,20 @@ async fn the_db_executor_refuses_a_room_beyond_its_owners_limit() {
     );
 }
 
-#[actix_rt::test]
-async fn the_directory_refuses_a_join_beyond_the_users_joined_room_limit() {
+/// A directory over `executor`, loading rooms through `load`.
+fn start_directory(
+    executor: &Addr<DbExecutor>,
+    load: Recipient<rookery::actors::db::LoadRoom>,
+    policy: &str,
+) -> Addr<rookery::actors::directory::Directory> {
     use rookery::actors::directory::*;
-    use rookery::protocol::RoomName;
-    let (_db, executor, _, _) = executor_with_a_room().await;
     let presence = PresenceHandle::of(&Presence::default().start());
-    let policies = Policies::parse("[users]\nmax_joined_rooms = 2\n", "test").unwrap();
-    let directory = Directory::new(
+    Directory::new(
         DirectoryStore {
-            load: executor.clone().recipient(),
+            load,
             list: executor.clone().recipient(),
             create: executor.clone().recipient(),
+            direct: executor.clone().recipient(),
             purge: executor.clone().recipient(),
         },
         StoreHandle {
@@ -1200,9 +1202,144 @@ async fn the_directory_refuses_a_join_beyond_the_users_joined_room_limit() {
             handover: Duration::from_secs(1),
             retention_sweep: Duration::from_secs(3600),
         },
-        Arc::new(policies),
+        Arc::new(Policies::parse(policy, "test").unwrap()),
     )
+    .start()
+}
+
+/// Forwards room look-ups to the executor, counting them.
+struct CountedLoads {
+    executor: Addr<DbExecutor>,
+    count: usize,
+}
+
+impl Actor for CountedLoads {
+    type Context = Context<Self>;
+}
+
+impl Handler<rookery::actors::db::LoadRoom> for CountedLoads {
+    type Result = ResponseFuture<Result<RoomState, StoreError>>;
+    fn handle(
+        &mut self,
+        msg: rookery::actors::db::LoadRoom,
+        _: &mut Context<Self>,
+    ) -> Self::Result {
+        self.count += 1;
+        let request = self.executor.send(msg);
+        Box::pin(async move { request.await.unwrap() })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "usize")]
+struct LoadsSoFar;
+
+impl Handler<LoadsSoFar> for CountedLoads {
+    type Result = usize;
+    fn handle(&mut self, _: LoadsSoFar, _: &mut Context<Self>) -> usize {
+        self.count
+    }
+}
+
+/// Look-ups of a room that does not exist reach the database once in a while, not each time;
+/// creating the room (or a direct room) makes it found at once.
+#[actix_rt::test]
+async fn the_directory_remembers_missing_rooms_until_one_is_created() {
+    use rookery::actors::directory::*;
+    use rookery::protocol::{RoomName, Username};
+    let (db, executor, user, _) = executor_with_a_room().await;
+    let loads = CountedLoads {
+        executor: executor.clone(),
+        count: 0,
+    }
     .start();
+    let directory = start_directory(&executor, loads.clone().recipient(), "");
+    let open = |name: &str| OpenRoom {
+        name: RoomName::parse(name).unwrap(),
+        joined: None,
+    };
+    for _ in 0..20 {
+        let err = directory.send(open("nowhere")).await.unwrap().unwrap_err();
+        assert!(matches!(err, RoomError::NotFound), "{err:?}");
+    }
+    assert_eq!(loads.send(LoadsSoFar).await.unwrap(), 1);
+    directory
+        .send(CreateRoomFor {
+            name: RoomName::parse("nowhere").unwrap(),
+            kind: RoomKind::Public,
+            owner: user.clone(),
+            members: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(directory.send(open("nowhere")).await.unwrap().is_ok());
+
+    let bob = rookery::store::create_user(&mut db.conn(), "bob", "x").unwrap();
+    let direct = "dm:ann:bob";
+    let err = directory.send(open(direct)).await.unwrap().unwrap_err();
+    assert!(
+        matches!(err, RoomError::Forbidden(Forbidden::NotMember)),
+        "{err:?}"
+    );
+    let room = directory
+        .send(OpenDirectFor {
+            me: user,
+            other: Username::parse(bob.username).unwrap(),
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(room.name, direct);
+    assert!(directory.send(open(direct)).await.unwrap().is_ok());
+    // Once the moment has passed, a look-up asks the database again.
+    let before = loads.send(LoadsSoFar).await.unwrap();
+    directory
+        .send(open("elsewhere"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    actix_rt::time::sleep(REMEMBER_MISSING + Duration::from_millis(100)).await;
+    directory
+        .send(open("elsewhere"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(loads.send(LoadsSoFar).await.unwrap(), before + 2);
+}
+
+/// The read lane holds at most its limit: a request beyond it is refused `Busy` at once,
+/// and one after the queue has drained goes through.
+#[actix_rt::test]
+async fn the_read_queue_sheds_requests_beyond_its_limit() {
+    use rookery::actors::db::{DbQueue, LoadHistory};
+    let (_db, executor, _, room) = executor_with_a_room().await;
+    let queue = DbQueue::new(executor, 1).start();
+    let read = || LoadHistory {
+        room: room.clone(),
+        before: None,
+        limit: 10,
+    };
+    // Both are in the queue's mailbox before either is handled.
+    let first = queue.send(read());
+    let second = queue.send(read());
+    let err = second.await.unwrap().unwrap_err();
+    assert!(first.await.unwrap().is_ok());
+    assert!(matches!(err, StoreError::Busy), "{err:?}");
+    assert_eq!(Error::from(err).to_wire().0, ErrorCode::RateLimited);
+    assert!(queue.send(read()).await.unwrap().is_ok());
+}
+
+#[actix_rt::test]
+async fn the_directory_refuses_a_join_beyond_the_users_joined_room_limit() {
+    use rookery::actors::directory::*;
+    use rookery::protocol::RoomName;
+    let (_db, executor, _, _) = executor_with_a_room().await;
+    let directory = start_directory(
+        &executor,
+        executor.clone().recipient(),
+        "[users]\nmax_joined_rooms = 2\n",
+    );
     let open = |joined| OpenRoom {
         name: RoomName::parse("hall").unwrap(),
         joined,

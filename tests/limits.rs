@@ -296,7 +296,7 @@ async fn sigterm_stops_the_process_gracefully() {
         .env("ROOKERY__DATABASE__BCRYPT_COST", "4")
         .env("ROOKERY__SERVER__SHUTDOWN_TIMEOUT_MS", "5000")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(data.0.join("log")).unwrap())
         .spawn()
         .unwrap();
     let url = format!("ws://127.0.0.1:{port}/ws");
@@ -332,7 +332,8 @@ async fn sigterm_stops_the_process_gracefully() {
         );
         actix_rt::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(exit.success(), "{exit:?}");
+    let log = std::fs::read_to_string(data.0.join("log")).unwrap_or_default();
+    assert!(exit.success(), "{exit:?}\n{log}");
 }
 
 /// Regression (hardening 1): logins whose connections go away while bcrypt runs must not
@@ -398,4 +399,144 @@ async fn a_poisoned_send_fails_alone() {
     assert_eq!(keys, [Some("k1".to_string()), Some("k4".to_string())]);
     let page = bob.ok(req::history("general", None, None)).await;
     assert_eq!(page["messages"][1]["body"], "nul\u{0}inside");
+}
+
+/// Reads history as fast as the server answers, `in_flight` at a time, until `until`.
+/// Returns (pages read, requests refused as busy).
+async fn read_flood(mut c: Client, in_flight: usize, until: Instant) -> (u64, u64) {
+    let frame = |n: u64| {
+        json!({"id": format!("h{n}"), "type": "history", "room": "big", "limit": 100}).to_string()
+    };
+    let (mut sent, mut pages, mut busy) = (0u64, 0u64, 0u64);
+    for _ in 0..in_flight {
+        sent += 1;
+        c.send_text(&frame(sent)).await;
+    }
+    while Instant::now() < until {
+        let reply = c.read().await.unwrap();
+        match (reply["type"].as_str(), reply["code"].as_str()) {
+            (Some("ok"), _) => pages += 1,
+            (Some("error"), Some("rate_limited")) => busy += 1,
+            (Some("error"), _) => panic!("{reply}"),
+            _ => continue,
+        }
+        sent += 1;
+        c.send_text(&frame(sent)).await;
+    }
+    (pages, busy)
+}
+
+/// Regression (hardening 3): a flood of history reads does not delay commits, and the reads
+/// beyond the read queue's bound are refused `rate_limited` at once.
+#[actix_rt::test]
+async fn commits_keep_their_pace_under_a_read_flood() {
+    let server = TestServer::start_with(|c| {
+        c.database.executors = 1;
+        c.database.commits_in_flight = 1;
+        c.database.max_queued = 16;
+        c.database.store_timeout_ms = 1000;
+    })
+    .await;
+    let [mut ann] = server.public_room("big", ["ann"]).await;
+    let ids: Vec<String> = (0..100).map(|i| format!("fill{i}")).collect();
+    for id in &ids {
+        ann.send_request(id, &req::send("big", "x".repeat(400)))
+            .await;
+    }
+    ann.replies_to(&ids).await;
+    let readers: Vec<String> = (0..16).map(|i| format!("reader{i}")).collect();
+    for name in &readers {
+        server.connect().await.register(name).await;
+    }
+
+    let url = server.ws_url();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let (start, start_rx) = std::sync::mpsc::channel::<Instant>();
+    // The flood runs on a thread of its own: this one runs the server's actors.
+    let flood = std::thread::spawn(move || {
+        actix_rt::System::new().block_on(async move {
+            let mut clients = Vec::new();
+            for user in readers {
+                let mut c = Client::connect_url(&url, None).await.unwrap();
+                c.login(&user).await;
+                c.join("big").await;
+                clients.push(c);
+            }
+            ready_tx.send(()).unwrap();
+            let until = start_rx.recv().unwrap();
+            let floods: Vec<_> = clients
+                .into_iter()
+                .map(|c| actix_rt::spawn(read_flood(c, 64, until)))
+                .collect();
+            let mut total = (0, 0);
+            for flood in floods {
+                let (pages, busy) = flood.await.unwrap();
+                total = (total.0 + pages, total.1 + busy);
+            }
+            total
+        })
+    });
+    while ready.try_recv().is_err() {
+        assert!(!flood.is_finished(), "the readers could not log in");
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    let until = Instant::now() + Duration::from_secs(3);
+    start.send(until).unwrap();
+    actix_rt::time::sleep(Duration::from_millis(300)).await;
+    let mut waits = Vec::new();
+    let mut n = 0;
+    while Instant::now() + Duration::from_millis(300) < until {
+        n += 1;
+        let sent = Instant::now();
+        let reply = ann.call(req::send("big", format!("paced {n}"))).await;
+        assert_eq!(reply["type"], "ok", "{reply}");
+        waits.push(sent.elapsed());
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    while !flood.is_finished() {
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (pages, busy) = flood.join().unwrap();
+    waits.sort();
+    let p99 = waits[(waits.len() * 99 / 100).min(waits.len() - 1)];
+    assert!(
+        p99 < Duration::from_millis(1000),
+        "p99 ack {p99:?} of {n} sends"
+    );
+    assert!(
+        busy > 0,
+        "the read queue refused nothing ({pages} pages read)"
+    );
+    assert!(pages > 0, "no read got through");
+}
+
+/// Regression (hardening 3): guessing tokens costs a database read each, so failed resumes
+/// are limited per address like failed logins; an attempt whose connection went away counts
+/// as failed, a successful one does not count.
+#[actix_rt::test]
+async fn failed_resumes_are_limited_per_address() {
+    let server = TestServer::start_with(|c| c.auth.failed_resumes_per_ip = 3).await;
+    let token = server.user("ann").await.token.unwrap();
+    for _ in 0..5 {
+        server.connect().await.ok(req::resume(&token)).await;
+    }
+    for _ in 0..2 {
+        let mut c = server.connect().await;
+        c.send_request("r", &req::resume("guessed-and-gone")).await;
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+        drop(c); // its answer never read
+    }
+    let mut c = server.connect().await;
+    c.err(req::resume("guessed"), "unauthorized").await;
+    let refused = c.err(req::resume("guessed-again"), "rate_limited").await;
+    assert!(
+        refused["message"].as_str().unwrap().contains("resumes"),
+        "{refused}"
+    );
+    // The limit is the address's: even the right token waits for the window.
+    server
+        .connect()
+        .await
+        .err(req::resume(&token), "rate_limited")
+        .await;
 }

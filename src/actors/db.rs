@@ -14,6 +14,11 @@
 //! - [`StoreBatch`] (Room, in tests): assign seqs and commit; the reply means "durably stored".
 //! - [`StoreBatches`] (Committer): several rooms' batches in one transaction.
 //! - [`LoadHistory`] (Room): a page of decrypted history.
+//!
+//! Two lanes, so that reads never delay commits: the commit lane's threads run only
+//! [`StoreBatches`] and [`ReserveSeqs`] (the Committer and rooms send there directly); every
+//! other request reaches the read lane's threads through a [`DbQueue`], which holds at most
+//! `database.max_queued` of them and answers the rest [`StoreError::Busy`] at once.
 
 use actix::prelude::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -102,6 +107,50 @@ impl DbExecutor {
 
 impl Actor for DbExecutor {
     type Context = SyncContext<Self>;
+}
+
+/// The read lane's front: forwards each request to the executors while fewer than `limit`
+/// are queued or running there, and sheds the rest with [`StoreError::Busy`], so that a flood
+/// of reads gets fast refusals instead of a queue that grows without bound.
+pub struct DbQueue {
+    executors: Addr<DbExecutor>,
+    queued: usize,
+    limit: usize,
+}
+
+impl DbQueue {
+    pub fn new(executors: Addr<DbExecutor>, limit: usize) -> Self {
+        DbQueue {
+            executors,
+            queued: 0,
+            limit: limit.max(1),
+        }
+    }
+}
+
+impl Actor for DbQueue {
+    type Context = Context<Self>;
+}
+
+impl<M, T> Handler<M> for DbQueue
+where
+    M: Message<Result = Result<T, StoreError>> + Send + 'static,
+    T: Send + 'static,
+    DbExecutor: Handler<M>,
+{
+    type Result = ResponseActFuture<Self, Result<T, StoreError>>;
+
+    fn handle(&mut self, msg: M, _: &mut Context<Self>) -> Self::Result {
+        if self.queued >= self.limit {
+            return Box::pin(fut::ready(Err(StoreError::Busy)));
+        }
+        self.queued += 1;
+        let request = self.executors.send(msg);
+        Box::pin(request.into_actor(self).map(|result, queue, _| {
+            queue.queued -= 1;
+            result.unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())))
+        }))
+    }
 }
 
 /// Session → DbExecutor: register with a hash from the Hasher. `Conflict` if the name is taken.

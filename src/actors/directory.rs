@@ -1,7 +1,11 @@
 //! The Directory: maps room names to running [`Room`] actors, starting a room on first use
 //! (loading it through the DB executor) and stopping it when it reports idle. Concurrent
 //! lookups of a room that is loading or stopping wait for that to finish, so there is never
-//! more than one actor per room. Calls: the DB executor ([`LoadRoom`]) and rooms ([`TryStop`]).
+//! more than one actor per room. A name found missing is remembered for a moment
+//! ([`REMEMBER_MISSING`]), so that a flood of look-ups of rooms that do not exist costs no
+//! database reads; creating a room (here, or its direct room through [`OpenDirectFor`]) or a
+//! reload forgets it. Calls: the DB executor ([`LoadRoom`], [`ListRooms`], [`CreateRoom`],
+//! [`OpenDirect`], [`PurgeExpired`]) and rooms ([`TryStop`]).
 //!
 //! It also keeps the sessions whose connection dropped, by token, so that a `resume` within the
 //! grace can take their place in their rooms.
@@ -13,6 +17,7 @@
 //! - [`OpenRoom`] (Session): the room's actor; `NotFound` when no such room exists.
 //! - [`ListRoomsFor`] / [`CreateRoomFor`] (Session): `rooms` and `create_room`, with the
 //!   policy's part (the file's rooms that list the user; the user's room limit).
+//! - [`OpenDirectFor`] (Session): `dm`, the direct room of two users, created on first use.
 //! - [`ApplyPolicies`] (server, on reload): the new policies, to every running room.
 //! - [`RoomIdle`] (Room): ask it to stop, and forget it if it does.
 //! - [`Park`] (Session, when its connection drops): remember its rooms for the grace.
@@ -25,7 +30,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-use crate::actors::db::{CreateRoom, ListRooms, LoadRoom, PurgeExpired, TokenHash};
+use crate::actors::db::{CreateRoom, ListRooms, LoadRoom, OpenDirect, PurgeExpired, TokenHash};
 use crate::actors::presence::PresenceHandle;
 use crate::actors::room::{
     Room, RoomIdle, RoomPolicy, RoomSettings, SetPolicy, StoreHandle, TryStop,
@@ -36,6 +41,12 @@ use crate::policy::Policies;
 use crate::protocol::{RoomKind, RoomName, Username};
 use crate::store::models::{RoomRecord, RoomState, RoomSummary, UserRecord};
 use std::sync::Arc;
+
+/// How long a room name found missing answers without a database look-up.
+pub const REMEMBER_MISSING: Duration = Duration::from_secs(2);
+
+/// Most names remembered missing; beyond, the ones that are no longer fresh are forgotten.
+const MAX_REMEMBERED_MISSING: usize = 10_000;
 
 /// Session → Directory: find or start the actor of room `name`. A session about to join it
 /// says how many rooms it has joined (`joined`), and is refused beyond `users.max_joined_rooms`.
@@ -63,6 +74,14 @@ pub struct CreateRoomFor {
     pub members: Vec<Username>,
 }
 
+/// Session → Directory: `dm`: the direct room of `me` and `other`, created on first use.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<RoomRecord, StoreError>")]
+pub struct OpenDirectFor {
+    pub me: UserRecord,
+    pub other: Username,
+}
+
 /// Server → Directory: a reloaded policy file, already checked and synced to the database.
 /// Replies how many users the running rooms kicked.
 #[derive(Debug, Message)]
@@ -77,6 +96,7 @@ pub struct DirectoryStore {
     pub load: Recipient<LoadRoom>,
     pub list: Recipient<ListRooms>,
     pub create: Recipient<CreateRoom>,
+    pub direct: Recipient<OpenDirect>,
     pub purge: Recipient<PurgeExpired>,
 }
 
@@ -138,6 +158,8 @@ enum Entry {
 
 pub struct Directory {
     rooms: HashMap<String, Entry>,
+    /// Names a look-up found missing, and when.
+    missing: HashMap<String, Instant>,
     parked: HashMap<TokenHash, Parked>,
     /// The live session using each token, so that a `resume` can take its place even before
     /// the server has noticed that its connection is gone.
@@ -172,6 +194,7 @@ impl Directory {
     ) -> Self {
         Directory {
             rooms: HashMap::new(),
+            missing: HashMap::new(),
             parked: HashMap::new(),
             live: HashMap::new(),
             reclaiming: HashMap::new(),
@@ -218,6 +241,21 @@ impl Directory {
         });
     }
 
+    fn remember_missing(&mut self, name: String) {
+        if self.missing.len() >= MAX_REMEMBERED_MISSING {
+            self.missing.retain(|_, at| at.elapsed() < REMEMBER_MISSING);
+        }
+        if self.missing.len() < MAX_REMEMBERED_MISSING {
+            self.missing.insert(name, Instant::now());
+        }
+    }
+
+    fn known_missing(&self, name: &str) -> bool {
+        self.missing
+            .get(name)
+            .is_some_and(|at| at.elapsed() < REMEMBER_MISSING)
+    }
+
     fn start_loading(&mut self, name: String, waiters: Vec<Waiter>, ctx: &mut Context<Self>) {
         self.rooms.insert(name.clone(), Entry::Loading(waiters));
         let request = self.db.load.send(LoadRoom {
@@ -260,26 +298,31 @@ impl Directory {
                 }
                 self.rooms.insert(name, Entry::Ready(room));
             }
-            Err(e) => {
-                let not_found = matches!(e, StoreError::NotFound);
-                if !not_found {
-                    log::warn!("room {name} could not be loaded: {e}");
-                }
-                // Whether two users have a direct room is nobody else's business: one that
-                // does not exist answers as one the asker is not a member of.
-                let direct = name.starts_with(crate::protocol::DM_PREFIX);
+            Err(StoreError::NotFound) => {
                 for waiter in waiters {
-                    let error = if not_found && direct {
-                        RoomError::Forbidden(Forbidden::NotMember)
-                    } else if not_found {
-                        RoomError::NotFound
-                    } else {
-                        RoomError::Store(StoreError::Unavailable(e.to_string()))
-                    };
-                    let _ = waiter.send(Err(error));
+                    let _ = waiter.send(Err(missing_room(&name)));
+                }
+                self.remember_missing(name);
+            }
+            Err(e) => {
+                log::warn!("room {name} could not be loaded: {e}");
+                for waiter in waiters {
+                    let _ = waiter.send(Err(RoomError::Store(StoreError::Unavailable(
+                        e.to_string(),
+                    ))));
                 }
             }
         }
+    }
+}
+
+/// The answer for a room that does not exist. Whether two users have a direct room is nobody
+/// else's business: one that does not exist answers as one the asker is not a member of.
+fn missing_room(name: &str) -> RoomError {
+    if name.starts_with(crate::protocol::DM_PREFIX) {
+        RoomError::Forbidden(Forbidden::NotMember)
+    } else {
+        RoomError::NotFound
     }
 }
 
@@ -401,7 +444,13 @@ impl Handler<OpenRoom> for Directory {
                 return Box::pin(async move { Ok(room) });
             }
             Some(Entry::Loading(waiters) | Entry::Stopping(waiters)) => waiters.push(tx),
-            None => self.start_loading(msg.name.into_string(), vec![tx], ctx),
+            None => {
+                if self.known_missing(msg.name.as_str()) {
+                    let error = missing_room(msg.name.as_str());
+                    return Box::pin(async move { Err(error) });
+                }
+                self.start_loading(msg.name.into_string(), vec![tx], ctx)
+            }
         }
         Box::pin(async move { rx.await.unwrap_or(Err(RoomError::Gone)) })
     }
@@ -454,11 +503,11 @@ impl Handler<ListRoomsFor> for Directory {
 }
 
 impl Handler<CreateRoomFor> for Directory {
-    type Result = ResponseFuture<Result<RoomRecord, StoreError>>;
+    type Result = ResponseActFuture<Self, Result<RoomRecord, StoreError>>;
 
     fn handle(&mut self, msg: CreateRoomFor, _: &mut Context<Self>) -> Self::Result {
         if self.policies.rooms.contains_key(msg.name.as_str()) {
-            return Box::pin(async { Err(StoreError::Conflict("room")) });
+            return Box::pin(fut::ready(Err(StoreError::Conflict("room"))));
         }
         let request = self.db.create.send(CreateRoom {
             name: msg.name,
@@ -467,11 +516,32 @@ impl Handler<CreateRoomFor> for Directory {
             members: msg.members,
             max_owned: self.policies.users.max_created_rooms,
         });
-        Box::pin(async move {
-            request
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?
-        })
+        Box::pin(request.into_actor(self).map(Directory::created))
+    }
+}
+
+impl Handler<OpenDirectFor> for Directory {
+    type Result = ResponseActFuture<Self, Result<RoomRecord, StoreError>>;
+
+    fn handle(&mut self, msg: OpenDirectFor, _: &mut Context<Self>) -> Self::Result {
+        let request = self.db.direct.send(OpenDirect {
+            me: msg.me,
+            other: msg.other,
+        });
+        Box::pin(request.into_actor(self).map(Directory::created))
+    }
+}
+
+impl Directory {
+    /// A room now exists: a look-up of its name must not answer from [`Self::missing`].
+    fn created(
+        sent: Result<Result<RoomRecord, StoreError>, MailboxError>,
+        dir: &mut Directory,
+        _: &mut Context<Directory>,
+    ) -> Result<RoomRecord, StoreError> {
+        let record = sent.map_err(|e| StoreError::Unavailable(e.to_string()))??;
+        dir.missing.remove(record.name.as_str());
+        Ok(record)
     }
 }
 
@@ -480,6 +550,7 @@ impl Handler<ApplyPolicies> for Directory {
 
     fn handle(&mut self, msg: ApplyPolicies, _: &mut Context<Self>) -> Self::Result {
         self.policies = msg.policies.clone();
+        self.missing.clear();
         let requests: Vec<_> = self
             .rooms
             .values()

@@ -1,6 +1,7 @@
-//! The Gate: who may connect and who may try a password. It counts open connections per IP
-//! (refusing beyond the limit), keeps the windows of failed logins per username and per IP
-//! (refused without running bcrypt), and knows every live session so that a shutdown can
+//! The Gate: who may connect and who may try a password or a token. It counts open
+//! connections per IP (refusing beyond the limit), keeps the windows of failed logins per
+//! username and per IP (refused without running bcrypt) and of failed resumes per IP (refused
+//! without a database look-up), and knows every live session so that a shutdown can
 //! drain them. Calls only sessions, through [`Drain`].
 //!
 //! Messages:
@@ -8,6 +9,7 @@
 //! - [`Register`] / [`Unregister`] (Session, on start / stop): track it; release its IP slot.
 //! - [`LoginAllowed`] / [`LoginFinished`] (Session, around `login`; the latter always, through
 //!   a [`LoginAttempt`] guard).
+//! - [`ResumeAllowed`] / [`ResumeSucceeded`] (Session, around `resume`'s token look-up).
 //! - [`Release`] (upgrade handler): a counted connection that never became a session.
 //! - [`DrainAll`] (server, on SIGTERM/SIGINT): tell every session to finish and close with
 //!   1001; replies when all are gone or the deadline passed.
@@ -32,6 +34,8 @@ pub struct GateSettings {
     pub failed_logins_per_user: usize,
     pub failed_logins_per_ip: usize,
     pub failed_login_window: Duration,
+    /// Failed `resume`s per IP within the same window.
+    pub failed_resumes_per_ip: usize,
     /// How often windows that have run out are forgotten.
     pub sweep_interval: Duration,
 }
@@ -121,6 +125,22 @@ impl Drop for LoginAttempt {
     }
 }
 
+/// Session → Gate: may this `resume` look its token up? False while the IP has too many
+/// recent failed resumes. An allowed attempt counts as failed until [`ResumeSucceeded`], so
+/// one whose connection goes away first still counts.
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct ResumeAllowed {
+    pub ip: Option<IpAddr>,
+}
+
+/// Session → Gate: the token of an allowed `resume` was valid.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ResumeSucceeded {
+    pub ip: Option<IpAddr>,
+}
+
 /// Upgrade handler → Gate: give back a slot taken by [`Admit`] for a connection that never
 /// became a session.
 #[derive(Debug, Message)]
@@ -146,6 +166,8 @@ pub struct Gate {
     /// as failures until they end, so parallel attempts cannot get past the limit together;
     /// one never reported finished stops counting once the window has passed.
     attempts_by_user: HashMap<Username, VecDeque<Instant>>,
+    /// Resumes per IP that failed, or were allowed and have not succeeded (yet).
+    resumes_by_ip: HashMap<IpAddr, VecDeque<Instant>>,
     drained: Vec<oneshot::Sender<()>>,
     draining: bool,
 }
@@ -159,6 +181,7 @@ impl Gate {
             failures_by_user: HashMap::new(),
             failures_by_ip: HashMap::new(),
             attempts_by_user: HashMap::new(),
+            resumes_by_ip: HashMap::new(),
             drained: Vec::new(),
             draining: false,
         }
@@ -195,6 +218,7 @@ impl Actor for Gate {
             gate.failures_by_ip.retain(|_, w| Gate::recent(w, span) > 0);
             gate.attempts_by_user
                 .retain(|_, w| Gate::recent(w, span) > 0);
+            gate.resumes_by_ip.retain(|_, w| Gate::recent(w, span) > 0);
         });
     }
 }
@@ -303,6 +327,39 @@ impl Handler<LoginFinished> for Gate {
                 .push_back(now);
             if let Some(ip) = msg.ip {
                 self.failures_by_ip.entry(ip).or_default().push_back(now);
+            }
+        }
+    }
+}
+
+impl Handler<ResumeAllowed> for Gate {
+    type Result = bool;
+
+    fn handle(&mut self, msg: ResumeAllowed, _: &mut Context<Self>) -> bool {
+        let Some(ip) = msg.ip else {
+            return true;
+        };
+        let span = self.settings.failed_login_window;
+        let window = self.resumes_by_ip.entry(ip).or_default();
+        if Gate::recent(window, span) >= self.settings.failed_resumes_per_ip {
+            return false;
+        }
+        window.push_back(Instant::now());
+        true
+    }
+}
+
+impl Handler<ResumeSucceeded> for Gate {
+    type Result = ();
+
+    fn handle(&mut self, msg: ResumeSucceeded, _: &mut Context<Self>) {
+        let Some(ip) = msg.ip else {
+            return;
+        };
+        if let Some(window) = self.resumes_by_ip.get_mut(&ip) {
+            window.pop_back();
+            if window.is_empty() {
+                self.resumes_by_ip.remove(&ip);
             }
         }
     }

@@ -14,7 +14,7 @@ use crate::actors::db::{
     hash_token, CreateUser, FindLogin, IssueToken, IssuedToken, ResumeToken, RevokeToken, TokenHash,
 };
 use crate::actors::directory::{Directory, Parked, Reclaim};
-use crate::actors::gate::{LoginAllowed, LoginAttempt};
+use crate::actors::gate::{LoginAllowed, LoginAttempt, ResumeAllowed, ResumeSucceeded};
 use crate::actors::room::{Deliver, Join, Joined, Room};
 use crate::error::{AuthError, Error};
 use crate::ids::SessionId;
@@ -83,7 +83,7 @@ impl Session {
             return Step::fail(AuthError::AlreadyAuthenticated);
         }
         let hash = hash_token(token.expose());
-        let lookup = look_up_token(self.services.clone(), hash.clone());
+        let lookup = look_up_token(self.services.clone(), self.peer.ip, hash.clone());
         let yield_to = ctx.address().recipient();
         let deliver = ctx.address().recipient::<Deliver>();
         let session = self.id;
@@ -139,7 +139,7 @@ impl Session {
 
     pub(super) fn logout(&mut self) -> Step {
         let token = self.phase.identity().map(|i| i.token.clone());
-        let db = self.services.db.clone();
+        let db = self.services.executors.clone();
         let work = async move {
             if let Some(hash) = token {
                 db.send(RevokeToken { hash }).await??;
@@ -209,16 +209,22 @@ async fn check_password(
     Ok((user, token))
 }
 
-/// The token's user, and the parked session it may take over.
+/// The token's user, and the parked session it may take over; refused without a look-up
+/// while the address has too many recent failed resumes.
 async fn look_up_token(
     services: Services,
+    ip: Option<std::net::IpAddr>,
     hash: TokenHash,
 ) -> Result<(UserRecord, Option<Parked>), Error> {
+    if !services.gate.send(ResumeAllowed { ip }).await? {
+        return Err(AuthError::TooManyFailedResumes.into());
+    }
     let user = services
         .db
         .send(ResumeToken { hash: hash.clone() })
         .await??
         .ok_or(AuthError::InvalidToken)?;
+    services.gate.do_send(ResumeSucceeded { ip });
     let parked = services.directory.send(Reclaim { token: hash }).await?;
     Ok((user, parked))
 }

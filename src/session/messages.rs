@@ -1,13 +1,13 @@
 //! Requests within a room: `send`, `history`, `who`, `typing`, which leave the session as it
 //! is and run side by side, each one round trip to the room; and the room's membership:
-//! `invite`, `revoke` (to the room) and `dm` (to the DB executor).
+//! `invite`, `revoke` (to the room) and `dm` (to the directory).
 
 use actix::prelude::*;
 
 use super::requests::Step;
 use super::rooms::ask_room;
 use super::shell::Session;
-use crate::actors::db::OpenDirect;
+use crate::actors::directory::OpenDirectFor;
 use crate::actors::room::{Invite, Post, ReadHistory, Revoke, Room, Typing, Who};
 use crate::error::{Error, Forbidden, RoomError};
 use crate::ids::Seq;
@@ -104,7 +104,7 @@ impl Session {
         if me.username == other.as_str() {
             return Step::fail(Rejection::bad("a direct room needs another user"));
         }
-        let request = self.services.db.send(OpenDirect { me, other });
+        let request = self.services.directory.send(OpenDirectFor { me, other });
         let work = async move {
             let room = request.await??;
             Ok(Reply::Direct {

@@ -32,7 +32,7 @@ pub use shell::{Peer, Session};
 use actix::Addr;
 use std::time::Duration;
 
-use crate::actors::db::DbExecutor;
+use crate::actors::db::{DbExecutor, DbQueue};
 use crate::actors::directory::Directory;
 use crate::actors::gate::Gate;
 use crate::actors::hasher::HasherHandle;
@@ -41,7 +41,10 @@ use crate::actors::presence::PresenceHandle;
 /// The actors a session talks to.
 #[derive(Clone)]
 pub struct Services {
-    pub db: Addr<DbExecutor>,
+    /// The read lane, bounded: a request may be refused `Busy`.
+    pub db: Addr<DbQueue>,
+    /// The read lane's executors themselves, for what must not be refused (revocation).
+    pub executors: Addr<DbExecutor>,
     pub directory: Addr<Directory>,
     pub presence: PresenceHandle,
     pub gate: Addr<Gate>,
