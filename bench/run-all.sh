@@ -23,19 +23,15 @@ if [ -z "${SKIP_LIMITS:-}" ]; then
     for i in 1 2 3; do bench/limits.sh "$OUT/limits-$i.json"; done
 fi
 
-# The bench setup: bcrypt cost 4 (set-up must not dominate), limits per IP and per
-# connection raised (every client comes from 127.0.0.1), wss with the development certificate.
+# The bench setup (bench/server.toml): bcrypt cost 4 (set-up must not dominate), limits per IP
+# and per connection raised (every client comes from 127.0.0.1), wss with the development
+# certificate.
 start_server() {
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
     DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DB" \
     ROOKERY__DATA_DIR="$DATA" \
     ROOKERY__SERVER__BIND=127.0.0.1:18443 \
-    ROOKERY__DATABASE__BCRYPT_COST=4 \
-    ROOKERY__ROOMS__POLICY_FILE=bench/rooms.toml \
-    ROOKERY__SERVER__MAX_CONNECTIONS_PER_IP=100000 \
-    ROOKERY__SESSION__REQUESTS_PER_SECOND=100000 \
-    ROOKERY__SESSION__REQUEST_BURST=100000 \
-    RUST_LOG=warn target/release/rookery serve >> "$OUT/server.log" 2>&1 &
+    RUST_LOG=warn target/release/rookery serve --config bench/server.toml >> "$OUT/server.log" 2>&1 &
     SERVER_PID=$!
     sleep 3
 }

@@ -28,12 +28,7 @@ trap cleanup EXIT
 DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DB" \
 ROOKERY__DATA_DIR="$DATA" \
 ROOKERY__SERVER__BIND="127.0.0.1:$PORT" \
-ROOKERY__DATABASE__BCRYPT_COST=4 \
-ROOKERY__ROOMS__POLICY_FILE=bench/rooms.toml \
-ROOKERY__SERVER__MAX_CONNECTIONS_PER_IP=100000 \
-ROOKERY__SESSION__REQUESTS_PER_SECOND=100000 \
-ROOKERY__SESSION__REQUEST_BURST=100000 \
-RUST_LOG=warn "$BIN/rookery" serve > "$DATA/server.log" 2>&1 &
+RUST_LOG=warn "$BIN/rookery" serve --config bench/server.toml > "$DATA/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 1 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break

@@ -46,12 +46,34 @@ pub struct AuthConfig {
     pub failed_login_window_ms: u64,
     /// Failed `resume`s per IP address within the window before `rate_limited`.
     pub failed_resumes_per_ip: usize,
+    /// `register`s per IP address (a token bucket); beyond, `rate_limited`.
+    pub registrations_per_ip: RateConfig,
     /// How often the windows of failed logins that have run out are forgotten.
     pub failed_login_sweep_ms: u64,
     /// Threads running bcrypt.
     pub bcrypt_threads: usize,
     /// Password checks that may wait for a bcrypt thread before `rate_limited`.
     pub bcrypt_queue: usize,
+}
+
+/// A token bucket: `count` per `per_seconds`, up to `burst` at once.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    pub count: u32,
+    pub per_seconds: u32,
+    pub burst: u32,
+}
+
+impl RateConfig {
+    pub fn refill(&self) -> crate::rate::Refill {
+        crate::rate::Refill::new(self.count, self.per_seconds, self.burst)
+    }
+
+    fn problem(&self) -> Option<String> {
+        (self.count == 0 || self.per_seconds == 0 || self.burst == 0)
+            .then(|| "count, per_seconds and burst must be at least 1".to_string())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -398,6 +420,9 @@ impl Config {
                 "auth.failed_logins_per_user",
                 "limits must be at least 1".into(),
             );
+        }
+        if let Some(problem) = self.auth.registrations_per_ip.problem() {
+            bad("auth.registrations_per_ip", problem);
         }
         if self.auth.failed_resumes_per_ip == 0 {
             bad("auth.failed_resumes_per_ip", "must be at least 1".into());

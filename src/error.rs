@@ -76,6 +76,8 @@ pub enum AuthError {
     TooManyFailures,
     #[error("too many failed resumes")]
     TooManyFailedResumes,
+    #[error("too many registrations")]
+    TooManyRegistrations,
     #[error("the password hasher's queue is full")]
     HasherBusy,
     #[error("password hashing failed: {0}")]
@@ -274,6 +276,10 @@ fn auth_to_wire(e: &AuthError) -> (ErrorCode, Cow<'static, str>) {
         AuthError::TooManyFailedResumes => (
             ErrorCode::RateLimited,
             "too many failed resumes from this address; wait and retry",
+        ),
+        AuthError::TooManyRegistrations => (
+            ErrorCode::RateLimited,
+            "too many registrations or failed logins from this address; wait and retry",
         ),
         AuthError::HasherBusy => (
             ErrorCode::RateLimited,

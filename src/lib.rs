@@ -15,7 +15,8 @@
 //! - [`error`]: typed errors per area and their one mapping to protocol error codes.
 //! - [`config`]: the layered configuration tree, read and checked all at once; [`policy`]:
 //!   the admins' room policy file, read and checked all at once.
-//! - [`ids`]: the identifiers every layer shares; [`secret`]: a string Debug never shows.
+//! - [`ids`]: the identifiers every layer shares; [`secret`]: a string Debug never shows;
+//!   [`rate`]: token buckets per key.
 //!
 //! With the `tools` feature (tests and rookery-bench; never the server): [`client`], the client
 //! side of the protocol, and [`checker`], the history checker of fault and load runs.
@@ -32,6 +33,7 @@ pub mod error;
 pub mod ids;
 pub mod policy;
 pub mod protocol;
+pub mod rate;
 pub mod reload;
 pub mod schema;
 pub mod secret;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::config::line_col;
 use crate::error::ConfigProblem;
 use crate::protocol::{RoomKind, RoomName, Username};
+use crate::rate::Refill;
 
 /// What every room is held to; a `[[room]]` of the file overrides any of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,9 +43,8 @@ pub struct Rate {
 }
 
 impl Rate {
-    /// Tokens refilled per second.
-    pub fn per_second(&self) -> f64 {
-        f64::from(self.messages) / f64::from(self.per_seconds.max(1))
+    pub fn refill(&self) -> Refill {
+        Refill::new(self.messages, self.per_seconds, self.burst)
     }
 }
 

@@ -249,6 +249,7 @@ fn start_actors(
         failed_logins_per_ip: config.auth.failed_logins_per_ip,
         failed_login_window: ms(config.auth.failed_login_window_ms),
         failed_resumes_per_ip: config.auth.failed_resumes_per_ip,
+        registrations_per_ip: config.auth.registrations_per_ip.refill(),
         sweep_interval: ms(config.auth.failed_login_sweep_ms),
     })
     .start();

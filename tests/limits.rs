@@ -401,29 +401,106 @@ async fn a_poisoned_send_fails_alone() {
     assert_eq!(page["messages"][1]["body"], "nul\u{0}inside");
 }
 
-/// Reads history as fast as the server answers, `in_flight` at a time, until `until`.
-/// Returns (pages read, requests refused as busy).
-async fn read_flood(mut c: Client, in_flight: usize, until: Instant) -> (u64, u64) {
-    let frame = |n: u64| {
-        json!({"id": format!("h{n}"), "type": "history", "room": "big", "limit": 100}).to_string()
-    };
-    let (mut sent, mut pages, mut busy) = (0u64, 0u64, 0u64);
-    for _ in 0..in_flight {
-        sent += 1;
-        c.send_text(&frame(sent)).await;
+/// Clients on a thread of their own (the test's thread runs the server's actors) that keep
+/// requests outstanding as fast as the server answers them.
+struct Flood {
+    ready: std::sync::mpsc::Receiver<()>,
+    start: std::sync::mpsc::Sender<Instant>,
+    thread: std::thread::JoinHandle<BTreeMap<String, u64>>,
+}
+
+impl Flood {
+    /// One client per entry of `logins` (logged in as it, and joined to `join`, when given),
+    /// each with `in_flight` requests `frame(client, n)` outstanding once started.
+    fn prepare(
+        url: String,
+        logins: Vec<Option<String>>,
+        join: Option<&'static str>,
+        in_flight: u64,
+        frame: fn(usize, u64) -> String,
+    ) -> Flood {
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (start, start_rx) = std::sync::mpsc::channel::<Instant>();
+        let thread = std::thread::spawn(move || {
+            actix_rt::System::new().block_on(async move {
+                let mut clients = Vec::new();
+                for login in logins {
+                    let mut c = Client::connect_url(&url, None).await.unwrap();
+                    if let Some(user) = login {
+                        c.login(&user).await;
+                    }
+                    if let Some(room) = join {
+                        c.join(room).await;
+                    }
+                    clients.push(c);
+                }
+                ready_tx.send(()).unwrap();
+                let until = start_rx.recv().unwrap();
+                let floods: Vec<_> = clients
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, c)| actix_rt::spawn(flood_one(c, i, in_flight, frame, until)))
+                    .collect();
+                let mut outcomes = BTreeMap::new();
+                for flood in floods {
+                    for (outcome, n) in flood.await.unwrap() {
+                        *outcomes.entry(outcome).or_default() += n;
+                    }
+                }
+                outcomes
+            })
+        });
+        Flood {
+            ready,
+            start,
+            thread,
+        }
     }
+
+    /// Starts the flood, once every client is set up, for `length`; returns its end.
+    async fn start(&self, length: Duration) -> Instant {
+        while self.ready.try_recv().is_err() {
+            assert!(!self.thread.is_finished(), "the flood could not be set up");
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+        let until = Instant::now() + length;
+        self.start.send(until).unwrap();
+        until
+    }
+
+    /// How many replies of each kind ("ok", or the error code) the flood got.
+    async fn outcomes(self) -> BTreeMap<String, u64> {
+        while !self.thread.is_finished() {
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.thread.join().unwrap()
+    }
+}
+
+async fn flood_one(
+    mut c: Client,
+    client: usize,
+    in_flight: u64,
+    frame: fn(usize, u64) -> String,
+    until: Instant,
+) -> BTreeMap<String, u64> {
+    let mut outcomes = BTreeMap::new();
+    for n in 0..in_flight {
+        c.send_text(&frame(client, n)).await;
+    }
+    let mut n = in_flight;
     while Instant::now() < until {
         let reply = c.read().await.unwrap();
-        match (reply["type"].as_str(), reply["code"].as_str()) {
-            (Some("ok"), _) => pages += 1,
-            (Some("error"), Some("rate_limited")) => busy += 1,
-            (Some("error"), _) => panic!("{reply}"),
+        let outcome = match (reply["type"].as_str(), reply["code"].as_str()) {
+            (Some("ok"), _) => "ok",
+            (Some("error"), Some(code)) => code,
             _ => continue,
-        }
-        sent += 1;
-        c.send_text(&frame(sent)).await;
+        };
+        *outcomes.entry(outcome.to_string()).or_default() += 1;
+        n += 1;
+        c.send_text(&frame(client, n)).await;
     }
-    (pages, busy)
+    outcomes
 }
 
 /// Regression (hardening 3): a flood of history reads does not delay commits, and the reads
@@ -444,44 +521,15 @@ async fn commits_keep_their_pace_under_a_read_flood() {
             .await;
     }
     ann.replies_to(&ids).await;
-    let readers: Vec<String> = (0..16).map(|i| format!("reader{i}")).collect();
-    for name in &readers {
-        server.connect().await.register(name).await;
+    for i in 0..16 {
+        server.connect().await.register(&format!("reader{i}")).await;
     }
 
-    let url = server.ws_url();
-    let (ready_tx, ready) = std::sync::mpsc::channel();
-    let (start, start_rx) = std::sync::mpsc::channel::<Instant>();
-    // The flood runs on a thread of its own: this one runs the server's actors.
-    let flood = std::thread::spawn(move || {
-        actix_rt::System::new().block_on(async move {
-            let mut clients = Vec::new();
-            for user in readers {
-                let mut c = Client::connect_url(&url, None).await.unwrap();
-                c.login(&user).await;
-                c.join("big").await;
-                clients.push(c);
-            }
-            ready_tx.send(()).unwrap();
-            let until = start_rx.recv().unwrap();
-            let floods: Vec<_> = clients
-                .into_iter()
-                .map(|c| actix_rt::spawn(read_flood(c, 64, until)))
-                .collect();
-            let mut total = (0, 0);
-            for flood in floods {
-                let (pages, busy) = flood.await.unwrap();
-                total = (total.0 + pages, total.1 + busy);
-            }
-            total
-        })
+    let readers = (0..16).map(|i| Some(format!("reader{i}"))).collect();
+    let flood = Flood::prepare(server.ws_url(), readers, Some("big"), 64, |_, n| {
+        json!({"id": format!("h{n}"), "type": "history", "room": "big", "limit": 100}).to_string()
     });
-    while ready.try_recv().is_err() {
-        assert!(!flood.is_finished(), "the readers could not log in");
-        actix_rt::time::sleep(Duration::from_millis(20)).await;
-    }
-    let until = Instant::now() + Duration::from_secs(3);
-    start.send(until).unwrap();
+    let until = flood.start(Duration::from_secs(3)).await;
     actix_rt::time::sleep(Duration::from_millis(300)).await;
     let mut waits = Vec::new();
     let mut n = 0;
@@ -493,10 +541,8 @@ async fn commits_keep_their_pace_under_a_read_flood() {
         waits.push(sent.elapsed());
         actix_rt::time::sleep(Duration::from_millis(50)).await;
     }
-    while !flood.is_finished() {
-        actix_rt::time::sleep(Duration::from_millis(20)).await;
-    }
-    let (pages, busy) = flood.join().unwrap();
+    let outcomes = flood.outcomes().await;
+    let (pages, busy) = (outcomes.get("ok"), outcomes.get("rate_limited"));
     waits.sort();
     let p99 = waits[(waits.len() * 99 / 100).min(waits.len() - 1)];
     assert!(
@@ -504,10 +550,11 @@ async fn commits_keep_their_pace_under_a_read_flood() {
         "p99 ack {p99:?} of {n} sends"
     );
     assert!(
-        busy > 0,
-        "the read queue refused nothing ({pages} pages read)"
+        busy.is_some(),
+        "the read queue refused nothing: {outcomes:?}"
     );
-    assert!(pages > 0, "no read got through");
+    assert!(pages.is_some(), "no read got through: {outcomes:?}");
+    assert_eq!(outcomes.len(), 2, "{outcomes:?}");
 }
 
 /// Regression (hardening 3): guessing tokens costs a database read each, so failed resumes
@@ -539,4 +586,89 @@ async fn failed_resumes_are_limited_per_address() {
         .await
         .err(req::resume(&token), "rate_limited")
         .await;
+}
+
+/// Regression (hardening 4): registrations are limited per address by a token bucket, and a
+/// registration refused because the name is taken counts as a failed login of the address.
+#[actix_rt::test]
+async fn registrations_are_limited_per_address() {
+    use rookery::config::RateConfig;
+    let server = TestServer::start_with(|c| {
+        c.auth.registrations_per_ip = RateConfig {
+            count: 1,
+            per_seconds: 3600,
+            burst: 4,
+        };
+        c.auth.failed_logins_per_ip = 2;
+    })
+    .await;
+    let mut c = server.connect().await;
+    for name in ["ann", "bob"] {
+        c.register(name).await;
+    }
+    for _ in 0..2 {
+        c.err(req::register("ann", PASSWORD), "conflict").await;
+    }
+    // Two names found taken: the address's failed-login window is full.
+    let refused = c.err(req::register("cat", PASSWORD), "rate_limited").await;
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("registrations"),
+        "{refused}"
+    );
+    c.err(req::login("bob", PASSWORD), "rate_limited").await;
+
+    let other = TestServer::start_with(|c| {
+        c.auth.registrations_per_ip = RateConfig {
+            count: 1,
+            per_seconds: 3600,
+            burst: 3,
+        }
+    })
+    .await;
+    let mut c = other.connect().await;
+    for name in ["ann", "bob", "cat"] {
+        c.register(name).await;
+    }
+    c.err(req::register("dan", PASSWORD), "rate_limited").await;
+    c.login("ann").await;
+}
+
+/// Regression (hardening 4): a flood of registrations (from addresses the bucket lets through)
+/// leaves the password hasher room for logins: a normal login keeps succeeding.
+#[actix_rt::test]
+async fn logins_succeed_during_a_registration_flood() {
+    use rookery::config::RateConfig;
+    let server = TestServer::start_with(|c| {
+        c.database.bcrypt_cost = 8;
+        c.auth.bcrypt_threads = 2;
+        c.auth.bcrypt_queue = 16;
+        c.auth.registrations_per_ip = RateConfig {
+            count: 100_000,
+            per_seconds: 1,
+            burst: 100_000,
+        };
+    })
+    .await;
+    server.connect().await.register("ann").await;
+    // `register` changes the session: each connection runs one at a time.
+    let flood = Flood::prepare(server.ws_url(), vec![None; 40], None, 2, |client, n| {
+        json!({"id": format!("r{n}"), "type": "register", "username": format!("f{client}x{n}"),
+            "password": "flood-password"})
+        .to_string()
+    });
+    let until = flood.start(Duration::from_secs(3)).await;
+    actix_rt::time::sleep(Duration::from_millis(300)).await;
+    let mut logins = 0;
+    while Instant::now() + Duration::from_millis(300) < until {
+        let mut c = server.connect().await;
+        let reply = c.call(req::login("ann", PASSWORD)).await;
+        assert_eq!(reply["type"], "ok", "login {logins}: {reply}");
+        logins += 1;
+    }
+    let outcomes = flood.outcomes().await;
+    assert!(outcomes.get("ok").is_some_and(|n| *n > 10), "{outcomes:?}");
+    assert!(logins >= 3, "{logins} logins in the flood");
 }

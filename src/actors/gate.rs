@@ -1,7 +1,7 @@
 //! The Gate: who may connect and who may try a password or a token. It counts open
 //! connections per IP (refusing beyond the limit), keeps the windows of failed logins per
 //! username and per IP (refused without running bcrypt) and of failed resumes per IP (refused
-//! without a database look-up), and knows every live session so that a shutdown can
+//! without a database look-up), and a token bucket of registrations per IP, and knows every live session so that a shutdown can
 //! drain them. Calls only sessions, through [`Drain`].
 //!
 //! Messages:
@@ -10,6 +10,7 @@
 //! - [`LoginAllowed`] / [`LoginFinished`] (Session, around `login`; the latter always, through
 //!   a [`LoginAttempt`] guard).
 //! - [`ResumeAllowed`] / [`ResumeSucceeded`] (Session, around `resume`'s token look-up).
+//! - [`RegisterAllowed`] / [`RegisterFailed`] (Session, around `register`).
 //! - [`Release`] (upgrade handler): a counted connection that never became a session.
 //! - [`DrainAll`] (server, on SIGTERM/SIGINT): tell every session to finish and close with
 //!   1001; replies when all are gone or the deadline passed.
@@ -22,6 +23,7 @@ use tokio::sync::oneshot;
 
 use crate::ids::SessionId;
 use crate::protocol::Username;
+use crate::rate::{Buckets, Refill};
 
 /// Gate → Session: finish the requests in flight, then close with 1001.
 #[derive(Debug, Clone, Message)]
@@ -36,6 +38,8 @@ pub struct GateSettings {
     pub failed_login_window: Duration,
     /// Failed `resume`s per IP within the same window.
     pub failed_resumes_per_ip: usize,
+    /// `register`s per IP.
+    pub registrations_per_ip: Refill,
     /// How often windows that have run out are forgotten.
     pub sweep_interval: Duration,
 }
@@ -141,6 +145,22 @@ pub struct ResumeSucceeded {
     pub ip: Option<IpAddr>,
 }
 
+/// Session → Gate: may this `register` hash its password? False when the IP is over its
+/// registration rate or has too many recent failed logins. Takes a token of the IP's bucket.
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct RegisterAllowed {
+    pub ip: Option<IpAddr>,
+}
+
+/// Session → Gate: an allowed `register` was refused because the name is taken: it counts as
+/// a failed login of the IP (guessing which names exist is guessing).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct RegisterFailed {
+    pub ip: Option<IpAddr>,
+}
+
 /// Upgrade handler → Gate: give back a slot taken by [`Admit`] for a connection that never
 /// became a session.
 #[derive(Debug, Message)]
@@ -168,6 +188,7 @@ pub struct Gate {
     attempts_by_user: HashMap<Username, VecDeque<Instant>>,
     /// Resumes per IP that failed, or were allowed and have not succeeded (yet).
     resumes_by_ip: HashMap<IpAddr, VecDeque<Instant>>,
+    registrations_by_ip: Buckets<IpAddr>,
     drained: Vec<oneshot::Sender<()>>,
     draining: bool,
 }
@@ -182,6 +203,7 @@ impl Gate {
             failures_by_ip: HashMap::new(),
             attempts_by_user: HashMap::new(),
             resumes_by_ip: HashMap::new(),
+            registrations_by_ip: Buckets::default(),
             drained: Vec::new(),
             draining: false,
         }
@@ -196,6 +218,14 @@ impl Gate {
                 }
             }
         }
+    }
+
+    /// Recent failed logins (and name-taken registrations) of `ip`.
+    fn failures_of(&mut self, ip: Option<IpAddr>) -> usize {
+        let span = self.settings.failed_login_window;
+        ip.and_then(|ip| self.failures_by_ip.get_mut(&ip))
+            .map(|w| Gate::recent(w, span))
+            .unwrap_or(0)
     }
 
     fn recent(window: &mut VecDeque<Instant>, span: Duration) -> usize {
@@ -219,6 +249,8 @@ impl Actor for Gate {
             gate.attempts_by_user
                 .retain(|_, w| Gate::recent(w, span) > 0);
             gate.resumes_by_ip.retain(|_, w| Gate::recent(w, span) > 0);
+            gate.registrations_by_ip
+                .forget_full(gate.settings.registrations_per_ip, Instant::now());
         });
     }
 }
@@ -292,11 +324,7 @@ impl Handler<LoginAllowed> for Gate {
                 .unwrap_or(0);
         // Attempts in flight count against a username (so a parallel burst cannot guess more
         // often than the limit), but not against an address, where many users may log in at once.
-        let by_ip = msg
-            .ip
-            .and_then(|ip| self.failures_by_ip.get_mut(&ip))
-            .map(|w| Gate::recent(w, span))
-            .unwrap_or(0);
+        let by_ip = self.failures_of(msg.ip);
         let allowed = by_user < self.settings.failed_logins_per_user
             && by_ip < self.settings.failed_logins_per_ip;
         if allowed {
@@ -361,6 +389,34 @@ impl Handler<ResumeSucceeded> for Gate {
             if window.is_empty() {
                 self.resumes_by_ip.remove(&ip);
             }
+        }
+    }
+}
+
+impl Handler<RegisterAllowed> for Gate {
+    type Result = bool;
+
+    fn handle(&mut self, msg: RegisterAllowed, _: &mut Context<Self>) -> bool {
+        if self.failures_of(msg.ip) >= self.settings.failed_logins_per_ip {
+            return false;
+        }
+        let Some(ip) = msg.ip else {
+            return true;
+        };
+        self.registrations_by_ip
+            .take(ip, self.settings.registrations_per_ip, Instant::now())
+    }
+}
+
+impl Handler<RegisterFailed> for Gate {
+    type Result = ();
+
+    fn handle(&mut self, msg: RegisterFailed, _: &mut Context<Self>) {
+        if let Some(ip) = msg.ip {
+            self.failures_by_ip
+                .entry(ip)
+                .or_default()
+                .push_back(Instant::now());
         }
     }
 }

@@ -1,6 +1,9 @@
 //! The Hasher: a SyncArbiter pool of its own for bcrypt, apart from the DB executor, so a flood
 //! of logins queues here instead of starving message stores. [`HasherHandle`] bounds the queue:
-//! beyond it a request is refused at once with `rate_limited`.
+//! beyond it a request is refused at once with `rate_limited`. A job holds its place in the
+//! queue until a thread has finished it, even when the connection that asked is gone.
+//! Registrations may use only half the threads and half the queue, so that a flood of them
+//! leaves logins room: a login waits behind at most that half.
 //!
 //! Messages:
 //! - [`HashPassword`] (Session, register): a new bcrypt hash.
@@ -10,6 +13,7 @@
 use actix::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{AuthError, Error};
 use crate::secret::Secret;
@@ -23,10 +27,12 @@ impl Actor for Hasher {
     type Context = SyncContext<Self>;
 }
 
-#[derive(Debug, Message)]
+#[derive(Message)]
 #[rtype(result = "Result<String, AuthError>")]
 pub struct HashPassword {
     pub password: Secret,
+    /// The registration's places, given back when the job is done.
+    _held: (Slot, OwnedSemaphorePermit),
 }
 
 impl Handler<HashPassword> for Hasher {
@@ -37,11 +43,12 @@ impl Handler<HashPassword> for Hasher {
     }
 }
 
-#[derive(Debug, Message)]
+#[derive(Message)]
 #[rtype(result = "Result<bool, AuthError>")]
 pub struct VerifyPassword {
     pub password: Secret,
     pub hash: Option<String>,
+    _held: Slot,
 }
 
 impl Handler<VerifyPassword> for Hasher {
@@ -67,15 +74,43 @@ impl Handler<VerifyPassword> for Hasher {
     }
 }
 
-/// The way to the hasher pool, with its queue bound.
+/// The way to the hasher pool, with its queue bounds.
 #[derive(Clone)]
 pub struct HasherHandle {
     addr: Addr<Hasher>,
-    queued: Arc<AtomicUsize>,
+    /// Password checks waiting or running.
+    checks: Bound,
+    /// Registrations waiting for a turn or running.
+    registrations: Bound,
+    /// Turns of the threads registrations may take at once.
+    registration_turns: Arc<Semaphore>,
+}
+
+/// A count with a limit: [`Bound::take`] gives a [`Slot`] while under it.
+#[derive(Clone)]
+struct Bound {
+    count: Arc<AtomicUsize>,
     limit: usize,
 }
 
-/// Releases a queue slot when the request is done, whatever happens to it.
+impl Bound {
+    fn new(limit: usize) -> Self {
+        Bound {
+            count: Arc::new(AtomicUsize::new(0)),
+            limit,
+        }
+    }
+
+    fn take(&self) -> Result<Slot, Error> {
+        if self.count.fetch_add(1, Ordering::SeqCst) >= self.limit {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+            return Err(AuthError::HasherBusy.into());
+        }
+        Ok(Slot(self.count.clone()))
+    }
+}
+
+/// A place in a [`Bound`], given back when dropped.
 struct Slot(Arc<AtomicUsize>);
 
 impl Drop for Slot {
@@ -88,26 +123,33 @@ impl HasherHandle {
     pub fn start(threads: usize, cost: u32, queue_limit: usize) -> Self {
         HasherHandle {
             addr: SyncArbiter::start(threads, move || Hasher { cost, decoy: None }),
-            queued: Arc::new(AtomicUsize::new(0)),
-            limit: queue_limit,
+            checks: Bound::new(queue_limit),
+            registrations: Bound::new((queue_limit / 2).max(1)),
+            registration_turns: Arc::new(Semaphore::new((threads / 2).max(1))),
         }
-    }
-
-    fn slot(&self) -> Result<Slot, Error> {
-        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.limit {
-            self.queued.fetch_sub(1, Ordering::SeqCst);
-            return Err(AuthError::HasherBusy.into());
-        }
-        Ok(Slot(self.queued.clone()))
     }
 
     pub async fn hash(&self, password: Secret) -> Result<String, Error> {
-        let _slot = self.slot()?;
-        Ok(self.addr.send(HashPassword { password }).await??)
+        let slot = self.registrations.take()?;
+        let turn = self
+            .registration_turns
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| AuthError::HasherBusy)?;
+        let job = HashPassword {
+            password,
+            _held: (slot, turn),
+        };
+        Ok(self.addr.send(job).await??)
     }
 
     pub async fn verify(&self, password: Secret, hash: Option<String>) -> Result<bool, Error> {
-        let _slot = self.slot()?;
-        Ok(self.addr.send(VerifyPassword { password, hash }).await??)
+        let job = VerifyPassword {
+            password,
+            hash,
+            _held: self.checks.take()?,
+        };
+        Ok(self.addr.send(job).await??)
     }
 }

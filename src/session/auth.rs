@@ -14,9 +14,11 @@ use crate::actors::db::{
     hash_token, CreateUser, FindLogin, IssueToken, IssuedToken, ResumeToken, RevokeToken, TokenHash,
 };
 use crate::actors::directory::{Directory, Parked, Reclaim};
-use crate::actors::gate::{LoginAllowed, LoginAttempt, ResumeAllowed, ResumeSucceeded};
+use crate::actors::gate::{
+    LoginAllowed, LoginAttempt, RegisterAllowed, RegisterFailed, ResumeAllowed, ResumeSucceeded,
+};
 use crate::actors::room::{Deliver, Join, Joined, Room};
-use crate::error::{AuthError, Error};
+use crate::error::{AuthError, Error, StoreError};
 use crate::ids::SessionId;
 use crate::protocol::{Reply, RestoredRoom, RoomName, UserView, Username};
 use crate::secret::Secret;
@@ -34,19 +36,7 @@ type Restored = Vec<(RoomName, Option<(Addr<Room>, Joined)>)>;
 
 impl Session {
     pub(super) fn register(&mut self, username: Username, password: Secret) -> Step {
-        let (hasher, db) = (self.services.hasher.clone(), self.services.db.clone());
-        let work = async move {
-            let password_hash = hasher.hash(password).await?;
-            let user = db
-                .send(CreateUser {
-                    username,
-                    password_hash,
-                })
-                .await??;
-            Ok(Reply::Registered {
-                user: user_view(&user),
-            })
-        };
+        let work = register(self.services.clone(), self.peer.ip, username, password);
         Step::later(work.into_actor(self))
     }
 
@@ -155,6 +145,34 @@ impl Session {
             Answer { result, then }
         }))
     }
+}
+
+/// A registration through the gate: refused without hashing while the address is over its
+/// registration rate (or has too many failed logins); a name already taken counts as a
+/// failed login of the address.
+async fn register(
+    services: Services,
+    ip: Option<std::net::IpAddr>,
+    username: Username,
+    password: Secret,
+) -> Result<Reply, Error> {
+    if !services.gate.send(RegisterAllowed { ip }).await? {
+        return Err(AuthError::TooManyRegistrations.into());
+    }
+    let password_hash = services.hasher.hash(password).await?;
+    let created = services
+        .db
+        .send(CreateUser {
+            username,
+            password_hash,
+        })
+        .await?;
+    if let Err(StoreError::Conflict(_)) = created {
+        services.gate.do_send(RegisterFailed { ip });
+    }
+    Ok(Reply::Registered {
+        user: user_view(&created?),
+    })
 }
 
 /// A login attempt through the gate: refused without checking the password while the name

@@ -894,7 +894,7 @@ impl Actor for Room {
             room.expire_queued();
             room.expire_detached();
             room.rates
-                .forget_full(&room.policy.limits.rate, Instant::now());
+                .forget_full(room.policy.limits.rate.refill(), Instant::now());
         });
     }
 
@@ -1042,10 +1042,11 @@ impl Room {
         if post.body.len() > max {
             return Err(RoomError::TooLarge { max });
         }
-        if !self
-            .rates
-            .take(post.user.id, &self.policy.limits.rate, Instant::now())
-        {
+        if !self.rates.take(
+            post.user.id,
+            self.policy.limits.rate.refill(),
+            Instant::now(),
+        ) {
             return Err(RoomError::RateLimited);
         }
         Ok(())

@@ -3,13 +3,13 @@
 //! file's admins), who may send (read-only rooms), and the per-user send rate. Plain data:
 //! the caller passes `now`.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::time::Instant;
+use std::collections::{BTreeSet, HashSet};
 
 use crate::error::{Forbidden, RoomError};
 use crate::ids::UserId;
-use crate::policy::{ConfigRoom, Limits, Policies, Rate};
+use crate::policy::{ConfigRoom, Limits, Policies};
 use crate::protocol::RoomKind;
+use crate::rate::Buckets;
 use crate::store::models::{RoomOrigin, RoomRecord, UserRecord};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,50 +127,12 @@ impl RoomPolicy {
 }
 
 /// One token bucket per user: the room's send rate.
-#[derive(Debug, Default)]
-pub struct SendRates {
-    buckets: HashMap<UserId, Bucket>,
-}
-
-#[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl SendRates {
-    /// Takes a token of `user` at `rate`; false when the user is over it.
-    pub fn take(&mut self, user: UserId, rate: &Rate, now: Instant) -> bool {
-        let burst = f64::from(rate.burst);
-        let bucket = self.buckets.entry(user).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * rate.per_second()).min(burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Forgets the buckets that have filled up again (their users sent nothing for a while).
-    pub fn forget_full(&mut self, rate: &Rate, now: Instant) {
-        let burst = f64::from(rate.burst);
-        self.buckets.retain(|_, b| {
-            b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate.per_second() < burst
-        });
-    }
-}
+pub type SendRates = Buckets<UserId>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ids::{RoomId, Seq};
-    use std::time::Duration;
 
     fn user(id: i64, name: &str) -> UserRecord {
         UserRecord {
@@ -264,29 +226,5 @@ mod tests {
             direct.check_manager(&user(3, "eve")),
             Err(RoomError::Forbidden(Forbidden::NotMember))
         ));
-    }
-
-    #[test]
-    fn the_send_rate_is_a_bucket_per_user() {
-        let rate = Rate {
-            messages: 2,
-            per_seconds: 1,
-            burst: 3,
-        };
-        let (mut rates, start) = (SendRates::default(), Instant::now());
-        assert_eq!(
-            (0..5)
-                .filter(|_| rates.take(UserId(1), &rate, start))
-                .count(),
-            3
-        );
-        assert!(
-            rates.take(UserId(2), &rate, start),
-            "another user has a bucket of its own"
-        );
-        assert!(!rates.take(UserId(1), &rate, start));
-        assert!(rates.take(UserId(1), &rate, start + Duration::from_millis(500)));
-        rates.forget_full(&rate, start + Duration::from_secs(10));
-        assert!(rates.buckets.is_empty());
     }
 }

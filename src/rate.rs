@@ -1,0 +1,100 @@
+//! Token buckets, one per key (a user, an IP address): how often someone may do something,
+//! with a burst. Plain data, no clock of its own: callers pass `now`. Used by rooms (the send
+//! rate per user) and the gate (registrations per address, a user's sends and typing across
+//! sessions).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::Instant;
+
+/// How a bucket refills: `per_second` tokens each second, holding at most `burst`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Refill {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+impl Refill {
+    /// `count` tokens per `per_seconds`, up to `burst`.
+    pub fn new(count: u32, per_seconds: u32, burst: u32) -> Refill {
+        Refill {
+            per_second: f64::from(count) / f64::from(per_seconds.max(1)),
+            burst: f64::from(burst),
+        }
+    }
+}
+
+/// One bucket per key; a key seen for the first time starts with a full bucket.
+#[derive(Debug)]
+pub struct Buckets<K> {
+    buckets: HashMap<K, Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl<K> Default for Buckets<K> {
+    fn default() -> Self {
+        Buckets {
+            buckets: HashMap::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq> Buckets<K> {
+    /// Takes a token of `key`; false when the key is over its rate.
+    pub fn take(&mut self, key: K, refill: Refill, now: Instant) -> bool {
+        let bucket = self.buckets.entry(key).or_insert(Bucket {
+            tokens: refill.burst,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * refill.per_second).min(refill.burst);
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Forgets the buckets that have filled up again (their keys did nothing for a while), so
+    /// the map is only as large as the keys recently busy.
+    pub fn forget_full(&mut self, refill: Refill, now: Instant) {
+        self.buckets.retain(|_, b| {
+            b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * refill.per_second
+                < refill.burst
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn each_key_has_a_bucket_that_refills_at_its_rate() {
+        let refill = Refill::new(2, 1, 3);
+        let (mut buckets, start) = (Buckets::default(), Instant::now());
+        assert_eq!((0..5).filter(|_| buckets.take(1, refill, start)).count(), 3);
+        assert!(
+            buckets.take(2, refill, start),
+            "another key has a bucket of its own"
+        );
+        assert!(!buckets.take(1, refill, start));
+        let later = start + Duration::from_millis(500);
+        assert!(buckets.take(1, refill, later));
+        assert!(!buckets.take(1, refill, later));
+        buckets.forget_full(refill, start + Duration::from_secs(10));
+        assert!(buckets.is_empty());
+    }
+}
