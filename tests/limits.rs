@@ -672,3 +672,94 @@ async fn logins_succeed_during_a_registration_flood() {
     assert!(outcomes.get("ok").is_some_and(|n| *n > 10), "{outcomes:?}");
     assert!(logins >= 3, "{logins} logins in the flood");
 }
+
+/// The tokens of `tokens` that the database holds as revoked.
+fn revoked_count(db: &TestDb, tokens: &[String]) -> usize {
+    use diesel::prelude::*;
+    use rookery::schema::session_tokens::dsl::*;
+    let hashes: Vec<Vec<u8>> = tokens
+        .iter()
+        .map(|t| rookery::actors::db::hash_token(t).0.to_vec())
+        .collect();
+    session_tokens
+        .filter(token_hash.eq_any(hashes))
+        .filter(revoked_at.is_not_null())
+        .count()
+        .get_result::<i64>(&mut db.conn())
+        .unwrap() as usize
+}
+
+/// Regression (hardening 5): `logout` followed at once by a close frame revokes the token,
+/// whether the logout was running or still waiting behind a join when the close came.
+#[actix_rt::test]
+async fn a_logout_cut_short_by_a_close_still_revokes() {
+    let server = TestServer::start().await;
+    server.public_room("general", ["ann"]).await;
+    let mut tokens = Vec::new();
+    for i in 0..10 {
+        let mut c = server.connect().await;
+        let token = c.login("ann").await["token"].as_str().unwrap().to_string();
+        if i % 2 == 1 {
+            c.send_request("j", &req::join("general")).await;
+        }
+        c.send_request("out", &req::logout()).await;
+        c.close().await;
+        tokens.push(token);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while revoked_count(&server.db, &tokens) < tokens.len() && Instant::now() < deadline {
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(revoked_count(&server.db, &tokens), tokens.len());
+    for token in &tokens {
+        server
+            .connect()
+            .await
+            .err(req::resume(token), "unauthorized")
+            .await;
+    }
+}
+
+/// Regression (hardening 5): a revoked token ends every live session using it (1008), and
+/// one whose token expires is closed when it does.
+#[actix_rt::test]
+async fn revoked_and_expired_tokens_end_their_sessions() {
+    let server = TestServer::start().await;
+    let mut ann = server.user("ann").await;
+    let token = ann.token.clone().unwrap();
+    let mut others = Vec::new();
+    for _ in 0..2 {
+        let mut c = server.connect().await;
+        c.ok(req::resume(&token)).await;
+        others.push(c);
+    }
+    ann.ok(req::logout()).await;
+    for mut other in others {
+        assert_eq!(other.closed().await, 1008);
+    }
+
+    let bob = server.user("bob").await;
+    let token = bob.token.clone().unwrap();
+    bob.close().await;
+    {
+        use diesel::prelude::*;
+        use rookery::schema::session_tokens::dsl::*;
+        let soon = chrono::Utc::now() + chrono::TimeDelta::milliseconds(1500);
+        diesel::update(
+            session_tokens
+                .filter(token_hash.eq(rookery::actors::db::hash_token(&token).0.to_vec())),
+        )
+        .set(expires_at.eq(soon))
+        .execute(&mut server.db.conn())
+        .unwrap();
+    }
+    let mut c = server.connect().await;
+    c.ok(req::resume(&token)).await;
+    let resumed = Instant::now();
+    assert_eq!(c.closed().await, 1008);
+    assert!(
+        resumed.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        resumed.elapsed()
+    );
+}

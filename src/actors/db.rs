@@ -23,6 +23,7 @@
 use actix::prelude::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use chrono::{DateTime, Utc};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -193,6 +194,7 @@ impl Handler<FindLogin> for DbExecutor {
 pub struct IssuedToken {
     pub token: Secret,
     pub hash: TokenHash,
+    pub expires_at: DateTime<Utc>,
 }
 
 /// Session → DbExecutor: login, last step, after the password was verified: a new token.
@@ -210,7 +212,7 @@ impl Handler<IssueToken> for DbExecutor {
         openssl::rand::rand_bytes(&mut raw).map_err(crate::error::CryptoError::from)?;
         let token = URL_SAFE_NO_PAD.encode(raw);
         let hash = hash_token(&token);
-        store::insert_token(
+        let expires_at = store::insert_token(
             &mut *self.conn()?,
             msg.user,
             &hash.0,
@@ -219,20 +221,21 @@ impl Handler<IssueToken> for DbExecutor {
         Ok(IssuedToken {
             token: Secret::new(token),
             hash,
+            expires_at,
         })
     }
 }
 
-/// Session → DbExecutor: resume. Replies the token's user; None when the token is unknown,
-/// expired or revoked.
+/// Session → DbExecutor: resume. Replies the token's user and when the token expires; None
+/// when the token is unknown, expired or revoked.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Option<UserRecord>, StoreError>")]
+#[rtype(result = "Result<Option<(UserRecord, DateTime<Utc>)>, StoreError>")]
 pub struct ResumeToken {
     pub hash: TokenHash,
 }
 
 impl Handler<ResumeToken> for DbExecutor {
-    type Result = Result<Option<UserRecord>, StoreError>;
+    type Result = Result<Option<(UserRecord, DateTime<Utc>)>, StoreError>;
 
     fn handle(&mut self, msg: ResumeToken, _: &mut Self::Context) -> Self::Result {
         store::user_by_token(&mut *self.conn()?, &msg.hash.0)

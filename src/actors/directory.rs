@@ -23,7 +23,9 @@
 //! - [`Park`] (Session, when its connection drops): remember its rooms for the grace.
 //! - [`Reclaim`] (Session, `resume`): the parked session of a token and its rooms, once; a
 //!   session still live with that token is asked to [`Yield`] first.
-//! - [`Track`] / [`Untrack`] (Session): which live session holds which token.
+//! - [`Track`] / [`Untrack`] (Session): which live sessions hold which token.
+//! - [`Revoked`] (Session, after `logout` revoked its token): every other session using the
+//!   token is told [`TokenRevoked`] and closes; a parked one is forgotten.
 
 use actix::prelude::*;
 use std::collections::HashMap;
@@ -131,6 +133,27 @@ pub struct Track {
     pub token: TokenHash,
     pub session: SessionId,
     pub yield_to: Recipient<Yield>,
+    pub revoked: Recipient<TokenRevoked>,
+}
+
+/// Session → Directory: `token` was revoked by `by` (its `logout`).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Revoked {
+    pub token: TokenHash,
+    pub by: SessionId,
+}
+
+/// Directory → Session: the token this session uses was revoked on another connection.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub struct TokenRevoked;
+
+/// A live session using a token.
+struct Live {
+    session: SessionId,
+    yield_to: Recipient<Yield>,
+    revoked: Recipient<TokenRevoked>,
 }
 
 /// Session → Directory: this session ended without parking (clean close, logout).
@@ -163,7 +186,7 @@ pub struct Directory {
     parked: HashMap<TokenHash, Parked>,
     /// The live session using each token, so that a `resume` can take its place even before
     /// the server has noticed that its connection is gone.
-    live: HashMap<TokenHash, (SessionId, Recipient<Yield>)>,
+    live: HashMap<TokenHash, Vec<Live>>,
     /// Resumes waiting for a live session to yield and park.
     reclaiming: HashMap<TokenHash, oneshot::Sender<Option<Parked>>>,
     db: DirectoryStore,
@@ -239,6 +262,15 @@ impl Directory {
                 Err(e) => log::warn!("retention: {e}"),
             }
         });
+    }
+
+    fn untrack(&mut self, token: &TokenHash, session: SessionId) {
+        if let Some(sessions) = self.live.get_mut(token) {
+            sessions.retain(|live| live.session != session);
+            if sessions.is_empty() {
+                self.live.remove(token);
+            }
+        }
     }
 
     fn remember_missing(&mut self, name: String) {
@@ -345,13 +377,7 @@ impl Handler<Park> for Directory {
     type Result = ();
 
     fn handle(&mut self, msg: Park, _: &mut Context<Self>) {
-        if self
-            .live
-            .get(&msg.token)
-            .is_some_and(|(s, _)| *s == msg.session)
-        {
-            self.live.remove(&msg.token);
-        }
+        self.untrack(&msg.token, msg.session);
         let parked = Parked {
             session: msg.session,
             rooms: msg.rooms,
@@ -375,7 +401,24 @@ impl Handler<Track> for Directory {
     type Result = ();
 
     fn handle(&mut self, msg: Track, _: &mut Context<Self>) {
-        self.live.insert(msg.token, (msg.session, msg.yield_to));
+        self.live.entry(msg.token).or_default().push(Live {
+            session: msg.session,
+            yield_to: msg.yield_to,
+            revoked: msg.revoked,
+        });
+    }
+}
+
+impl Handler<Revoked> for Directory {
+    type Result = ();
+
+    fn handle(&mut self, msg: Revoked, _: &mut Context<Self>) {
+        self.parked.remove(&msg.token);
+        for live in self.live.remove(&msg.token).unwrap_or_default() {
+            if live.session != msg.by {
+                live.revoked.do_send(TokenRevoked);
+            }
+        }
     }
 }
 
@@ -383,13 +426,7 @@ impl Handler<Untrack> for Directory {
     type Result = ();
 
     fn handle(&mut self, msg: Untrack, _: &mut Context<Self>) {
-        if self
-            .live
-            .get(&msg.token)
-            .is_some_and(|(s, _)| *s == msg.session)
-        {
-            self.live.remove(&msg.token);
-        }
+        self.untrack(&msg.token, msg.session);
     }
 }
 
@@ -407,7 +444,13 @@ impl Handler<Reclaim> for Directory {
         }
         // A session with this token may still be live (its connection lost but not noticed
         // yet): ask it to hand over, and wait for it to park.
-        let Some((_, live)) = self.live.get(&msg.token).cloned() else {
+        // The newest session of the token: the one a lost connection would have left behind.
+        let Some(live) = self
+            .live
+            .get(&msg.token)
+            .and_then(|sessions| sessions.last())
+            .map(|live| live.yield_to.clone())
+        else {
             return Box::pin(async { None });
         };
         let (tx, rx) = oneshot::channel();

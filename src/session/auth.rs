@@ -3,6 +3,7 @@
 //! [`Step`]; the session changes only when their answers are back.
 
 use actix::prelude::*;
+use chrono::{DateTime, Utc};
 
 use super::phase::Identity;
 use super::requests::{Answer, Step, Then};
@@ -13,14 +14,14 @@ use super::Services;
 use crate::actors::db::{
     hash_token, CreateUser, FindLogin, IssueToken, IssuedToken, ResumeToken, RevokeToken, TokenHash,
 };
-use crate::actors::directory::{Directory, Parked, Reclaim};
+use crate::actors::directory::{Directory, Parked, Reclaim, Revoked};
 use crate::actors::gate::{
     LoginAllowed, LoginAttempt, RegisterAllowed, RegisterFailed, ResumeAllowed, ResumeSucceeded,
 };
 use crate::actors::room::{Deliver, Join, Joined, Room};
 use crate::error::{AuthError, Error, StoreError};
 use crate::ids::SessionId;
-use crate::protocol::{Reply, RestoredRoom, RoomName, UserView, Username};
+use crate::protocol::{Reply, RequestKind, RestoredRoom, RoomName, UserView, Username};
 use crate::secret::Secret;
 use crate::store::models::UserRecord;
 
@@ -40,18 +41,12 @@ impl Session {
         Step::later(work.into_actor(self))
     }
 
-    pub(super) fn login(
-        &mut self,
-        username: Username,
-        password: Secret,
-        ctx: &mut WsContext,
-    ) -> Step {
+    pub(super) fn login(&mut self, username: Username, password: Secret) -> Step {
         if self.phase.identity().is_some() {
             return Step::fail(AuthError::AlreadyAuthenticated);
         }
         let attempt = login_attempt(self.services.clone(), self.peer.ip, username, password);
-        let yield_to = ctx.address().recipient();
-        Step::later(attempt.into_actor(self).map(move |result, session, _| {
+        Step::later(attempt.into_actor(self).map(move |result, session, ctx| {
             let (user, token) = result?;
             let reply = Reply::LoggedIn {
                 user: user_view(&user),
@@ -60,8 +55,9 @@ impl Session {
             let identity = Identity {
                 user,
                 token: token.hash,
+                expires_at: token.expires_at,
             };
-            session.authenticated(identity, yield_to)?;
+            session.authenticated(identity, ctx)?;
             Ok(reply)
         }))
     }
@@ -74,16 +70,16 @@ impl Session {
         }
         let hash = hash_token(token.expose());
         let lookup = look_up_token(self.services.clone(), self.peer.ip, hash.clone());
-        let yield_to = ctx.address().recipient();
         let deliver = ctx.address().recipient::<Deliver>();
         let session = self.id;
-        let work = lookup.into_actor(self).then(move |found, act, _| {
-            let begun = found.and_then(|(user, parked)| {
+        let work = lookup.into_actor(self).then(move |found, act, ctx| {
+            let begun = found.and_then(|(user, expires_at, parked)| {
                 let identity = Identity {
                     user: user.clone(),
                     token: hash,
+                    expires_at,
                 };
-                act.authenticated(identity, yield_to)?;
+                act.authenticated(identity, ctx)?;
                 if let Some(parked) = &parked {
                     parked.rooms.iter().for_each(|name| act.joins.begin(name));
                 }
@@ -128,11 +124,15 @@ impl Session {
     }
 
     pub(super) fn logout(&mut self) -> Step {
-        let token = self.phase.identity().map(|i| i.token.clone());
-        let db = self.services.executors.clone();
+        let revoking = self
+            .phase
+            .identity()
+            .map(|i| revoke(&self.services, i, self.id));
         let work = async move {
-            if let Some(hash) = token {
-                db.send(RevokeToken { hash }).await??;
+            if let Some(revoking) = revoking {
+                revoking
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))??;
             }
             Ok::<_, Error>(Reply::Done {})
         };
@@ -145,6 +145,37 @@ impl Session {
             Answer { result, then }
         }))
     }
+}
+
+impl Session {
+    /// A `logout` that was waiting its turn when the connection went away still revokes.
+    pub(super) fn revoke_for_waiting_logout(&self) {
+        if !self.pipeline.is_waiting(|r| r.kind == RequestKind::Logout) {
+            return;
+        }
+        if let Some(identity) = self.phase.identity() {
+            drop(revoke(&self.services, identity, self.id));
+        }
+    }
+}
+
+/// Revokes the token of `identity` in a task of its own, so that it completes whatever
+/// happens to the connection, then has the directory end the token's other sessions.
+pub(super) fn revoke(
+    services: &Services,
+    identity: &Identity,
+    by: SessionId,
+) -> tokio::task::JoinHandle<Result<(), Error>> {
+    let (db, directory) = (services.executors.clone(), services.directory.clone());
+    let token = identity.token.clone();
+    actix::spawn(async move {
+        db.send(RevokeToken {
+            hash: token.clone(),
+        })
+        .await??;
+        directory.do_send(Revoked { token, by });
+        Ok(())
+    })
 }
 
 /// A registration through the gate: refused without hashing while the address is over its
@@ -233,18 +264,18 @@ async fn look_up_token(
     services: Services,
     ip: Option<std::net::IpAddr>,
     hash: TokenHash,
-) -> Result<(UserRecord, Option<Parked>), Error> {
+) -> Result<(UserRecord, DateTime<Utc>, Option<Parked>), Error> {
     if !services.gate.send(ResumeAllowed { ip }).await? {
         return Err(AuthError::TooManyFailedResumes.into());
     }
-    let user = services
+    let (user, expires_at) = services
         .db
         .send(ResumeToken { hash: hash.clone() })
         .await??
         .ok_or(AuthError::InvalidToken)?;
     services.gate.do_send(ResumeSucceeded { ip });
     let parked = services.directory.send(Reclaim { token: hash }).await?;
-    Ok((user, parked))
+    Ok((user, expires_at, parked))
 }
 
 /// Joins each room of the parked session in its place. A room that went away (or refuses

@@ -10,6 +10,7 @@ use super::joins::RoomsAtEnd;
 use crate::actors::db::TokenHash;
 use crate::protocol::RoomName;
 use crate::store::models::UserRecord;
+use chrono::{DateTime, Utc};
 
 /// Who the connection is, once authenticated.
 #[derive(Debug, Clone)]
@@ -17,6 +18,8 @@ pub struct Identity {
     pub user: UserRecord,
     /// The hash of the token it logged in or resumed with.
     pub token: TokenHash,
+    /// When that token expires: the connection closes then.
+    pub expires_at: DateTime<Utc>,
 }
 
 /// How a connection ended, as far as its rooms are concerned.
@@ -196,6 +199,7 @@ mod tests {
                 username: "ann".into(),
             },
             token: TokenHash([7; 32]),
+            expires_at: chrono::DateTime::<chrono::Utc>::MAX_UTC,
         }
     }
 

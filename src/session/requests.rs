@@ -7,13 +7,14 @@
 
 use actix::fut::LocalBoxActorFuture;
 use actix::prelude::*;
-use std::time::Instant;
+use chrono::Utc;
+use std::time::{Duration, Instant};
 
-use super::phase::Identity;
+use super::phase::{Ending, Identity};
 use super::pipeline::{Admission, Ordered};
 use super::shell::Session;
 use super::socket::{self, Close, WsContext};
-use crate::actors::directory::{Track, Untrack, Yield};
+use crate::actors::directory::{Track, Untrack};
 use crate::actors::presence::{SessionClosed, SessionOpened};
 use crate::actors::room::Leave;
 use crate::error::{AuthError, Error, SessionError};
@@ -197,7 +198,7 @@ impl Session {
         match (request, user) {
             (Request::Ping {}, _) => Step::done(Reply::Done {}),
             (Request::Register { username, password }, _) => self.register(username, password),
-            (Request::Login { username, password }, _) => self.login(username, password, ctx),
+            (Request::Login { username, password }, _) => self.login(username, password),
             (Request::Resume { token }, _) => self.resume(token, ctx),
             (_, None) => Step::fail(AuthError::Unauthenticated),
             (Request::Logout {}, Some(_)) => self.logout(),
@@ -275,9 +276,12 @@ impl Session {
     pub(super) fn authenticated(
         &mut self,
         identity: Identity,
-        yield_to: Recipient<Yield>,
+        ctx: &mut WsContext,
     ) -> Result<(), Error> {
         let (user, token) = (identity.user.id, identity.token.clone());
+        let lifetime = (identity.expires_at - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO);
         log::info!(
             "session {} from {}: authenticated as {}",
             self.id.0,
@@ -294,7 +298,13 @@ impl Session {
         self.services.directory.do_send(Track {
             token,
             session: self.id,
-            yield_to,
+            yield_to: ctx.address().recipient(),
+            revoked: ctx.address().recipient(),
+        });
+        // The token's end is the session's: it is not asked again, so the timer keeps it.
+        ctx.run_later(lifetime, |session, ctx| {
+            let text = "token expired";
+            session.shut(ctx, Ending::Clean, text, Close::Policy, text);
         });
         Ok(())
     }

@@ -21,7 +21,7 @@ use super::phase::{farewell, Ending, Farewell, Phase};
 use super::pipeline::Pipeline;
 use super::socket::{self, Close, OutboundMeter, WsContext};
 use super::{Services, SessionSettings};
-use crate::actors::directory::{OpenRoom, Park, Untrack, Yield};
+use crate::actors::directory::{OpenRoom, Park, TokenRevoked, Untrack, Yield};
 use crate::actors::gate::{Drain, Register, Unregister};
 use crate::actors::presence::SessionClosed;
 use crate::actors::room::{Deliver, Detach, Leave, Room};
@@ -297,6 +297,7 @@ impl Actor for Session {
             session: self.id,
             ip: self.peer.ip,
         });
+        self.revoke_for_waiting_logout();
         let phase = std::mem::replace(&mut self.phase, Phase::Anonymous);
         let rooms = self.joins.end();
         self.say_farewell(farewell(phase, rooms));
@@ -345,6 +346,16 @@ impl Handler<Drain> for Session {
     fn handle(&mut self, _: Drain, ctx: &mut WsContext) {
         self.phase.drain();
         self.close_if_drained(ctx);
+    }
+}
+
+impl Handler<TokenRevoked> for Session {
+    type Result = ();
+
+    /// The token was revoked by a `logout` on another connection: this one ends as well.
+    fn handle(&mut self, _: TokenRevoked, ctx: &mut WsContext) {
+        let text = "token revoked";
+        self.shut(ctx, Ending::Clean, text, Close::Policy, text);
     }
 }
 

@@ -187,7 +187,7 @@ pub fn insert_token(
     user: UserId,
     token_hash: &[u8],
     ttl: Duration,
-) -> Result<(), StoreError> {
+) -> Result<DateTime<Utc>, StoreError> {
     let ttl = TimeDelta::from_std(ttl).unwrap_or(TimeDelta::days(30));
     let expires = Utc::now()
         .checked_add_signed(ttl)
@@ -199,7 +199,7 @@ pub fn insert_token(
             session_tokens::expires_at.eq(expires),
         ))
         .execute(conn)?;
-    Ok(())
+    Ok(expires)
 }
 
 /// The user holding a live (unexpired, unrevoked) token; None for an unknown, expired or
@@ -207,18 +207,21 @@ pub fn insert_token(
 pub fn user_by_token(
     conn: &mut PgConnection,
     token_hash: &[u8],
-) -> Result<Option<UserRecord>, StoreError> {
+) -> Result<Option<(UserRecord, DateTime<Utc>)>, StoreError> {
     let found = session_tokens::table
         .inner_join(users::table)
         .filter(session_tokens::token_hash.eq(token_hash))
         .filter(session_tokens::revoked_at.is_null())
         .filter(session_tokens::expires_at.gt(Utc::now()))
-        .select((users::id, users::username))
-        .first::<(i64, String)>(conn)
+        .select((users::id, users::username, session_tokens::expires_at))
+        .first::<(i64, String, DateTime<Utc>)>(conn)
         .optional()?;
-    Ok(found.map(|(id, username)| UserRecord {
-        id: UserId(id),
-        username,
+    Ok(found.map(|(id, username, expires_at)| {
+        let user = UserRecord {
+            id: UserId(id),
+            username,
+        };
+        (user, expires_at)
     }))
 }
 
