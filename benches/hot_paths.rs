@@ -156,6 +156,7 @@ fn fanout(c: &mut Criterion) {
             idle_stop: Duration::from_secs(3600),
             store_timeout: Duration::from_secs(10),
             resume_grace: Duration::from_secs(30),
+            max_missed_bytes: 1 << 20,
         };
         let presence = PresenceHandle::of(&Presence::default().start());
         let unlimited =

@@ -165,6 +165,8 @@ pub struct SessionConfig {
     pub resume_join_wait_ms: u64,
     /// Requests that may wait behind a session-changing one before `rate_limited`.
     pub max_waiting_requests: usize,
+    /// The bytes of those requests at most; beyond, `rate_limited`.
+    pub max_waiting_bytes: usize,
     /// Sustained requests per second per connection; beyond the burst, `rate_limited`.
     pub requests_per_second: u32,
     /// Requests a connection may send at once before the rate applies.
@@ -408,6 +410,12 @@ impl Config {
         if self.session.outbound_limit_bytes < self.session.max_frame_bytes {
             bad(
                 "session.outbound_limit_bytes",
+                "must be at least session.max_frame_bytes".into(),
+            );
+        }
+        if self.session.max_waiting_bytes < self.session.max_frame_bytes {
+            bad(
+                "session.max_waiting_bytes",
                 "must be at least session.max_frame_bytes".into(),
             );
         }

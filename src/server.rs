@@ -162,6 +162,7 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
             .route("/ws", web::get().to(transport::upgrade))
             .route("/healthz", web::get().to(healthz))
     })
+    .on_connect(transport::on_connect)
     .max_connections(config.server.max_connections_per_worker)
     // Small frames must not wait for Nagle's algorithm (40 ms with delayed ACKs).
     .tcp_nodelay(true)
@@ -236,6 +237,8 @@ fn start_actors(
                 idle_stop: ms(config.rooms.idle_stop_ms),
                 store_timeout: ms(config.database.store_timeout_ms),
                 resume_grace: ms(config.session.resume_grace_ms),
+                // A reply never takes more than a quarter of what a client may leave unread.
+                max_missed_bytes: config.session.outbound_limit_bytes / 4,
             },
             handover: ms(config.session.resume_handover_ms),
             retention_sweep: ms(config.rooms.retention_sweep_ms),
@@ -250,6 +253,8 @@ fn start_actors(
         failed_login_window: ms(config.auth.failed_login_window_ms),
         failed_resumes_per_ip: config.auth.failed_resumes_per_ip,
         registrations_per_ip: config.auth.registrations_per_ip.refill(),
+        watch_interval: ms(config.session.ping_interval_ms),
+        stalled_after: ms(config.session.client_timeout_ms),
         sweep_interval: ms(config.auth.failed_login_sweep_ms),
     })
     .start();
@@ -275,6 +280,7 @@ fn session_settings(config: &Config) -> SessionSettings {
         outbound_queue: config.session.outbound_queue,
         outbound_limit_bytes: config.session.outbound_limit_bytes,
         max_waiting_requests: config.session.max_waiting_requests,
+        max_waiting_bytes: config.session.max_waiting_bytes,
         resume_join_wait: ms(config.session.resume_join_wait_ms),
         guard: GuardSettings {
             max_message_bytes: config.session.max_frame_bytes,

@@ -276,6 +276,7 @@ fn settings() -> RoomSettings {
         idle_stop: Duration::from_secs(60),
         store_timeout: Duration::from_secs(5),
         resume_grace: Duration::from_millis(200),
+        max_missed_bytes: 1 << 20,
     }
 }
 

@@ -763,3 +763,144 @@ async fn revoked_and_expired_tokens_end_their_sessions() {
         resumed.elapsed()
     );
 }
+
+/// Regression (hardening 6): a client that stops reading its socket in a busy room (while
+/// still sending pongs) is cut off within the heartbeat timeout, even though nothing can be
+/// written to it any more: its session leaves the room.
+#[actix_rt::test]
+async fn a_reader_that_stops_reading_is_cut_off() {
+    reader_that_stops_reading_is_cut_off(false).await;
+}
+
+#[actix_rt::test]
+async fn a_reader_that_stops_reading_over_tls_is_cut_off() {
+    reader_that_stops_reading_is_cut_off(true).await;
+}
+
+async fn reader_that_stops_reading_is_cut_off(tls: bool) {
+    let policy = format!("{TEST_POLICY}max_body_bytes = 8192\n");
+    let server = TestServer::start_with_policy(&policy, |c| {
+        c.tls.enabled = tls;
+        c.session.max_frame_bytes = 16 * 1024;
+        c.session.ping_interval_ms = 500;
+        c.session.client_timeout_ms = 2000;
+        c.session.resume_grace_ms = 200;
+    })
+    .await;
+    let [mut ann] = server.public_room("busy", ["ann"]).await;
+    let mut slow = RawWs::connect(&server, 4096).await;
+    slow.send(&json!({"id": "r", "type": "register", "username": "slow", "password": PASSWORD}))
+        .await;
+    slow.send(&json!({"id": "l", "type": "login", "username": "slow", "password": PASSWORD}))
+        .await;
+    slow.send(&json!({"id": "j", "type": "join", "room": "busy"}))
+        .await;
+    slow.read_until(r#""id":"j""#).await;
+    let online = |reply: &serde_json::Value| {
+        reply["online"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u == "slow")
+    };
+    assert!(online(&ann.ok(req::who("busy")).await));
+
+    // From now on `slow` reads nothing, and sends a pong every half second.
+    let pongs = actix_rt::spawn(async move {
+        loop {
+            if slow.write_frame(0xA, b"").await.is_err() {
+                return;
+            }
+            actix_rt::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let body = "x".repeat(8000);
+    let started = Instant::now();
+    let mut cut_off = None;
+    for batch in 0..60 {
+        let ids: Vec<String> = (0..50).map(|i| format!("b{batch}-{i}")).collect();
+        for id in &ids {
+            ann.send_request(id, &req::send("busy", body.as_str()))
+                .await;
+        }
+        ann.replies_to(&ids).await;
+        if !online(&ann.ok(req::who("busy")).await) {
+            cut_off = Some(started.elapsed());
+            break;
+        }
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    pongs.abort();
+    let cut_off = cut_off.expect("the reader that stopped reading is still in the room");
+    assert!(
+        cut_off < Duration::from_secs(6),
+        "cut off after {cut_off:?}"
+    );
+}
+
+/// Hardening 6: what waits behind a session-changing request is bounded in bytes, not only in
+/// number: beyond `session.max_waiting_bytes` a request is answered `rate_limited`.
+#[actix_rt::test]
+async fn requests_waiting_behind_a_login_are_bounded_in_bytes() {
+    let policy = format!("{TEST_POLICY}max_body_bytes = 60000\n");
+    let server = TestServer::start_with_policy(&policy, |c| {
+        c.session.max_waiting_bytes = 200_000;
+        c.database.bcrypt_cost = 10; // the login runs long enough for all to queue behind it
+    })
+    .await;
+    server.public_room("general", ["ann"]).await;
+    server.connect().await.register("cat").await;
+    let mut cat = server.connect().await;
+    cat.send_request("l", &req::login("cat", PASSWORD)).await;
+    cat.send_request("j", &req::join("general")).await;
+    let sends: Vec<String> = (0..6).map(|i| format!("s{i}")).collect();
+    for id in &sends {
+        cat.send_request(id, &req::send("general", "x".repeat(50_000)))
+            .await;
+    }
+    let mut all = sends.clone();
+    all.extend(["l".to_string(), "j".to_string()]);
+    let replies = cat.replies_to(&all).await;
+    let codes: Vec<&str> = sends
+        .iter()
+        .map(|id| replies[id]["code"].as_str().unwrap_or("ok"))
+        .collect();
+    // The join and three sends of 50 kB fit in 200 kB; the fourth does not.
+    assert_eq!(
+        codes,
+        [
+            "ok",
+            "ok",
+            "ok",
+            "rate_limited",
+            "rate_limited",
+            "rate_limited"
+        ]
+    );
+    assert_eq!(replies["j"]["type"], "ok");
+}
+
+/// Hardening 6: one `join {after}` reply carries at most a quarter of
+/// `session.outbound_limit_bytes` of messages: the newest that fit, with `truncated`.
+#[actix_rt::test]
+async fn a_join_after_reply_is_bounded_in_bytes() {
+    let policy = format!("{TEST_POLICY}max_body_bytes = 8000\n");
+    let server = TestServer::start_with_policy(&policy, |c| {
+        c.session.outbound_limit_bytes = 256 * 1024;
+    })
+    .await;
+    let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
+    let ids: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        ann.send_request(id, &req::send("general", "x".repeat(8000)))
+            .await;
+    }
+    ann.replies_to(&ids).await;
+    let reply = bob.ok(req::join_after("general", 0)).await;
+    let missed = reply["missed"].as_array().unwrap();
+    let bytes = serde_json::to_string(missed).unwrap().len();
+    assert!(bytes <= 64 * 1024, "{bytes} bytes");
+    assert!(missed.len() >= 7, "{} messages", missed.len());
+    assert_eq!(reply["truncated"], true);
+    assert_eq!(missed.last().unwrap()["seq"], 40, "the newest");
+}

@@ -1,12 +1,16 @@
 //! The Gate: who may connect and who may try a password or a token. It counts open
 //! connections per IP (refusing beyond the limit), keeps the windows of failed logins per
 //! username and per IP (refused without running bcrypt) and of failed resumes per IP (refused
-//! without a database look-up), and a token bucket of registrations per IP, and knows every live session so that a shutdown can
-//! drain them. Calls only sessions, through [`Drain`].
+//! without a database look-up), and a token bucket of registrations per IP. It knows every
+//! live session, so that a shutdown can drain them, and watches that each still runs: a
+//! session's actor runs only while its connection makes write progress, so one whose client
+//! stopped reading stops too, timers and all; the gate then cuts its socket
+//! ([`KillSwitch`]). Calls only sessions, through [`Drain`], and their sockets.
 //!
 //! Messages:
 //! - [`Admit`] (upgrade handler): may `ip` open one more connection? Counts it if so.
-//! - [`Register`] / [`Unregister`] (Session, on start / stop): track it; release its IP slot.
+//! - [`Register`] / [`Unregister`] (Session, on start / stop): track and watch it; release
+//!   its IP slot.
 //! - [`LoginAllowed`] / [`LoginFinished`] (Session, around `login`; the latter always, through
 //!   a [`LoginAttempt`] guard).
 //! - [`ResumeAllowed`] / [`ResumeSucceeded`] (Session, around `resume`'s token look-up).
@@ -17,7 +21,9 @@
 
 use actix::prelude::*;
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -42,6 +48,67 @@ pub struct GateSettings {
     pub registrations_per_ip: Refill,
     /// How often windows that have run out are forgotten.
     pub sweep_interval: Duration,
+    /// How often sessions are checked for having stopped running.
+    pub watch_interval: Duration,
+    /// A session whose heartbeat has not run for this long is cut off.
+    pub stalled_after: Duration,
+}
+
+/// The socket of a connection, for ending it from outside its actor: a duplicate of the
+/// connection's descriptor, owned by the connection (the gate holds it weakly, so it goes
+/// when the connection does). Shutting it down fails the connection's reads and writes, and
+/// with them its actor, which then stops as usual.
+#[derive(Debug, Clone, Default)]
+pub struct KillSwitch(Weak<TcpStream>);
+
+impl KillSwitch {
+    pub fn of(socket: &Arc<TcpStream>) -> Self {
+        KillSwitch(Arc::downgrade(socket))
+    }
+
+    /// Ends the connection; false when it had already ended.
+    pub fn cut(&self) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|socket| socket.shutdown(Shutdown::Both).is_ok())
+    }
+}
+
+/// When a session's heartbeat last ran, shared by the session (which ticks it) and the gate
+/// (which reads it).
+#[derive(Debug)]
+pub struct Liveness {
+    since: Instant,
+    ticked_ms: AtomicU64,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            since: Instant::now(),
+            ticked_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Liveness {
+    pub fn tick(&self) {
+        let now = self.since.elapsed().as_millis();
+        self.ticked_ms
+            .store(u64::try_from(now).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    pub fn stalled_for(&self) -> Duration {
+        let ticked = Duration::from_millis(self.ticked_ms.load(Ordering::Relaxed));
+        self.since.elapsed().saturating_sub(ticked)
+    }
+}
+
+/// What the gate watches of a session.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    pub alive: Arc<Liveness>,
+    pub kill: KillSwitch,
 }
 
 /// Upgrade handler → Gate: replies true (and counts the connection) when `ip` is under its limit.
@@ -57,6 +124,7 @@ pub struct Admit {
 pub struct Register {
     pub session: SessionId,
     pub drain: Recipient<Drain>,
+    pub watch: Watch,
 }
 
 /// Session → Gate, when it stops; frees the IP slot taken by [`Admit`].
@@ -179,7 +247,7 @@ pub struct DrainAll {
 pub struct Gate {
     settings: GateSettings,
     per_ip: HashMap<IpAddr, usize>,
-    sessions: HashMap<SessionId, Recipient<Drain>>,
+    sessions: HashMap<SessionId, Registered>,
     failures_by_user: HashMap<Username, VecDeque<Instant>>,
     failures_by_ip: HashMap<IpAddr, VecDeque<Instant>>,
     /// Login attempts per username allowed and not finished yet (when each began): they count
@@ -191,6 +259,12 @@ pub struct Gate {
     registrations_by_ip: Buckets<IpAddr>,
     drained: Vec<oneshot::Sender<()>>,
     draining: bool,
+}
+
+struct Registered {
+    drain: Recipient<Drain>,
+    watch: Watch,
+    cut: bool,
 }
 
 impl Gate {
@@ -228,6 +302,25 @@ impl Gate {
             .unwrap_or(0)
     }
 
+    /// Cuts off the sessions whose heartbeat has not run for `stalled_after`.
+    fn watch(&mut self) {
+        let stalled_after = self.settings.stalled_after;
+        for (id, session) in &mut self.sessions {
+            let stalled = session.watch.alive.stalled_for();
+            if session.cut || stalled < stalled_after {
+                continue;
+            }
+            session.cut = true;
+            if session.watch.kill.cut() {
+                log::warn!(
+                    "session {}: cut off: it has not run for {:.1} s (its client reads nothing)",
+                    id.0,
+                    stalled.as_secs_f64()
+                );
+            }
+        }
+    }
+
     fn recent(window: &mut VecDeque<Instant>, span: Duration) -> usize {
         while window.front().is_some_and(|t| t.elapsed() > span) {
             window.pop_front();
@@ -252,6 +345,7 @@ impl Actor for Gate {
             gate.registrations_by_ip
                 .forget_full(gate.settings.registrations_per_ip, Instant::now());
         });
+        ctx.run_interval(self.settings.watch_interval, |gate, _| gate.watch());
     }
 }
 
@@ -281,7 +375,12 @@ impl Handler<Register> for Gate {
         if self.draining {
             msg.drain.do_send(Drain);
         }
-        self.sessions.insert(msg.session, msg.drain);
+        let registered = Registered {
+            drain: msg.drain,
+            watch: msg.watch,
+            cut: false,
+        };
+        self.sessions.insert(msg.session, registered);
     }
 }
 
@@ -428,7 +527,7 @@ impl Handler<DrainAll> for Gate {
         self.draining = true;
         log::info!("draining {} session(s)", self.sessions.len());
         for session in self.sessions.values() {
-            session.do_send(Drain);
+            session.drain.do_send(Drain);
         }
         if self.sessions.is_empty() {
             return Box::pin(async {});

@@ -28,6 +28,29 @@ pub struct MessageView {
     pub error: Option<&'static str>,
 }
 
+impl MessageView {
+    /// At most the bytes of its JSON: its strings as JSON escapes them, plus the field names
+    /// and punctuation.
+    pub fn wire_len(&self) -> usize {
+        const FRAMING: usize = 160;
+        fn escaped(text: &str) -> usize {
+            text.bytes()
+                .map(|b| match b {
+                    b'"' | b'\\' => 2,
+                    0..=0x1f => 6,
+                    _ => 1,
+                })
+                .sum()
+        }
+        FRAMING
+            + self.room.len()
+            + self.from.len()
+            + self.body.as_deref().map_or(0, escaped)
+            + self.sent_at.len()
+            + self.client_msg_id.as_ref().map_or(0, String::len)
+    }
+}
+
 /// The `error` value of a message whose stored row failed to decrypt.
 pub const UNDECRYPTABLE: &str = "undecryptable";
 
@@ -70,5 +93,33 @@ mod tests {
             event,
             serde_json::json!({"type":"message","room":"a","seq":1,"from":"ann","body":"hi","sent_at":"2026-01-01T00:00:00.000Z"})
         );
+    }
+
+    #[test]
+    fn wire_len_is_never_less_than_the_json() {
+        for body in [
+            "",
+            "hi",
+            "\"quoted\" \\ back",
+            "\u{0}\u{1f}\n",
+            &"é".repeat(50),
+        ] {
+            let view = MessageView {
+                room: "general-purpose".into(),
+                seq: Seq(i64::MAX),
+                from: "a-long-user-name.x".into(),
+                body: Some(body.into()),
+                sent_at: "2026-01-01T00:00:00.000Z".into(),
+                client_msg_id: Some("c".repeat(128)),
+                error: Some("undecryptable"),
+            };
+            let json = serde_json::to_string(&view).unwrap();
+            assert!(
+                view.wire_len() >= json.len(),
+                "{body:?}: {} < {}",
+                view.wire_len(),
+                json.len()
+            );
+        }
     }
 }

@@ -342,6 +342,8 @@ pub struct Incoming {
     pub id: RequestId,
     pub kind: RequestKind,
     pub request: Result<Request, Rejection>,
+    /// The size of the frame it came in.
+    pub bytes: usize,
 }
 
 /// A frame that could not be turned into a request (it counts against the bad-frame window).
@@ -383,6 +385,7 @@ pub fn parse_request(text: &str) -> Result<Incoming, FrameError> {
             id,
             kind,
             request: request.check(),
+            bytes: text.len(),
         }),
         Err(e) => Err(fail(Some(id), describe_field_error(&e))),
     }

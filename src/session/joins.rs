@@ -30,6 +30,8 @@ struct Hold {
     /// The newest seq an answered join's `missed` reached: held messages up to it repeat.
     covered: Option<Seq>,
     held: Vec<Held>,
+    /// The bytes of `held`.
+    bytes: usize,
     /// Restored by a resume, answered, and kept held for a `join {after}` that may follow.
     awaiting_join: bool,
     /// The room kicked the connection while a join was in flight: that join's answer, even a
@@ -59,6 +61,8 @@ pub struct Joins<H> {
     rooms: HashMap<RoomName, Entry<H>>,
     /// Whether some hold may await a join after a resume (so that requests need not look).
     maybe_awaiting: bool,
+    /// The bytes held in all rooms.
+    held_bytes: usize,
 }
 
 impl<H> Default for Joins<H> {
@@ -66,6 +70,7 @@ impl<H> Default for Joins<H> {
         Joins {
             rooms: HashMap::new(),
             maybe_awaiting: false,
+            held_bytes: 0,
         }
     }
 }
@@ -133,6 +138,7 @@ impl<H: Clone> Joins<H> {
             return Vec::new();
         }
         let hold = entry.hold.take().unwrap_or_default();
+        self.held_bytes -= hold.bytes;
         let frames = if entry.handle.is_some() {
             hold.held
                 .into_iter()
@@ -193,6 +199,8 @@ impl<H: Clone> Joins<H> {
         let entry = self.rooms.get_mut(room)?;
         match entry.hold.as_mut() {
             Some(hold) => {
+                hold.bytes += frame.len();
+                self.held_bytes += frame.len();
                 hold.held.push(Held { seq, frame });
                 None
             }
@@ -208,6 +216,7 @@ impl<H: Clone> Joins<H> {
         let handle = entry.handle.take();
         if let Some(hold) = entry.hold.as_mut() {
             hold.held.clear();
+            self.held_bytes -= std::mem::take(&mut hold.bytes);
             hold.covered = None;
         }
         self.forget_if_empty(room);
@@ -216,7 +225,13 @@ impl<H: Clone> Joins<H> {
 
     /// Leaves every room (`logout`): the handles to tell.
     pub fn leave_all(&mut self) -> Vec<H> {
+        self.held_bytes = 0;
         self.rooms.drain().filter_map(|(_, e)| e.handle).collect()
+    }
+
+    /// The bytes of the events held for joins under way, in all rooms.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     pub fn handle(&self, room: &str) -> Option<&H> {
@@ -242,6 +257,7 @@ impl<H: Clone> Joins<H> {
             joined: Vec::new(),
             joining: Vec::new(),
         };
+        self.held_bytes = 0;
         for (name, entry) in self.rooms.drain() {
             match (entry.handle, entry.hold) {
                 (Some(handle), _) => end.joined.push((name, handle)),
@@ -292,6 +308,26 @@ mod tests {
 
     fn frames(written: Vec<ByteString>) -> Vec<String> {
         written.into_iter().map(|f| f.to_string()).collect()
+    }
+
+    #[test]
+    fn the_bytes_held_are_counted_until_released_left_or_ended() {
+        let (a, b, mut joins) = (room("a"), room("b"), Joins::default());
+        joins.begin(&a);
+        joins.begin(&b);
+        deliver(&mut joins, "a", 1..=3); // "m1".."m3": 2 bytes each
+        deliver(&mut joins, "b", 10..=11); // 3 bytes each
+        assert_eq!(joins.held_bytes(), 12);
+        joins.answered(&a, Some((1, None)));
+        assert_eq!(joins.release(&a, false).len(), 3);
+        assert_eq!(joins.held_bytes(), 6);
+        assert!(deliver(&mut joins, "a", 4..=4).len() == 1, "live, not held");
+        joins.leave(&b);
+        assert_eq!(joins.held_bytes(), 0);
+        joins.begin(&b);
+        deliver(&mut joins, "b", 12..=12);
+        joins.end();
+        assert_eq!(joins.held_bytes(), 0);
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct SessionSettings {
     pub outbound_queue: usize,
     pub outbound_limit_bytes: usize,
     pub max_waiting_requests: usize,
+    /// The bytes of those requests at most.
+    pub max_waiting_bytes: usize,
     /// How long a resume's restored rooms stay held for a `join {after}` that may follow.
     pub resume_join_wait: Duration,
     pub guard: guard::GuardSettings,

@@ -3,7 +3,7 @@
 //! changes the session (login, join, ...) waits for everything before it, and everything
 //! after it waits for it; the others (send, history, who, typing, ping) run side by side in
 //! between. It counts the requests answered asynchronously and bounds the queue of those
-//! waiting. Plain data: the caller runs what it hands back.
+//! waiting, in number and in bytes. Plain data: the caller runs what it hands back.
 
 use std::collections::VecDeque;
 
@@ -11,6 +11,8 @@ use std::collections::VecDeque;
 pub trait Ordered {
     /// Whether requests after this one must see its effect.
     fn changes_session(&self) -> bool;
+    /// What it weighs while it waits (the size of its frame).
+    fn bytes(&self) -> usize;
 }
 
 /// What runs now.
@@ -37,15 +39,19 @@ pub enum Admission<T> {
 pub struct Pipeline<T> {
     running: Running,
     waiting: VecDeque<T>,
+    waiting_bytes: usize,
     max_waiting: usize,
+    max_waiting_bytes: usize,
 }
 
 impl<T: Ordered> Pipeline<T> {
-    pub fn new(max_waiting: usize) -> Self {
+    pub fn new(max_waiting: usize, max_waiting_bytes: usize) -> Self {
         Pipeline {
             running: Running::Shared(0),
             waiting: VecDeque::new(),
+            waiting_bytes: 0,
             max_waiting,
+            max_waiting_bytes,
         }
     }
 
@@ -60,9 +66,11 @@ impl<T: Ordered> Pipeline<T> {
         if self.waiting.is_empty() && self.may_start(&request) {
             return Admission::Run(request);
         }
-        if self.waiting.len() >= self.max_waiting {
+        let bytes = self.waiting_bytes + request.bytes();
+        if self.waiting.len() >= self.max_waiting || bytes > self.max_waiting_bytes {
             return Admission::Full(request);
         }
+        self.waiting_bytes = bytes;
         self.waiting.push_back(request);
         Admission::Queued
     }
@@ -94,7 +102,9 @@ impl<T: Ordered> Pipeline<T> {
         if !self.may_start(front) {
             return None;
         }
-        self.waiting.pop_front()
+        let next = self.waiting.pop_front()?;
+        self.waiting_bytes -= next.bytes();
+        Some(next)
     }
 
     /// Nothing is running.
@@ -110,6 +120,7 @@ impl<T: Ordered> Pipeline<T> {
     /// Drops every waiting request (the connection is ending).
     pub fn clear(&mut self) {
         self.waiting.clear();
+        self.waiting_bytes = 0;
     }
 }
 
@@ -123,6 +134,9 @@ mod tests {
     impl Ordered for R {
         fn changes_session(&self) -> bool {
             self.1
+        }
+        fn bytes(&self) -> usize {
+            self.0.len()
         }
     }
 
@@ -143,7 +157,7 @@ mod tests {
 
     #[test]
     fn a_session_changing_request_runs_alone_and_in_order() {
-        let mut p = Pipeline::new(10);
+        let mut p = Pipeline::new(10, 1000);
         assert_eq!(start(&mut p, LOGIN), Admission::Run(LOGIN));
         assert_eq!(start(&mut p, SEND), Admission::Queued);
         assert_eq!(start(&mut p, JOIN), Admission::Queued);
@@ -159,7 +173,7 @@ mod tests {
 
     #[test]
     fn requests_that_leave_the_session_alone_run_side_by_side() {
-        let mut p = Pipeline::new(10);
+        let mut p = Pipeline::new(10, 1000);
         assert_eq!(start(&mut p, SEND), Admission::Run(SEND));
         assert_eq!(start(&mut p, PING), Admission::Run(PING));
         assert_eq!(start(&mut p, JOIN), Admission::Queued);
@@ -176,7 +190,7 @@ mod tests {
 
     #[test]
     fn a_request_answered_at_once_holds_nothing_up() {
-        let mut p = Pipeline::new(10);
+        let mut p = Pipeline::new(10, 1000);
         assert_eq!(p.admit(JOIN), Admission::Run(JOIN));
         assert_eq!(p.admit(LOGIN), Admission::Run(LOGIN));
         assert!(p.is_idle());
@@ -184,7 +198,7 @@ mod tests {
 
     #[test]
     fn the_waiting_queue_is_bounded() {
-        let mut p = Pipeline::new(2);
+        let mut p = Pipeline::new(2, 1000);
         start(&mut p, LOGIN);
         assert_eq!(start(&mut p, SEND), Admission::Queued);
         assert_eq!(start(&mut p, SEND), Admission::Queued);
@@ -192,5 +206,21 @@ mod tests {
         assert!(p.is_waiting(|r| r.0 == "send"));
         p.clear();
         assert!(!p.is_waiting(|_| true));
+    }
+
+    #[test]
+    fn the_waiting_queue_is_bounded_in_bytes() {
+        let mut p = Pipeline::new(10, 9); // "send" weighs 4, "ping" 4, "join" 4
+        start(&mut p, LOGIN);
+        assert_eq!(start(&mut p, SEND), Admission::Queued);
+        assert_eq!(start(&mut p, PING), Admission::Queued);
+        assert_eq!(start(&mut p, JOIN), Admission::Full(JOIN));
+        p.finished();
+        assert_eq!(p.next_ready(), Some(SEND));
+        assert_eq!(
+            start(&mut p, JOIN),
+            Admission::Queued,
+            "the send's bytes are free"
+        );
     }
 }

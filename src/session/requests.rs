@@ -26,6 +26,10 @@ impl Ordered for Incoming {
     fn changes_session(&self) -> bool {
         self.kind.changes_session()
     }
+
+    fn bytes(&self) -> usize {
+        self.bytes
+    }
 }
 
 /// A request's answer, and what follows once it is written.
@@ -151,7 +155,9 @@ impl Session {
     }
 
     fn run(&mut self, incoming: Incoming, ctx: &mut WsContext) {
-        let Incoming { id, kind, request } = incoming;
+        let Incoming {
+            id, kind, request, ..
+        } = incoming;
         match self.dispatch(request, kind.allowed_anonymous(), ctx) {
             Step::Now(answer) => self.answer_now(ctx, &id, answer),
             Step::Later(work) => {

@@ -22,7 +22,7 @@ use super::pipeline::Pipeline;
 use super::socket::{self, Close, OutboundMeter, WsContext};
 use super::{Services, SessionSettings};
 use crate::actors::directory::{OpenRoom, Park, TokenRevoked, Untrack, Yield};
-use crate::actors::gate::{Drain, Register, Unregister};
+use crate::actors::gate::{Drain, KillSwitch, Liveness, Register, Unregister, Watch};
 use crate::actors::presence::SessionClosed;
 use crate::actors::room::{Deliver, Detach, Leave, Room};
 use crate::ids::SessionId;
@@ -37,6 +37,8 @@ pub struct Peer {
     pub addr: String,
     /// For the per-IP limits.
     pub ip: Option<IpAddr>,
+    /// Ends the connection from outside the session (see [`crate::actors::gate`]).
+    pub kill: KillSwitch,
 }
 
 pub struct Session {
@@ -48,6 +50,8 @@ pub struct Session {
     pub(super) joins: Joins<Addr<Room>>,
     outbound: OutboundMeter,
     last_heard: Instant,
+    /// Ticked by the heartbeat, watched by the gate.
+    alive: Arc<Liveness>,
     pub(super) services: Services,
     pub(super) settings: Arc<SessionSettings>,
 }
@@ -66,10 +70,11 @@ impl Session {
             peer,
             phase: Phase::Anonymous,
             guard: FrameGuard::new(settings.guard.clone(), now),
-            pipeline: Pipeline::new(settings.max_waiting_requests),
+            pipeline: Pipeline::new(settings.max_waiting_requests, settings.max_waiting_bytes),
             joins: Joins::default(),
             outbound,
             last_heard: now,
+            alive: Arc::default(),
             services,
             settings,
         }
@@ -187,15 +192,21 @@ impl Session {
         if self.outbound.backlog() <= self.settings.outbound_limit_bytes {
             return true;
         }
-        if self.phase.close(Ending::Dropped, "slow reader") {
+        self.cut_off_slow(ctx, "slow reader");
+        false
+    }
+
+    /// Closes with 1013: the client takes less than it is sent. It stays joined for the
+    /// grace, to resume.
+    fn cut_off_slow(&mut self, ctx: &mut WsContext, reason: &'static str) {
+        if self.phase.close(Ending::Dropped, reason) {
             log::warn!(
-                "session {} from {}: too slow a reader, cut off",
+                "session {} from {}: too slow a reader ({reason}), cut off",
                 self.id.0,
                 self.peer.addr
             );
             socket::close(ctx, Close::TryAgainLater, "too slow; reconnect and resume");
         }
-        false
     }
 
     /// Closes for `reason` (the first close wins) with `close` and `description` on the wire.
@@ -221,6 +232,7 @@ impl Session {
     }
 
     fn heartbeat(&mut self, ctx: &mut WsContext) {
+        self.alive.tick();
         if self.last_heard.elapsed() > self.settings.client_timeout {
             let text = "heartbeat timeout";
             self.shut(ctx, Ending::Dropped, text, Close::Normal, text);
@@ -284,9 +296,14 @@ impl Actor for Session {
             self.id.0,
             self.peer.addr
         );
+        self.alive.tick();
         self.services.gate.do_send(Register {
             session: self.id,
             drain: ctx.address().recipient(),
+            watch: Watch {
+                alive: self.alive.clone(),
+                kill: self.peer.kill.clone(),
+            },
         });
         socket::set_mailbox_capacity(ctx, self.settings.outbound_queue);
         ctx.run_interval(self.settings.ping_interval, Session::heartbeat);
@@ -313,6 +330,10 @@ impl Handler<Deliver> for Session {
             Deliver::Frame { room, seq, frame } => {
                 if let Some(frame) = self.joins.event(&room, seq, frame) {
                     self.write(ctx, frame);
+                } else if self.joins.held_bytes() > self.settings.outbound_limit_bytes {
+                    // Held for a join, they would be written at once after its reply: they
+                    // count like unread bytes.
+                    self.cut_off_slow(ctx, "held events over the outbound limit");
                 }
             }
             Deliver::Kicked { room, reason } => {
@@ -326,16 +347,7 @@ impl Handler<Deliver> for Session {
                 .to_frame();
                 self.write(ctx, frame.into());
             }
-            Deliver::Evicted { .. } => {
-                let text = "too slow; reconnect and resume";
-                self.shut(
-                    ctx,
-                    Ending::Dropped,
-                    "outbound queue full",
-                    Close::TryAgainLater,
-                    text,
-                );
-            }
+            Deliver::Evicted { .. } => self.cut_off_slow(ctx, "outbound queue full"),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The WebSocket transport: the `GET /ws` upgrade (the Origin check, the per-IP admission),
-//! the frame stream of a [`Session`], and the response body that meters what the socket takes
-//! from it. Owns the transport's shared state ([`Transport`]). Calls the gate (to admit) and the
+//! the frame stream of a [`Session`], the response body that meters what the socket takes
+//! from it, and [`on_connect`], which keeps a duplicate of each connection's socket so that
+//! the gate can cut it off. Owns the transport's shared state ([`Transport`]). Calls the gate (to admit) and the
 //! session's `on_*` methods; the session never calls back into it.
 
 use actix::{Addr, StreamHandler};
@@ -10,12 +11,14 @@ use actix_web::http::header;
 use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
+use std::any::Any;
 use std::net::IpAddr;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::actors::gate::{Admit, Gate, Release};
+use crate::actors::gate::{Admit, Gate, KillSwitch, Release};
 use crate::ids::SessionIds;
 use crate::session::guard::Piece;
 use crate::session::socket::{OutboundMeter, WsContext};
@@ -52,6 +55,29 @@ impl MessageBody for MeteredBody {
             self.meter.taken(bytes.len());
         }
         polled
+    }
+}
+
+/// A duplicate of a connection's socket, kept in the connection's data for as long as the
+/// connection lives.
+struct ConnectionSocket(Arc<std::net::TcpStream>);
+
+/// Called for every new connection (TLS or plain): keeps a duplicate of its socket, from
+/// which the upgrade makes the session's [`KillSwitch`].
+pub fn on_connect(connection: &dyn Any, data: &mut actix_web::dev::Extensions) {
+    type Tls = actix_tls::accept::openssl::TlsStream<actix_web::rt::net::TcpStream>;
+    let tcp = match connection.downcast_ref::<Tls>() {
+        Some(tls) => tls.get_ref(),
+        None => match connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            Some(tcp) => tcp,
+            None => return,
+        },
+    };
+    match tcp.as_fd().try_clone_to_owned() {
+        Ok(fd) => {
+            data.insert(ConnectionSocket(Arc::new(std::net::TcpStream::from(fd))));
+        }
+        Err(e) => log::warn!("could not keep a handle on a new connection's socket: {e}"),
     }
 }
 
@@ -123,7 +149,14 @@ pub async fn upgrade(
     let meter = OutboundMeter::default();
     let session = Session::new(
         state.ids.next(),
-        Peer { addr: peer, ip },
+        Peer {
+            addr: peer,
+            ip,
+            kill: req
+                .conn_data::<ConnectionSocket>()
+                .map(|socket| KillSwitch::of(&socket.0))
+                .unwrap_or_default(),
+        },
         meter.clone(),
         state.services.clone(),
         state.sessions.clone(),

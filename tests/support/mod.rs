@@ -837,3 +837,99 @@ impl Drop for RealServer {
         let _ = self.child.wait();
     }
 }
+
+/// A WebSocket written by hand (over TLS when the server serves it), for what a
+/// well-behaved client library will not do: stop reading with a small receive buffer, send
+/// frames it was never asked for.
+pub struct RawWs {
+    pub stream: Box<dyn RawStream>,
+}
+
+pub trait RawStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RawStream for T {}
+
+impl RawWs {
+    /// Connects to `server` with a receive buffer of `recv_buffer` bytes, and completes the
+    /// upgrade.
+    pub async fn connect(server: &TestServer, recv_buffer: u32) -> RawWs {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(recv_buffer).unwrap();
+        let tcp = socket.connect(server.addr).await.unwrap();
+        let mut stream: Box<dyn RawStream> = if server.tls {
+            let mut ssl = SslConnector::builder(SslMethod::tls()).unwrap();
+            ssl.set_verify(SslVerifyMode::NONE);
+            let ssl = ssl
+                .build()
+                .configure()
+                .unwrap()
+                .into_ssl("localhost")
+                .unwrap();
+            let mut tls = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+            std::pin::Pin::new(&mut tls).connect().await.unwrap();
+            Box::new(tls)
+        } else {
+            Box::new(tcp)
+        };
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            server.addr.port()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(
+                stream.read(&mut byte).await.unwrap(),
+                1,
+                "closed during the upgrade"
+            );
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+        RawWs { stream }
+    }
+
+    /// Writes one masked frame (the zero mask: clients must mask, any key will do).
+    pub async fn write_frame(&mut self, opcode: u8, payload: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut frame = vec![0x80 | opcode];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+        frame.extend_from_slice(payload);
+        self.stream.write_all(&frame).await
+    }
+
+    pub async fn send(&mut self, frame: &Value) {
+        self.write_frame(0x1, frame.to_string().as_bytes())
+            .await
+            .unwrap();
+    }
+
+    /// Reads until `needle` has been seen in what the server sent.
+    pub async fn read_until(&mut self, needle: &str) {
+        use tokio::io::AsyncReadExt;
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + WAIT;
+        while !String::from_utf8_lossy(&seen).contains(needle) {
+            let mut buf = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline.into(), self.stream.read(&mut buf))
+                .await
+                .expect("timed out reading")
+                .unwrap();
+            assert!(n > 0, "closed before {needle}");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    }
+}

@@ -101,6 +101,8 @@ pub struct RoomSettings {
     pub store_timeout: Duration,
     /// How long a session whose connection dropped stays joined.
     pub resume_grace: Duration,
+    /// The most bytes of messages one `join {after}` reply carries (the newest that fit).
+    pub max_missed_bytes: usize,
 }
 
 /// Session → Room: join. With `after`, the reply also holds the messages with seq > after.
@@ -862,6 +864,25 @@ impl Room {
     }
 }
 
+/// The newest of `messages` (ascending) whose frames fit in `max_bytes` together (at least
+/// the newest one), and whether older ones were left out.
+fn newest_within(mut messages: Vec<MessageView>, max_bytes: usize) -> (Vec<MessageView>, bool) {
+    let mut total = 0;
+    let keep = messages
+        .iter()
+        .rev()
+        .take_while(|m| {
+            total += m.wire_len();
+            total <= max_bytes
+        })
+        .count()
+        .max(1)
+        .min(messages.len());
+    let cut = messages.len() - keep;
+    messages.drain(..cut);
+    (messages, cut > 0)
+}
+
 fn fail_all(replies: Vec<AckSender>, why: impl Fn() -> RoomError) {
     for reply in replies {
         let _ = reply.send(Err(why()));
@@ -960,9 +981,11 @@ impl Handler<Join> for Room {
             joined.missed = Some(Vec::new());
             return Box::pin(fut::ready(Ok(joined)));
         }
+        let max_bytes = self.settings.max_missed_bytes;
         if let Some((missed, older_gone)) = self.missed_from_ring(after, limit) {
+            let (missed, cut) = newest_within(missed, max_bytes);
             joined.missed = Some(missed);
-            joined.truncated |= older_gone;
+            joined.truncated |= older_gone || cut;
             return Box::pin(fut::ready(Ok(joined)));
         }
         let request = self.store.history.send(LoadHistory {
@@ -973,7 +996,9 @@ impl Handler<Join> for Room {
         Box::pin(request.into_actor(self).map(move |result, room, _| {
             match result {
                 Ok(Ok(page)) => {
-                    joined.missed = Some(page.messages);
+                    let (missed, cut) = newest_within(page.messages, max_bytes);
+                    joined.missed = Some(missed);
+                    joined.truncated |= cut;
                     Ok(joined)
                 }
                 // The join fails as a whole: the session is not left half-joined.
@@ -1204,5 +1229,45 @@ impl Handler<TryStop> for Room {
             ctx.stop();
         }
         idle
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(seq: i64, body: &str) -> MessageView {
+        MessageView {
+            room: "a".into(),
+            seq: Seq(seq),
+            from: "ann".into(),
+            body: Some(body.into()),
+            sent_at: "2026-01-01T00:00:00.000Z".into(),
+            client_msg_id: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_join_reply_keeps_the_newest_messages_that_fit() {
+        let messages: Vec<MessageView> = (1..=10).map(|seq| view(seq, &"x".repeat(100))).collect();
+        let one = messages[0].wire_len();
+        let seqs = |(kept, cut): (Vec<MessageView>, bool)| {
+            (kept.iter().map(|m| m.seq.0).collect::<Vec<_>>(), cut)
+        };
+        assert_eq!(
+            seqs(newest_within(messages.clone(), one * 3)),
+            (vec![8, 9, 10], true)
+        );
+        assert_eq!(
+            seqs(newest_within(messages.clone(), one * 10)),
+            ((1..=10).collect(), false)
+        );
+        assert_eq!(
+            seqs(newest_within(messages, 1)),
+            (vec![10], true),
+            "the newest, always"
+        );
+        assert_eq!(seqs(newest_within(Vec::new(), 1)), (vec![], false));
     }
 }
