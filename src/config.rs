@@ -148,6 +148,8 @@ pub struct SessionConfig {
     pub ping_interval_ms: u64,
     /// Silence after which a connection is closed.
     pub client_timeout_ms: u64,
+    /// A connection that has not authenticated this long after opening is closed.
+    pub auth_timeout_ms: u64,
     /// Largest accepted frame.
     pub max_frame_bytes: usize,
     /// Bad frames tolerated within the window before closing with 1008.
@@ -361,6 +363,7 @@ impl Config {
                 self.auth.failed_login_sweep_ms,
             ),
             ("session.client_timeout_ms", self.session.client_timeout_ms),
+            ("session.auth_timeout_ms", self.session.auth_timeout_ms),
             (
                 "session.bad_frame_window_ms",
                 self.session.bad_frame_window_ms,

@@ -93,6 +93,8 @@ pub enum SessionError {
     TooManyRequests,
     #[error("too many requests waiting")]
     TooManyWaiting,
+    #[error("too many requests in flight before authentication")]
+    TooManyAnonymous,
 }
 
 /// Why a room refused a request (`forbidden` on the wire, with this message).
@@ -297,6 +299,10 @@ fn session_to_wire(e: &SessionError) -> (ErrorCode, Cow<'static, str>) {
         SessionError::TooManyWaiting => (
             ErrorCode::RateLimited,
             "too many requests waiting; slow down",
+        ),
+        SessionError::TooManyAnonymous => (
+            ErrorCode::RateLimited,
+            "authenticate first: only a few requests may be in flight before that",
         ),
     };
     (code, message.into())

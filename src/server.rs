@@ -279,6 +279,7 @@ fn session_settings(config: &Config) -> SessionSettings {
         client_timeout: ms(config.session.client_timeout_ms),
         outbound_queue: config.session.outbound_queue,
         outbound_limit_bytes: config.session.outbound_limit_bytes,
+        auth_timeout: ms(config.session.auth_timeout_ms),
         max_waiting_requests: config.session.max_waiting_requests,
         max_waiting_bytes: config.session.max_waiting_bytes,
         resume_join_wait: ms(config.session.resume_join_wait_ms),

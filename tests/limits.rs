@@ -904,3 +904,59 @@ async fn a_join_after_reply_is_bounded_in_bytes() {
     assert_eq!(reply["truncated"], true);
     assert_eq!(missed.last().unwrap()["seq"], 40, "the newest");
 }
+
+/// Regression (hardening 7): a connection that does not authenticate within
+/// `session.auth_timeout_ms` is closed with 1008, even while it answers pings; one that did
+/// stays open.
+#[actix_rt::test]
+async fn connections_that_never_authenticate_are_closed() {
+    let server = TestServer::start_with(|c| {
+        c.session.auth_timeout_ms = 600;
+        c.session.ping_interval_ms = 100;
+        c.session.client_timeout_ms = 5000;
+    })
+    .await;
+    server.connect().await.register("ann").await;
+    let mut idle = server.connect().await;
+    let mut authed = server.connect().await;
+    authed.login("ann").await;
+    let opened = Instant::now();
+    idle.ok(req::ping()).await;
+    assert_eq!(idle.closed().await, 1008);
+    assert!(
+        opened.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        opened.elapsed()
+    );
+    actix_rt::time::sleep(Duration::from_millis(300)).await;
+    authed.ok(req::ping()).await;
+}
+
+/// Regression (hardening 7): before authentication only a few requests may be in flight.
+#[actix_rt::test]
+async fn an_anonymous_connection_has_only_a_few_requests_in_flight() {
+    let server = TestServer::start_with(|c| c.database.bcrypt_cost = 10).await;
+    server.connect().await.register("ann").await;
+    let mut c = server.connect().await;
+    let ids: Vec<String> = (0..6).map(|i| format!("l{i}")).collect();
+    for id in &ids {
+        c.send_request(id, &req::login("ann", "wrong-password"))
+            .await;
+    }
+    let replies = c.replies_to(&ids).await;
+    let codes: Vec<&str> = ids
+        .iter()
+        .map(|id| replies[id]["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "invalid_credentials",
+            "invalid_credentials",
+            "invalid_credentials",
+            "invalid_credentials",
+            "rate_limited",
+            "rate_limited"
+        ]
+    );
+}

@@ -58,6 +58,8 @@ pub struct SessionSettings {
     pub client_timeout: Duration,
     pub outbound_queue: usize,
     pub outbound_limit_bytes: usize,
+    /// A connection not authenticated this long after it opened is closed (1008).
+    pub auth_timeout: Duration,
     pub max_waiting_requests: usize,
     /// The bytes of those requests at most.
     pub max_waiting_bytes: usize,

@@ -107,6 +107,15 @@ impl<T: Ordered> Pipeline<T> {
         Some(next)
     }
 
+    /// Requests running, and those waiting that match.
+    pub fn in_flight(&self, counts: impl Fn(&T) -> bool) -> usize {
+        let running = match self.running {
+            Running::Exclusive => 1,
+            Running::Shared(n) => n,
+        };
+        running + self.waiting.iter().filter(|r| counts(r)).count()
+    }
+
     /// Nothing is running.
     pub fn is_idle(&self) -> bool {
         self.running == Running::Shared(0)
@@ -203,6 +212,8 @@ mod tests {
         assert_eq!(start(&mut p, SEND), Admission::Queued);
         assert_eq!(start(&mut p, SEND), Admission::Queued);
         assert_eq!(start(&mut p, PING), Admission::Full(PING));
+        assert_eq!(p.in_flight(|_| true), 3, "the login and two sends");
+        assert_eq!(p.in_flight(|r| r.0 == "ping"), 1, "the login");
         assert!(p.is_waiting(|r| r.0 == "send"));
         p.clear();
         assert!(!p.is_waiting(|_| true));

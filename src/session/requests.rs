@@ -22,6 +22,12 @@ use crate::protocol::{
     error_frame, ok_frame, Incoming, Rejection, Reply, Request, RequestId, RoomName,
 };
 
+/// Requests that work without a login (`register`, `login`, `resume`, `ping`) running or
+/// waiting at once on a connection not authenticated yet: enough for a register, a login and
+/// a ping or two, too few to make an anonymous connection a lever. The others wait for the
+/// login as usual: they cost nothing until its answer.
+pub const MAX_ANONYMOUS_IN_FLIGHT: usize = 4;
+
 impl Ordered for Incoming {
     fn changes_session(&self) -> bool {
         self.kind.changes_session()
@@ -103,6 +109,12 @@ impl Session {
         }
         if !self.guard.take_token(Instant::now()) {
             return self.refuse(ctx, &incoming.id, SessionError::TooManyRequests);
+        }
+        if self.phase.identity().is_none()
+            && incoming.kind.allowed_anonymous()
+            && self.pipeline.in_flight(|r| r.kind.allowed_anonymous()) >= MAX_ANONYMOUS_IN_FLIGHT
+        {
+            return self.refuse(ctx, &incoming.id, SessionError::TooManyAnonymous);
         }
         match self.pipeline.admit(incoming) {
             Admission::Run(incoming) => self.run(incoming, ctx),

@@ -307,6 +307,12 @@ impl Actor for Session {
         });
         socket::set_mailbox_capacity(ctx, self.settings.outbound_queue);
         ctx.run_interval(self.settings.ping_interval, Session::heartbeat);
+        ctx.run_later(self.settings.auth_timeout, |session, ctx| {
+            if matches!(session.phase, Phase::Anonymous | Phase::Draining(None)) {
+                let text = "authentication timeout";
+                session.shut(ctx, Ending::Clean, text, Close::Policy, text);
+            }
+        });
     }
 
     fn stopping(&mut self, _: &mut WsContext) -> Running {
