@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::config::line_col;
 use crate::error::ConfigProblem;
-use crate::protocol::{RoomKind, RoomName, Username};
+use crate::protocol::{username_key, RoomKind, RoomName, Username};
 use crate::rate::Refill;
 
 /// What every room is held to; a `[[room]]` of the file overrides any of them.
@@ -442,7 +442,7 @@ impl RoomSection {
                 let text = format!("'{bad}' is not a username (3..32 of A-Z a-z 0-9 _ . -)");
                 problems.push(problem(&origin(key), &format!("{section}.{key}"), &text));
             }
-            names.iter().cloned().collect()
+            names.iter().map(|n| username_key(n)).collect()
         };
         let admins = usernames("admins", &self.admins);
         let whitelist = match (&self.whitelist, self.kind) {
@@ -500,7 +500,7 @@ mod tests {
     #[test]
     fn rooms_take_the_defaults_for_the_keys_they_leave_out() {
         let policies = Policies::parse(
-            "[defaults]\nmax_body_bytes = 100\n[users]\nmax_joined_rooms = 7\n[[room]]\nname = \"staff\"\nkind = \"private\"\nwhitelist = [\"ann\"]\nhistory_limit = 5\n",
+            "[defaults]\nmax_body_bytes = 100\n[users]\nmax_joined_rooms = 7\n[[room]]\nname = \"staff\"\nkind = \"private\"\nwhitelist = [\"Ann\"]\nhistory_limit = 5\n",
             "rooms.toml",
         )
         .unwrap();
@@ -515,7 +515,10 @@ mod tests {
             policies.users.max_created_rooms, 100,
             "the built-in default"
         );
-        assert!(staff.whitelist.contains("ann"));
+        assert!(
+            staff.whitelist.contains("ann"),
+            "names are kept by their case-insensitive key"
+        );
     }
 
     #[test]

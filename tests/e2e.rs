@@ -775,6 +775,63 @@ async fn migrations_go_down_and_up_again() {
 }
 
 #[actix_rt::test]
+async fn usernames_are_one_account_whatever_their_case() {
+    let server = TestServer::start().await;
+    let mut ann = server.connect().await;
+    ann.register("Ann").await;
+    let mut other = server.connect().await;
+    other.err(req::register("ann", PASSWORD), "conflict").await;
+    other.err(req::register("ANN", PASSWORD), "conflict").await;
+    // Login accepts any case; the account keeps the spelling it registered.
+    let reply = other.ok(req::login("aNN", PASSWORD)).await;
+    assert_eq!(reply["user"]["username"], "Ann", "{reply}");
+    ann.login("ann").await;
+    ann.create_room("lobby", "public", &[]).await;
+    ann.join("lobby").await;
+    let sent = ann.send("lobby", "hi").await;
+    other.join("lobby").await;
+    let page = other
+        .ok(json!({"type": "history", "room": "lobby", "limit": 5}))
+        .await;
+    let from: Vec<&Value> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["from"])
+        .collect();
+    assert_eq!(from, vec!["Ann"], "{page} after {sent}");
+}
+
+#[actix_rt::test]
+async fn the_case_migration_names_existing_duplicates_and_refuses() {
+    use diesel::connection::SimpleConnection;
+    use diesel_migrations::MigrationHarness;
+    let db = TestDb::new();
+    let mut conn = db.conn();
+    rookery::store::run_migrations(&mut conn).unwrap();
+    conn.revert_last_migration(rookery::store::MIGRATIONS)
+        .unwrap();
+    conn.batch_execute(
+        "INSERT INTO users (username, password_hash) VALUES \
+         ('Ann', 'x'), ('ann', 'x'), ('bob', 'x'), ('BOB', 'x'), ('carl', 'x')",
+    )
+    .unwrap();
+    let refused = rookery::store::run_migrations(&mut conn)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("Ann, ann") && refused.contains("bob, BOB") && !refused.contains("carl"),
+        "{refused}"
+    );
+    conn.batch_execute(
+        "UPDATE users SET username = 'ann2' WHERE username = 'ann'; \
+                        DELETE FROM users WHERE username = 'BOB'",
+    )
+    .unwrap();
+    assert_eq!(rookery::store::run_migrations(&mut conn).unwrap(), 1);
+}
+
+#[actix_rt::test]
 async fn the_server_creates_a_missing_database() {
     let db = TestDb::new();
     let mut url = url::Url::parse(&db.url).unwrap();

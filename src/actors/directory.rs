@@ -40,7 +40,7 @@ use crate::actors::room::{
 use crate::error::{Forbidden, RoomError, StoreError};
 use crate::ids::SessionId;
 use crate::policy::Policies;
-use crate::protocol::{RoomKind, RoomName, Username};
+use crate::protocol::{username_key, RoomKind, RoomName, Username};
 use crate::store::models::{RoomRecord, RoomState, RoomSummary, UserRecord};
 use std::sync::Arc;
 
@@ -233,10 +233,11 @@ impl Directory {
 
     /// The file's private rooms whose whitelist lists `username`.
     fn whitelisted(&self, username: &str) -> Vec<String> {
+        let username = username_key(username);
         self.policies
             .rooms
             .iter()
-            .filter(|(_, r)| r.kind == RoomKind::Private && r.whitelist.contains(username))
+            .filter(|(_, r)| r.kind == RoomKind::Private && r.whitelist.contains(&username))
             .map(|(name, _)| name.to_string())
             .collect()
     }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::ids::SessionId;
-use crate::protocol::Username;
+use crate::protocol::{username_key, Username};
 use crate::rate::{Buckets, Refill};
 
 /// Gate → Session: finish the requests in flight, then close with 1001.
@@ -248,12 +248,12 @@ pub struct Gate {
     settings: GateSettings,
     per_ip: HashMap<IpAddr, usize>,
     sessions: HashMap<SessionId, Registered>,
-    failures_by_user: HashMap<Username, VecDeque<Instant>>,
+    failures_by_user: HashMap<String, VecDeque<Instant>>,
     failures_by_ip: HashMap<IpAddr, VecDeque<Instant>>,
     /// Login attempts per username allowed and not finished yet (when each began): they count
     /// as failures until they end, so parallel attempts cannot get past the limit together;
     /// one never reported finished stops counting once the window has passed.
-    attempts_by_user: HashMap<Username, VecDeque<Instant>>,
+    attempts_by_user: HashMap<String, VecDeque<Instant>>,
     /// Resumes per IP that failed, or were allowed and have not succeeded (yet).
     resumes_by_ip: HashMap<IpAddr, VecDeque<Instant>>,
     registrations_by_ip: Buckets<IpAddr>,
@@ -411,14 +411,15 @@ impl Handler<LoginAllowed> for Gate {
 
     fn handle(&mut self, msg: LoginAllowed, _: &mut Context<Self>) -> bool {
         let span = self.settings.failed_login_window;
+        let user = username_key(msg.username.as_str());
         let by_user = self
             .failures_by_user
-            .get_mut(&msg.username)
+            .get_mut(&user)
             .map(|w| Gate::recent(w, span))
             .unwrap_or(0)
             + self
                 .attempts_by_user
-                .get_mut(&msg.username)
+                .get_mut(&user)
                 .map(|w| Gate::recent(w, span))
                 .unwrap_or(0);
         // Attempts in flight count against a username (so a parallel burst cannot guess more
@@ -428,7 +429,7 @@ impl Handler<LoginAllowed> for Gate {
             && by_ip < self.settings.failed_logins_per_ip;
         if allowed {
             self.attempts_by_user
-                .entry(msg.username)
+                .entry(user)
                 .or_default()
                 .push_back(Instant::now());
         }
@@ -440,16 +441,17 @@ impl Handler<LoginFinished> for Gate {
     type Result = ();
 
     fn handle(&mut self, msg: LoginFinished, _: &mut Context<Self>) {
-        if let Some(attempts) = self.attempts_by_user.get_mut(&msg.username) {
+        let user = username_key(msg.username.as_str());
+        if let Some(attempts) = self.attempts_by_user.get_mut(&user) {
             attempts.pop_front();
             if attempts.is_empty() {
-                self.attempts_by_user.remove(&msg.username);
+                self.attempts_by_user.remove(&user);
             }
         }
         if msg.failed {
             let now = Instant::now();
             self.failures_by_user
-                .entry(msg.username)
+                .entry(user)
                 .or_default()
                 .push_back(now);
             if let Some(ip) = msg.ip {

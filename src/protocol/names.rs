@@ -121,6 +121,12 @@ impl RoomName {
     }
 }
 
+/// What two spellings of one username share: usernames are unique regardless of ASCII case
+/// (`Ann` and `ann` are one account), while each keeps the spelling it registered for display.
+pub fn username_key(name: &str) -> String {
+    name.to_ascii_lowercase()
+}
+
 /// The name of the direct room of two users, the same whichever of them asks.
 pub fn direct_room_name(a: &str, b: &str) -> RoomName {
     let (first, second) = if a <= b { (a, b) } else { (b, a) };

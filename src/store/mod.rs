@@ -19,9 +19,14 @@ use std::time::Duration;
 use crate::crypto::{Keyring, Sealed};
 use crate::error::StoreError;
 use crate::ids::{RoomId, Seq, UserId};
-use crate::protocol::{format_time, MessageView, UNDECRYPTABLE};
+use crate::protocol::{format_time, username_key, MessageView, UNDECRYPTABLE};
 use crate::schema::{messages, session_tokens, users};
 use models::*;
+
+diesel::define_sql_function! {
+    /// Postgres `lower()`: usernames are unique and looked up regardless of case.
+    fn lower(text: Text) -> Text;
+}
 
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -167,7 +172,7 @@ pub fn find_login(
     username: &str,
 ) -> Result<Option<(UserRecord, String)>, StoreError> {
     let row = users::table
-        .filter(users::username.eq(username))
+        .filter(lower(users::username).eq(username_key(username)))
         .select((users::id, users::username, users::password_hash))
         .first::<(i64, String, String)>(conn)
         .optional()?;

@@ -8,11 +8,11 @@ use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Integer, Text};
 
 use super::models::*;
-use super::{is_unique_violation, load_messages};
+use super::{is_unique_violation, load_messages, lower};
 use crate::crypto::Keyring;
 use crate::error::StoreError;
 use crate::ids::{RoomId, Seq, UserId};
-use crate::protocol::{direct_room_name, RoomKind};
+use crate::protocol::{direct_room_name, username_key, RoomKind};
 use crate::schema::{room_members, rooms, users};
 
 fn parse_kind(kind: &str) -> RoomKind {
@@ -80,13 +80,14 @@ pub fn create_room(
         }
         let mut member_ids = vec![owner.id.0];
         if kind == RoomKind::Private && !members.is_empty() {
+            let wanted: Vec<String> = members.iter().map(|m| username_key(m)).collect();
             let found: Vec<(i64, String)> = users::table
-                .filter(users::username.eq_any(members))
+                .filter(lower(users::username).eq_any(&wanted))
                 .select((users::id, users::username))
                 .load(conn)?;
             if let Some(missing) = members
                 .iter()
-                .find(|m| !found.iter().any(|(_, name)| name == *m))
+                .find(|m| !found.iter().any(|(_, name)| name.eq_ignore_ascii_case(m)))
             {
                 return Err(StoreError::UnknownMember(missing.clone()));
             }
@@ -296,7 +297,7 @@ pub fn remove_member(
 
 fn find_user(conn: &mut PgConnection, username: &str) -> Result<UserRecord, StoreError> {
     let (id, username) = users::table
-        .filter(users::username.eq(username))
+        .filter(lower(users::username).eq(username_key(username)))
         .select((users::id, users::username))
         .first::<(i64, String)>(conn)
         .optional()?

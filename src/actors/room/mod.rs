@@ -38,7 +38,9 @@ use crate::actors::presence::{PresenceHandle, RoomEntered, RoomExited, WhoIsIn};
 use crate::error::{Forbidden, RoomError, StoreError};
 use crate::ids::{Seq, SessionId, UserId};
 use crate::policy::Policies;
-use crate::protocol::{format_time, Event, MessageView, RoomKind, Username, MAX_HISTORY_LIMIT};
+use crate::protocol::{
+    format_time, username_key, Event, MessageView, RoomKind, Username, MAX_HISTORY_LIMIT,
+};
 use crate::store::models::{HistoryPage, Outcome, RoomOrigin, RoomRecord, RoomState, UserRecord};
 use crate::store::NewPost;
 
@@ -1153,7 +1155,11 @@ impl Handler<Invite> for Room {
         if let Err(e) = self.policy.check_manager(&msg.by) {
             return Box::pin(fut::ready(Err(e)));
         }
-        if self.policy.whitelist.contains(msg.user.as_str()) {
+        if self
+            .policy
+            .whitelist
+            .contains(&username_key(msg.user.as_str()))
+        {
             return Box::pin(fut::ready(Ok(())));
         }
         let cap = self
@@ -1181,12 +1187,20 @@ impl Handler<Revoke> for Room {
         if let Err(e) = self.policy.check_manager(&msg.by) {
             return Box::pin(fut::ready(Err(e)));
         }
-        if self.policy.whitelist.contains(msg.user.as_str()) {
+        if self
+            .policy
+            .whitelist
+            .contains(&username_key(msg.user.as_str()))
+        {
             return Box::pin(fut::ready(Err(RoomError::Forbidden(
                 Forbidden::ListedInFile,
             ))));
         }
-        let owner = self.policy.owner.as_deref() == Some(msg.user.as_str());
+        let owner = self
+            .policy
+            .owner
+            .as_deref()
+            .is_some_and(|owner| owner.eq_ignore_ascii_case(msg.user.as_str()));
         if owner && self.policy.origin == RoomOrigin::User {
             return Box::pin(fut::ready(Err(RoomError::Forbidden(Forbidden::Owner))));
         }

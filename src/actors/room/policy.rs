@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashSet};
 use crate::error::{Forbidden, RoomError};
 use crate::ids::UserId;
 use crate::policy::{ConfigRoom, Limits, Policies};
-use crate::protocol::RoomKind;
+use crate::protocol::{username_key, RoomKind};
 use crate::rate::Buckets;
 use crate::store::models::{RoomOrigin, RoomRecord, UserRecord};
 
@@ -76,8 +76,9 @@ impl RoomPolicy {
     pub fn may_read(&self, user: &UserRecord) -> bool {
         self.kind == RoomKind::Public
             || self.members.contains(&user.id)
-            || self.whitelist.contains(&user.username)
-            || (self.origin == RoomOrigin::Config && self.admins.contains(&user.username))
+            || self.whitelist.contains(&username_key(&user.username))
+            || (self.origin == RoomOrigin::Config
+                && self.admins.contains(&username_key(&user.username)))
     }
 
     /// Why `user` may not join (or read) the room, if it may not.
@@ -92,7 +93,7 @@ impl RoomPolicy {
     pub fn manages(&self, user: &UserRecord) -> bool {
         match self.origin {
             RoomOrigin::User => self.owner.as_deref() == Some(user.username.as_str()),
-            RoomOrigin::Config => self.admins.contains(&user.username),
+            RoomOrigin::Config => self.admins.contains(&username_key(&user.username)),
             RoomOrigin::Direct => false,
         }
     }
