@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rookery::actors::db::{ChangeMember, LoadHistory, ReserveSeqs, StoreBatch};
 use rookery::actors::presence::{Presence, PresenceHandle};
 use rookery::actors::room::{Deliver, Join, Post, Room, RoomPolicy, RoomSettings, StoreHandle};
-use rookery::crypto::Keyring;
+use rookery::crypto::{Binding, Keyring};
 use rookery::error::StoreError;
 use rookery::ids::{RoomId, Seq, SessionId, UserId};
 use rookery::policy::Policies;
@@ -52,12 +52,18 @@ fn serialization(c: &mut Criterion) {
 fn crypto(c: &mut Criterion) {
     let keys = Keyring::new([(1, [7u8; 32])]).unwrap();
     let body = vec![b'x'; 200];
-    let sealed = keys.seal(RoomId(1), Seq(1), &body).unwrap();
+    let at = Binding {
+        room: RoomId(1),
+        seq: Seq(1),
+        sender: UserId(1),
+        sent_at_micros: 1_700_000_000_000_000,
+    };
+    let sealed = keys.seal(&at, &body).unwrap();
     c.bench_function("AES-256-GCM seal 200 bytes", |b| {
-        b.iter(|| keys.seal(RoomId(1), Seq(1), black_box(&body)).unwrap())
+        b.iter(|| keys.seal(&at, black_box(&body)).unwrap())
     });
     c.bench_function("AES-256-GCM open 200 bytes", |b| {
-        b.iter(|| keys.open(RoomId(1), Seq(1), black_box(&sealed)).unwrap())
+        b.iter(|| keys.open(&at, black_box(&sealed)).unwrap())
     });
 }
 

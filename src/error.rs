@@ -54,6 +54,18 @@ pub enum CryptoError {
     OpenSsl(#[from] openssl::error::ErrorStack),
     #[error("key {id}: {problem}")]
     BadKey { id: String, problem: String },
+    #[error("unknown sealing format {0}")]
+    UnknownFormat(i16),
+    #[error(
+        "the database holds messages sealed with key id(s) {ids:?}, which {file} does not have: \
+         restore the key (a new key cannot open them)"
+    )]
+    MissingKeys { ids: Vec<i32>, file: String },
+    #[error(
+        "key {0} is not the key that sealed the stored messages with that id (its check value \
+         differs): restore the original key"
+    )]
+    WrongKey(i32),
     #[error("key file {path}: {source}")]
     KeyFile {
         path: String,
@@ -210,6 +222,12 @@ pub enum StartError {
     Crypto(#[from] CryptoError),
     #[error("tls: {0}")]
     Tls(String),
+    #[error(
+        "Postgres has synchronous_commit = {0}: an ack promises the message is durable, so \
+         Rookery needs it 'on' (or 'remote_apply'); set it in postgresql.conf or with ALTER \
+         DATABASE ... SET synchronous_commit = on"
+    )]
+    NotDurable(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

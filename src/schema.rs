@@ -11,6 +11,15 @@ diesel::table! {
         nonce -> Bytea,
         ciphertext -> Bytea,
         created_at -> Timestamptz,
+        aad_version -> Int2,
+    }
+}
+
+diesel::table! {
+    message_keys (key_id) {
+        key_id -> Int4,
+        check_value -> Nullable<Bytea>,
+        recorded_at -> Timestamptz,
     }
 }
 
@@ -62,4 +71,11 @@ diesel::joinable!(room_members -> users (user_id));
 diesel::joinable!(rooms -> users (owner_id));
 diesel::joinable!(session_tokens -> users (user_id));
 
-diesel::allow_tables_to_appear_in_same_query!(messages, room_members, rooms, session_tokens, users,);
+diesel::allow_tables_to_appear_in_same_query!(
+    message_keys,
+    messages,
+    room_members,
+    rooms,
+    session_tokens,
+    users,
+);

@@ -53,6 +53,18 @@ pub fn migrate(config: &Config) -> Result<usize, StartError> {
     Ok(store::run_migrations(&mut conn)?)
 }
 
+/// An ack promises that the message survives a crash of Postgres: refuse to serve when
+/// commits return before their WAL is flushed (`off`), or before a synchronous standby has it
+/// (`local`, `remote_write`).
+fn require_durable_commits(conn: &mut store::PooledConn) -> Result<(), StartError> {
+    let setting = store::synchronous_commit(conn)?;
+    if matches!(setting.as_str(), "on" | "remote_apply") {
+        Ok(())
+    } else {
+        Err(StartError::NotDurable(setting))
+    }
+}
+
 fn store_unavailable(e: impl std::fmt::Display) -> StartError {
     StartError::Store(crate::error::StoreError::Unavailable(e.to_string()))
 }
@@ -69,13 +81,16 @@ pub fn prepare(config: Config) -> Result<Prepared, StartError> {
         ms(config.database.connect_timeout_ms),
         ms(config.database.statement_timeout_ms),
     )?;
+    let mut conn = pool.get().map_err(store_unavailable)?;
+    require_durable_commits(&mut conn)?;
     let key_file = config.key_file();
-    let keys = Arc::new(Keyring::load(&config.key_source(&key_file))?);
+    let recorded = store::recorded_keys(&mut conn)?;
+    let keys = Arc::new(Keyring::load(&config.key_source(&key_file), &recorded)?);
+    store::record_keys(&mut conn, &keys.verify(&recorded)?)?;
+    keys.record_usage(&store::key_usage(&mut conn, &keys.ids())?);
     let policies = PolicySource::of(&config)
         .load()
         .map_err(|problems| StartError::Config(ConfigError::Invalid(problems)))?;
-    let mut conn = pool.get().map_err(store_unavailable)?;
-    keys.record_usage(&store::key_usage(&mut conn)?);
     let closed = store::sync_config_rooms(&mut conn, &reload::defined_rooms(&policies))?;
     drop(conn);
     log::info!(
@@ -151,7 +166,7 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
     let transport = web::Data::new(Transport {
         services,
         sessions: Arc::new(session_settings(&config)),
-        allowed_origins: config.server.allowed_origins.clone(),
+        allowed_origins: transport::parse_origins(&config.server.allowed_origins),
         ids: SessionIds::default(),
     });
     let tls_on = tls.is_some();

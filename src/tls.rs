@@ -10,7 +10,8 @@ use openssl::nid::Nid;
 use openssl::pkey::PKey;
 use openssl::ssl::{SslAcceptor, SslAcceptorBuilder, SslFiletype, SslMethod};
 use openssl::x509::extension::{
-    BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
+    SubjectKeyIdentifier,
 };
 use openssl::x509::{X509NameBuilder, X509};
 use std::io::Write;
@@ -18,6 +19,9 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::error::StartError;
+
+/// Mozilla's intermediate configuration: these groups and no others.
+pub const GROUPS: &str = "X25519:P-256:P-384";
 
 fn tls_error(context: &str, e: impl std::fmt::Display) -> StartError {
     StartError::Tls(format!("{context}: {e}"))
@@ -44,8 +48,13 @@ pub fn acceptor(config: &Config) -> Result<SslAcceptorBuilder, StartError> {
             return Err(tls_error("missing file", path.display()));
         }
     }
+    crate::crypto::warn_if_readable_by_others(&key, "TLS key file");
     let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls())
         .map_err(|e| tls_error("acceptor", e))?;
+    // The intermediate profile's key exchange groups; OpenSSL would offer X448 and P-521 too.
+    builder
+        .set_groups_list(GROUPS)
+        .map_err(|e| tls_error("groups", e))?;
     builder
         .set_private_key_file(&key, SslFiletype::PEM)
         .map_err(|e| tls_error(&key.display().to_string(), e))?;
@@ -99,9 +108,18 @@ pub fn generate_self_signed(cert_path: &Path, key_path: &Path) -> Result<(), Sta
         let not_after = Asn1Time::days_from_now(365)?;
         cert.set_not_before(&not_before)?;
         cert.set_not_after(&not_after)?;
+        // An end-entity certificate (not a CA) that is its own issuer: strict verifiers (the
+        // Web PKI profile of RFC 5280 as `cryptography` and rustls apply it) want the key
+        // identifiers even on a certificate trusted directly.
         cert.append_extension(BasicConstraints::new().critical().build()?)?;
         cert.append_extension(KeyUsage::new().critical().digital_signature().build()?)?;
         cert.append_extension(ExtendedKeyUsage::new().server_auth().build()?)?;
+        let ski = SubjectKeyIdentifier::new().build(&cert.x509v3_context(None, None))?;
+        cert.append_extension(ski)?;
+        let aki = AuthorityKeyIdentifier::new()
+            .keyid(true)
+            .build(&cert.x509v3_context(None, None))?;
+        cert.append_extension(aki)?;
         let san = SubjectAlternativeName::new()
             .dns("localhost")
             .ip("127.0.0.1")
@@ -138,4 +156,22 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), StartError> {
         .open(path)?;
     file.write_all(data)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_development_certificate_names_its_keys() {
+        let dir = std::env::temp_dir().join(format!("rookery-tls-{}", uuid::Uuid::new_v4()));
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        generate_self_signed(&cert, &key).unwrap();
+        let x509 = X509::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
+        let ski = x509.subject_key_id().map(|id| id.as_slice().to_vec());
+        let aki = x509.authority_key_id().map(|id| id.as_slice().to_vec());
+        assert!(ski.as_ref().is_some_and(|id| !id.is_empty()));
+        assert_eq!(ski, aki, "its own issuer");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }

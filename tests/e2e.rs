@@ -808,9 +808,20 @@ async fn the_case_migration_names_existing_duplicates_and_refuses() {
     use diesel_migrations::MigrationHarness;
     let db = TestDb::new();
     let mut conn = db.conn();
-    rookery::store::run_migrations(&mut conn).unwrap();
-    conn.revert_last_migration(rookery::store::MIGRATIONS)
-        .unwrap();
+    let all = rookery::store::run_migrations(&mut conn).unwrap();
+    // Back to before the case migration (2026-12-02-000001) and those after it.
+    let mut reverted = 0;
+    while conn
+        .applied_migrations()
+        .unwrap()
+        .iter()
+        .any(|v| v.to_string().replace(['-', '_'], "").as_str() >= "20261202000001")
+    {
+        conn.revert_last_migration(rookery::store::MIGRATIONS)
+            .unwrap();
+        reverted += 1;
+    }
+    assert!(reverted >= 1 && reverted < all);
     conn.batch_execute(
         "INSERT INTO users (username, password_hash) VALUES \
          ('Ann', 'x'), ('ann', 'x'), ('bob', 'x'), ('BOB', 'x'), ('carl', 'x')",
@@ -828,7 +839,105 @@ async fn the_case_migration_names_existing_duplicates_and_refuses() {
                         DELETE FROM users WHERE username = 'BOB'",
     )
     .unwrap();
-    assert_eq!(rookery::store::run_migrations(&mut conn).unwrap(), 1);
+    assert_eq!(rookery::store::run_migrations(&mut conn).unwrap(), reverted);
+}
+
+/// Why `prepare` refused to start, as the operator reads it.
+fn start_refusal(config: rookery::config::Config) -> String {
+    match rookery::server::prepare(config) {
+        Ok(_) => panic!("the server started"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[actix_rt::test]
+async fn the_server_refuses_to_start_when_commits_are_not_durable() {
+    use diesel::connection::SimpleConnection;
+    let db = TestDb::new();
+    let data = TempDir::new();
+    let config = test_config(&db, &data);
+    rookery::server::migrate(&config).unwrap();
+    let mut conn = db.conn();
+    let set = |conn: &mut PgConnection, value: &str| {
+        let sql = format!(
+            "ALTER DATABASE \"{}\" SET synchronous_commit = {value}",
+            db.name
+        );
+        conn.batch_execute(&sql).unwrap();
+    };
+    set(&mut conn, "off");
+    let refused = start_refusal(config.clone());
+    assert!(refused.contains("synchronous_commit = off"), "{refused}");
+    set(&mut conn, "local");
+    assert!(start_refusal(config.clone()).contains("synchronous_commit = local"));
+    set(&mut conn, "remote_apply");
+    assert!(rookery::server::prepare(config).is_ok());
+}
+
+#[actix_rt::test]
+async fn a_lost_or_different_message_key_stops_the_start() {
+    let server = TestServer::start().await;
+    let [mut ann] = server.public_room("keys", ["ann"]).await;
+    ann.send("keys", "sealed with key 1").await;
+    server.shutdown_gracefully().await;
+    let key_file = server.config.key_file();
+    let original = std::fs::read(&key_file).unwrap();
+
+    std::fs::remove_file(&key_file).unwrap();
+    let refused = start_refusal(server.config.clone());
+    assert!(
+        refused.contains("[1]") && refused.contains(&key_file.display().to_string()),
+        "{refused}"
+    );
+    assert!(!key_file.exists(), "no new key was generated in its place");
+
+    // Another key under the same id is refused for its check value.
+    let other = format!("1 {}\n", base64_of(&[9u8; 32]));
+    std::fs::write(&key_file, other).unwrap();
+    let refused = start_refusal(server.config.clone());
+    assert!(refused.contains("key 1 is not the key"), "{refused}");
+
+    std::fs::write(&key_file, original).unwrap();
+    assert!(rookery::server::prepare(server.config.clone()).is_ok());
+}
+
+fn base64_of(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[actix_rt::test]
+async fn a_message_moved_to_another_sender_or_time_in_the_database_fails_to_open() {
+    use diesel::connection::SimpleConnection;
+    let server = TestServer::start().await;
+    let [mut ann, _bob] = server.public_room("bound", ["ann", "bob"]).await;
+    for body in ["one", "two", "three"] {
+        ann.send("bound", body).await;
+    }
+    server.db.conn().batch_execute(
+        "UPDATE messages SET sender_id = (SELECT id FROM users WHERE username = 'bob') WHERE seq = 1; \
+         UPDATE messages SET created_at = created_at - interval '1 hour' WHERE seq = 2",
+    )
+    .unwrap();
+    let server = server.restart().await;
+    let mut reader = server.connect().await;
+    reader.login("ann").await;
+    reader.join("bound").await;
+    let page = reader
+        .ok(json!({"type": "history", "room": "bound", "limit": 10}))
+        .await;
+    let messages = page["messages"].as_array().unwrap();
+    let opened: Vec<(&Value, &Value)> =
+        messages.iter().map(|m| (&m["body"], &m["error"])).collect();
+    assert_eq!(
+        opened,
+        vec![
+            (&Value::Null, &json!("undecryptable")),
+            (&Value::Null, &json!("undecryptable")),
+            (&json!("three"), &Value::Null),
+        ],
+        "{page}"
+    );
 }
 
 #[actix_rt::test]

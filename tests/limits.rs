@@ -64,6 +64,21 @@ async fn foreign_origins_are_refused() {
     Client::try_connect(&server, Some("https://chat.example.com"))
         .await
         .unwrap();
+    Client::try_connect(&server, Some("https://CHAT.example.com:443"))
+        .await
+        .unwrap();
+    // Scheme, host and port must all match.
+    let port = server.addr.port();
+    for foreign in [
+        format!("https://127.0.0.1:{port}"),
+        format!("http://127.0.0.1:{}", port.wrapping_add(1)),
+        format!("http://localhost:{port}"),
+        "http://chat.example.com".to_string(),
+        "https://chat.example.com:8443".to_string(),
+        "null".to_string(),
+    ] {
+        refused_with(Client::try_connect(&server, Some(&foreign)).await, 403);
+    }
     // Non-browser clients send no Origin.
     Client::try_connect(&server, None).await.unwrap();
 }

@@ -11,16 +11,16 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel::sql_types::{Array, BigInt, Bytea, Integer, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bytea, Integer, Nullable, SmallInt, Text, Timestamptz};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::crypto::{Keyring, Sealed};
+use crate::crypto::{Binding, Keyring, RecordedKey, Sealed};
 use crate::error::StoreError;
 use crate::ids::{RoomId, Seq, UserId};
 use crate::protocol::{format_time, username_key, MessageView, UNDECRYPTABLE};
-use crate::schema::{messages, session_tokens, users};
+use crate::schema::{message_keys, messages, session_tokens, users};
 use models::*;
 
 diesel::define_sql_function! {
@@ -504,7 +504,15 @@ fn store_batches_once(
                         *room,
                         &posts[i],
                         seq,
-                        keys.seal(*room, seq, posts[i].body.as_bytes())?,
+                        keys.seal(
+                            &Binding {
+                                room: *room,
+                                seq,
+                                sender: posts[i].sender,
+                                sent_at_micros: sent_at.timestamp_micros(),
+                            },
+                            posts[i].body.as_bytes(),
+                        )?,
                     ));
                     Stored {
                         seq,
@@ -522,14 +530,15 @@ fn store_batches_once(
         }
         results.push(stored);
     }
-    // One statement of column arrays, 8 parameters for any number of rows, where a multi-row
-    // VALUES list has 8 per row for Postgres to parse and plan on every batch.
+    // One statement of column arrays, 9 parameters for any number of rows, where a multi-row
+    // VALUES list has 9 per row for Postgres to parse and plan on every batch.
     if !sealed.is_empty() {
         let mut room_ids = Vec::with_capacity(sealed.len());
         let mut seqs = Vec::with_capacity(sealed.len());
         let mut senders = Vec::with_capacity(sealed.len());
         let mut retry_keys = Vec::with_capacity(sealed.len());
         let mut key_ids = Vec::with_capacity(sealed.len());
+        let mut aad_versions = Vec::with_capacity(sealed.len());
         let mut nonces = Vec::with_capacity(sealed.len());
         let mut ciphertexts = Vec::with_capacity(sealed.len());
         for (room, post, seq, sealed) in &sealed {
@@ -538,21 +547,23 @@ fn store_batches_once(
             senders.push(post.sender.0);
             retry_keys.push(post.client_msg_id.as_deref());
             key_ids.push(sealed.key_id);
+            aad_versions.push(sealed.aad_version);
             nonces.push(sealed.nonce.as_slice());
             ciphertexts.push(sealed.ciphertext.as_slice());
         }
         diesel::sql_query(
-            "INSERT INTO messages \
-             (room_id, seq, sender_id, client_msg_id, key_id, nonce, ciphertext, created_at) \
-             SELECT r, s, u, k, kid, n, c, $8 FROM unnest($1::bigint[], $2::bigint[], \
-             $3::bigint[], $4::text[], $5::integer[], $6::bytea[], $7::bytea[]) \
-             AS t(r, s, u, k, kid, n, c)",
+            "INSERT INTO messages (room_id, seq, sender_id, client_msg_id, key_id, aad_version, \
+             nonce, ciphertext, created_at) \
+             SELECT r, s, u, k, kid, v, n, c, $9 FROM unnest($1::bigint[], $2::bigint[], \
+             $3::bigint[], $4::text[], $5::integer[], $6::smallint[], $7::bytea[], \
+             $8::bytea[]) AS t(r, s, u, k, kid, v, n, c)",
         )
         .bind::<Array<BigInt>, _>(&room_ids)
         .bind::<Array<BigInt>, _>(&seqs)
         .bind::<Array<BigInt>, _>(&senders)
         .bind::<Array<Nullable<Text>>, _>(&retry_keys)
         .bind::<Array<Integer>, _>(&key_ids)
+        .bind::<Array<SmallInt>, _>(&aad_versions)
         .bind::<Array<Bytea>, _>(&nonces)
         .bind::<Array<Bytea>, _>(&ciphertexts)
         .bind::<Timestamptz, _>(sent_at)
@@ -561,13 +572,71 @@ fn store_batches_once(
     Ok(results)
 }
 
-/// Messages stored per key id.
-pub fn key_usage(conn: &mut PgConnection) -> Result<Vec<(i32, i64)>, StoreError> {
-    use diesel::dsl::count_star;
-    Ok(messages::table
-        .group_by(messages::key_id)
-        .select((messages::key_id, count_star()))
-        .load(conn)?)
+/// An upper bound of the messages sealed with each of `key_ids`: the span of message ids
+/// sealed with it, read from the (key_id, id) index in two look-ups per key, where a count
+/// would read every row and outlast the statement timeout on a large database.
+pub fn key_usage(conn: &mut PgConnection, key_ids: &[i32]) -> Result<Vec<(i32, i64)>, StoreError> {
+    use diesel::dsl::{max, min};
+    let mut usage = Vec::with_capacity(key_ids.len());
+    for id in key_ids {
+        let (first, last): (Option<i64>, Option<i64>) = messages::table
+            .filter(messages::key_id.eq(id))
+            .select((min(messages::id), max(messages::id)))
+            .first(conn)?;
+        if let (Some(first), Some(last)) = (first, last) {
+            usage.push((*id, last - first + 1));
+        }
+    }
+    Ok(usage)
+}
+
+/// The `synchronous_commit` setting the server's own connections commit with.
+pub fn synchronous_commit(conn: &mut PgConnection) -> Result<String, StoreError> {
+    #[derive(QueryableByName)]
+    struct Setting {
+        #[diesel(sql_type = Text)]
+        synchronous_commit: String,
+    }
+    let row: Setting = diesel::sql_query("SHOW synchronous_commit").get_result(conn)?;
+    Ok(row.synchronous_commit)
+}
+
+/// The key ids the database knows, with their check values and whether rows sealed with
+/// them are stored.
+pub fn recorded_keys(conn: &mut PgConnection) -> Result<Vec<RecordedKey>, StoreError> {
+    let known: Vec<(i32, Option<Vec<u8>>)> = message_keys::table
+        .select((message_keys::key_id, message_keys::check_value))
+        .order(message_keys::key_id)
+        .load(conn)?;
+    known
+        .into_iter()
+        .map(|(id, check_value)| {
+            let in_use = diesel::select(diesel::dsl::exists(
+                messages::table.filter(messages::key_id.eq(id)),
+            ))
+            .get_result(conn)?;
+            Ok(RecordedKey {
+                id,
+                check_value,
+                in_use,
+            })
+        })
+        .collect()
+}
+
+/// Records the check values of keys new to the database (or recorded without one).
+pub fn record_keys(conn: &mut PgConnection, checks: &[(i32, Vec<u8>)]) -> Result<(), StoreError> {
+    for (id, check) in checks {
+        diesel::sql_query(
+            "INSERT INTO message_keys (key_id, check_value) VALUES ($1, $2) \
+             ON CONFLICT (key_id) DO UPDATE SET check_value = EXCLUDED.check_value \
+             WHERE message_keys.check_value IS NULL",
+        )
+        .bind::<Integer, _>(id)
+        .bind::<Bytea, _>(check)
+        .execute(conn)?;
+    }
+    Ok(())
 }
 
 /// Postgres keeps microseconds; the in-memory copy must format the same as the stored one.
@@ -598,7 +667,9 @@ pub fn load_messages(
         .select((
             messages::seq,
             messages::client_msg_id,
+            messages::sender_id,
             messages::key_id,
+            messages::aad_version,
             messages::nonce,
             messages::ciphertext,
             messages::created_at,
@@ -631,11 +702,18 @@ fn open_row(keys: &Keyring, room: &RoomRecord, row: MessageRow) -> (MessageView,
     let seq = Seq(row.seq);
     let sealed = Sealed {
         key_id: row.key_id,
+        aad_version: row.aad_version,
         nonce: row.nonce,
         ciphertext: row.ciphertext,
     };
+    let at = Binding {
+        room: room.id,
+        seq,
+        sender: UserId(row.sender_id),
+        sent_at_micros: row.created_at.timestamp_micros(),
+    };
     let body = keys
-        .open(room.id, seq, &sealed)
+        .open(&at, &sealed)
         .map_err(|e| e.to_string())
         .and_then(|plain| String::from_utf8(plain).map_err(|_| "not UTF-8".to_string()));
     let (body, error, problem) = match body {

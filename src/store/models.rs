@@ -105,7 +105,9 @@ pub struct HistoryPage {
 pub struct MessageRow {
     pub seq: i64,
     pub client_msg_id: Option<String>,
+    pub sender_id: i64,
     pub key_id: i32,
+    pub aad_version: i16,
     pub nonce: Vec<u8>,
     pub ciphertext: Vec<u8>,
     pub created_at: DateTime<Utc>,

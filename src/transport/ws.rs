@@ -29,7 +29,7 @@ pub struct Transport {
     pub services: Services,
     pub sessions: Arc<SessionSettings>,
     /// Browser origins allowed besides the server's own.
-    pub allowed_origins: Vec<String>,
+    pub allowed_origins: Vec<url::Origin>,
     pub ids: SessionIds,
 }
 
@@ -81,31 +81,39 @@ pub fn on_connect(connection: &dyn Any, data: &mut actix_web::dev::Extensions) {
     }
 }
 
-/// Whether a browser's Origin may open a WebSocket: its own origin, or one allowed by config.
-fn origin_allowed(req: &HttpRequest, allowed: &[String]) -> bool {
+/// Whether a browser's Origin may open a WebSocket: the server's own origin, or one allowed by
+/// config. Origins match by scheme, host and port (a missing port is the scheme's default), so
+/// neither `http://` for an `https://` page nor another port of the same host passes.
+fn origin_allowed(req: &HttpRequest, allowed: &[url::Origin]) -> bool {
     let Some(origin) = req.headers().get(header::ORIGIN) else {
         return true; // not a browser
     };
-    let Ok(origin) = origin.to_str() else {
-        return false;
+    let Some(origin) = origin
+        .to_str()
+        .ok()
+        .and_then(|o| url::Url::parse(o).ok())
+        .map(|u| u.origin())
+        .filter(url::Origin::is_tuple)
+    else {
+        return false; // unreadable, or opaque ("null")
     };
-    if allowed
-        .iter()
-        .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin))
-    {
+    if allowed.contains(&origin) {
         return true;
     }
-    let host = req.connection_info().host().to_ascii_lowercase();
-    url::Url::parse(origin)
-        .ok()
-        .and_then(|u| {
-            let host_of_origin = u.host_str()?.to_ascii_lowercase();
-            Some(match u.port() {
-                Some(port) => format!("{host_of_origin}:{port}"),
-                None => host_of_origin,
-            })
-        })
-        .is_some_and(|o| o == host)
+    let info = req.connection_info();
+    url::Url::parse(&format!("{}://{}", info.scheme(), info.host()))
+        .is_ok_and(|own| own.origin() == origin)
+}
+
+/// The configured origins as scheme, host and port (entries that do not parse were refused
+/// when the configuration was checked).
+pub fn parse_origins(allowed: &[String]) -> Vec<url::Origin> {
+    allowed
+        .iter()
+        .filter_map(|a| url::Url::parse(a).ok())
+        .map(|u| u.origin())
+        .filter(url::Origin::is_tuple)
+        .collect()
 }
 
 /// `GET /ws`: upgrade to a WebSocket run by a new Session actor, after the Origin check
