@@ -44,6 +44,8 @@ pub struct ConnectOptions {
     pub max_frame_bytes: Option<usize>,
     /// Connect and handshake timeout.
     pub timeout: Option<Duration>,
+    /// More headers for the upgrade request (a proxy's `X-Forwarded-For`, in tests).
+    pub headers: Vec<(String, String)>,
 }
 
 /// What the server sent.
@@ -88,6 +90,9 @@ impl Connector {
             .max_frame_size(self.options.max_frame_bytes.unwrap_or(1 << 22));
         if let Some(origin) = &self.options.origin {
             request = request.origin(origin.as_str());
+        }
+        for (name, value) in &self.options.headers {
+            request = request.header(name.as_str(), value.as_str());
         }
         let (_, framed) = request.connect().await.map_err(|e| match e {
             awc::error::WsClientError::InvalidResponseStatus(status) => {

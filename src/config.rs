@@ -100,6 +100,9 @@ pub struct ServerConfig {
     /// Origins (scheme://host[:port]) allowed to open a WebSocket from a browser, besides the
     /// server's own; requests without an Origin header (non-browser clients) are allowed.
     pub allowed_origins: Vec<String>,
+    /// Proxies (CIDRs or addresses) whose `Forwarded` / `X-Forwarded-For` client address is
+    /// believed; from anyone else those headers are ignored.
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -173,6 +176,10 @@ pub struct SessionConfig {
     pub requests_per_second: u32,
     /// Requests a connection may send at once before the rate applies.
     pub request_burst: u32,
+    /// `send`s per user across all of its connections and rooms; beyond, `rate_limited`.
+    pub sends_per_user: RateConfig,
+    /// `typing`s per user across all of its connections and rooms; beyond, `rate_limited`.
+    pub typing_per_user: RateConfig,
     /// Bytes written to a connection but not yet taken by the socket before the connection
     /// is cut off as a slow reader (close 1013).
     pub outbound_limit_bytes: usize,
@@ -393,6 +400,15 @@ impl Config {
         if self.server.max_connections_per_ip == 0 {
             bad("server.max_connections_per_ip", "must be at least 1".into());
         }
+        for proxy in &self.server.trusted_proxies {
+            if proxy.parse::<ipnet::IpNet>().is_err() && proxy.parse::<std::net::IpAddr>().is_err()
+            {
+                bad(
+                    "server.trusted_proxies",
+                    format!("'{proxy}' is not a CIDR like 10.0.0.0/8 or an address"),
+                );
+            }
+        }
         for origin in &self.server.allowed_origins {
             if url::Url::parse(origin)
                 .map(|u| u.host().is_none())
@@ -431,6 +447,12 @@ impl Config {
                 "auth.failed_logins_per_user",
                 "limits must be at least 1".into(),
             );
+        }
+        if let Some(problem) = self.session.sends_per_user.problem() {
+            bad("session.sends_per_user", problem);
+        }
+        if let Some(problem) = self.session.typing_per_user.problem() {
+            bad("session.typing_per_user", problem);
         }
         if let Some(problem) = self.auth.registrations_per_ip.problem() {
             bad("auth.registrations_per_ip", problem);

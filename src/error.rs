@@ -107,6 +107,10 @@ pub enum SessionError {
     TooManyWaiting,
     #[error("too many requests in flight before authentication")]
     TooManyAnonymous,
+    #[error("over the user's send rate")]
+    UserSendRate,
+    #[error("over the user's typing rate")]
+    UserTypingRate,
 }
 
 /// Why a room refused a request (`forbidden` on the wire, with this message).
@@ -321,6 +325,14 @@ fn session_to_wire(e: &SessionError) -> (ErrorCode, Cow<'static, str>) {
         SessionError::TooManyAnonymous => (
             ErrorCode::RateLimited,
             "authenticate first: only a few requests may be in flight before that",
+        ),
+        SessionError::UserSendRate => (
+            ErrorCode::RateLimited,
+            "too many messages from this user across its connections; slow down",
+        ),
+        SessionError::UserTypingRate => (
+            ErrorCode::RateLimited,
+            "too many typing notices from this user; slow down",
         ),
     };
     (code, message.into())

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// How a bucket refills: `per_second` tokens each second, holding at most `burst`.
@@ -73,6 +74,40 @@ impl<K: Hash + Eq> Buckets<K> {
 
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()
+    }
+}
+
+/// Buckets every session shares (a user's rate across all of its connections), behind a lock
+/// held for one take.
+#[derive(Debug)]
+pub struct SharedBuckets<K> {
+    refill: Refill,
+    buckets: Mutex<(Buckets<K>, u32)>,
+}
+
+/// Takes between two sweeps of the buckets that filled up again.
+const TAKES_PER_SWEEP: u32 = 4096;
+
+impl<K: Hash + Eq> SharedBuckets<K> {
+    pub fn new(refill: Refill) -> SharedBuckets<K> {
+        SharedBuckets {
+            refill,
+            buckets: Mutex::new((Buckets::default(), 0)),
+        }
+    }
+
+    /// Takes a token of `key`; false when the key is over its rate.
+    pub fn take(&self, key: K) -> bool {
+        let now = Instant::now();
+        // A panic elsewhere while holding the lock leaves counts, never broken invariants.
+        let mut guard = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let (buckets, takes) = &mut *guard;
+        *takes += 1;
+        if *takes >= TAKES_PER_SWEEP {
+            *takes = 0;
+            buckets.forget_full(self.refill, now);
+        }
+        buckets.take(key, self.refill, now)
     }
 }
 

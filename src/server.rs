@@ -20,13 +20,15 @@ use crate::actors::presence::{Presence, PresenceHandle};
 use crate::actors::room::{RoomSettings, StoreHandle};
 use crate::config::{ms, Config};
 use crate::crypto::Keyring;
-use crate::error::{ConfigError, StartError};
+use crate::error::{ConfigError, ConfigProblem, StartError};
 use crate::ids::SessionIds;
 use crate::policy::Policies;
+use crate::rate::SharedBuckets;
 use crate::reload::{self, PolicySource};
 use crate::session::guard::GuardSettings;
 use crate::session::{Services, SessionSettings};
 use crate::store::{self, PgPool};
+use crate::transport::address::TrustedProxies;
 use crate::transport::ws::{self as transport, Transport};
 
 /// Everything the server needs that takes blocking work to get.
@@ -155,6 +157,12 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
         tls,
         policies,
     } = prepared;
+    let trusted_proxies = TrustedProxies::parse(&config.server.trusted_proxies).map_err(|e| {
+        StartError::Config(ConfigError::Invalid(vec![ConfigProblem::new(
+            "server.trusted_proxies",
+            e,
+        )]))
+    })?;
     let services = start_actors(&config, pool, keys, policies.clone());
     let reloading = actix::spawn(reload::run(
         PolicySource::of(&config),
@@ -167,6 +175,7 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
         services,
         sessions: Arc::new(session_settings(&config)),
         allowed_origins: transport::parse_origins(&config.server.allowed_origins),
+        trusted_proxies,
         ids: SessionIds::default(),
     });
     let tls_on = tls.is_some();
@@ -285,6 +294,8 @@ fn start_actors(
         presence,
         gate,
         hasher,
+        sends_per_user: Arc::new(SharedBuckets::new(config.session.sends_per_user.refill())),
+        typing_per_user: Arc::new(SharedBuckets::new(config.session.typing_per_user.refill())),
     }
 }
 

@@ -83,6 +83,132 @@ async fn foreign_origins_are_refused() {
     Client::try_connect(&server, None).await.unwrap();
 }
 
+/// A connection that says, as a proxy would, that it carries `client`'s traffic.
+async fn connect_forwarded(
+    server: &TestServer,
+    client: &str,
+) -> Result<rookery::client::Connection, ClientError> {
+    let options = rookery::client::ConnectOptions {
+        headers: vec![("X-Forwarded-For".into(), format!("{client}, 127.0.0.1"))],
+        ..rookery::client::ConnectOptions::default()
+    };
+    rookery::client::Connection::connect(&server.ws_url(), &options).await
+}
+
+#[actix_rt::test]
+async fn per_address_limits_count_the_forwarded_client_only_behind_a_trusted_proxy() {
+    let behind_proxy = TestServer::start_with(|c| {
+        c.server.max_connections_per_ip = 1;
+        c.server.trusted_proxies = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    let _a = connect_forwarded(&behind_proxy, "203.0.113.1")
+        .await
+        .unwrap();
+    let _b = connect_forwarded(&behind_proxy, "203.0.113.2")
+        .await
+        .unwrap();
+    let _v6 = connect_forwarded(&behind_proxy, "2001:db8:1:2::1")
+        .await
+        .unwrap();
+    match connect_forwarded(&behind_proxy, "203.0.113.1").await {
+        Err(ClientError::Refused(429)) => {}
+        other => panic!("a second connection of one client: {:?}", other.map(|_| ())),
+    }
+    // Another address of the same IPv6 /64 is the same client.
+    match connect_forwarded(&behind_proxy, "2001:db8:1:2:ffff::9").await {
+        Err(ClientError::Refused(429)) => {}
+        other => panic!("the same /64: {:?}", other.map(|_| ())),
+    }
+
+    // Without trusted proxies the header is the client's own claim and is ignored.
+    let direct = TestServer::start_with(|c| c.server.max_connections_per_ip = 1).await;
+    let _first = connect_forwarded(&direct, "203.0.113.1").await.unwrap();
+    match connect_forwarded(&direct, "203.0.113.2").await {
+        Err(ClientError::Refused(429)) => {}
+        other => panic!("a forged header: {:?}", other.map(|_| ())),
+    }
+}
+
+#[actix_rt::test]
+async fn a_users_sends_are_limited_across_its_connections_and_rooms() {
+    let server = TestServer::start_with(|c| {
+        c.session.sends_per_user = rookery::config::RateConfig {
+            count: 1,
+            per_seconds: 3600,
+            burst: 5,
+        };
+    })
+    .await;
+    let [mut first] = server.public_room("one", ["ann"]).await;
+    first.create_room("two", "public", &[]).await;
+    let mut second = server.connect().await;
+    second.login("ann").await;
+    second.join("two").await;
+    for _ in 0..3 {
+        first.send("one", "hi").await;
+    }
+    for _ in 0..2 {
+        second.send("two", "hi").await;
+    }
+    // Each connection and each room is far below its own limits; the user is not.
+    let refused = second
+        .err(req::send("two", "one too many"), "rate_limited")
+        .await;
+    assert!(
+        refused["message"].as_str().unwrap().contains("user"),
+        "{refused}"
+    );
+    first
+        .err(req::send("one", "and here"), "rate_limited")
+        .await;
+    // Another user is not affected, and the connections stay open.
+    let [mut bob] = server.public_room("three", ["bob"]).await;
+    bob.send("three", "fine").await;
+    first.ok(req::ping()).await;
+}
+
+#[actix_rt::test]
+async fn typing_is_limited_per_user_and_fans_out_once_a_second() {
+    let server = TestServer::start_with(|c| {
+        c.session.typing_per_user = rookery::config::RateConfig {
+            count: 1,
+            per_seconds: 3600,
+            burst: 8,
+        };
+    })
+    .await;
+    let [mut ann, mut bob] = server.public_room("t", ["ann", "bob"]).await;
+    let mut ann_again = server.connect().await;
+    ann_again.login("ann").await;
+    ann_again.join("t").await;
+    for _ in 0..3 {
+        ann.ok(json!({"type": "typing", "room": "t"})).await;
+        ann_again.ok(json!({"type": "typing", "room": "t"})).await;
+    }
+    bob.assert_no_event("nothing").await;
+    let typing = bob
+        .take_events()
+        .into_iter()
+        .filter(|e| e["type"] == "typing")
+        .count();
+    assert_eq!(
+        typing, 1,
+        "six typing requests within a second fan out once"
+    );
+    actix_rt::time::sleep(Duration::from_millis(1100)).await;
+    ann.ok(json!({"type": "typing", "room": "t"})).await;
+    assert_eq!(bob.next_event_of("typing").await["user"], "ann");
+    // Two more fit the burst of 8; the ninth across both connections is refused.
+    ann_again.ok(json!({"type": "typing", "room": "t"})).await;
+    ann.err(json!({"type": "typing", "room": "t"}), "rate_limited")
+        .await;
+    ann_again
+        .err(json!({"type": "typing", "room": "t"}), "rate_limited")
+        .await;
+    bob.ok(json!({"type": "typing", "room": "t"})).await;
+}
+
 #[actix_rt::test]
 async fn requests_beyond_the_rate_are_refused_and_the_connection_stays() {
     let server = TestServer::start_with(|c| {

@@ -9,8 +9,8 @@ use super::rooms::ask_room;
 use super::shell::Session;
 use crate::actors::directory::OpenDirectFor;
 use crate::actors::room::{Invite, Post, ReadHistory, Revoke, Room, Typing, Who};
-use crate::error::{Error, Forbidden, RoomError};
-use crate::ids::Seq;
+use crate::error::{Error, Forbidden, RoomError, SessionError};
+use crate::ids::{Seq, UserId};
 use crate::protocol::{Rejection, Reply, RoomName, RoomRef, Username};
 use crate::store::models::UserRecord;
 
@@ -33,6 +33,9 @@ impl Session {
             Ok(addr) => addr,
             Err(e) => return Step::fail(e),
         };
+        if !self.services.sends_per_user.take(user.id) {
+            return Step::fail(SessionError::UserSendRate);
+        }
         let request = addr.send(Post {
             session: self.id,
             user,
@@ -117,11 +120,14 @@ impl Session {
         Step::later(work.into_actor(self))
     }
 
-    pub(super) fn typing(&mut self, room: RoomName) -> Step {
+    pub(super) fn typing(&mut self, user: UserId, room: RoomName) -> Step {
         let addr = match self.joined_room(&room) {
             Ok(addr) => addr,
             Err(e) => return Step::fail(e),
         };
+        if !self.services.typing_per_user.take(user) {
+            return Step::fail(SessionError::UserTypingRate);
+        }
         let request = addr.send(Typing { session: self.id });
         let work = async move {
             request.await??;

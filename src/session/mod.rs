@@ -30,6 +30,7 @@ pub mod socket;
 pub use shell::{Peer, Session};
 
 use actix::Addr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::actors::db::{DbExecutor, DbQueue};
@@ -37,6 +38,8 @@ use crate::actors::directory::Directory;
 use crate::actors::gate::Gate;
 use crate::actors::hasher::HasherHandle;
 use crate::actors::presence::PresenceHandle;
+use crate::ids::UserId;
+use crate::rate::SharedBuckets;
 
 /// The actors a session talks to.
 #[derive(Clone)]
@@ -49,6 +52,10 @@ pub struct Services {
     pub presence: PresenceHandle,
     pub gate: Addr<Gate>,
     pub hasher: HasherHandle,
+    /// A user's sends across all of its sessions.
+    pub sends_per_user: Arc<SharedBuckets<UserId>>,
+    /// A user's typing requests across all of its sessions.
+    pub typing_per_user: Arc<SharedBuckets<UserId>>,
 }
 
 /// Per-connection limits from config.

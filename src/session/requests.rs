@@ -248,7 +248,7 @@ impl Session {
                 Some(user),
             ) => self.history(user, room, before, limit),
             (Request::Who { room }, Some(user)) => self.who(user, room),
-            (Request::Typing { room }, Some(_)) => self.typing(room),
+            (Request::Typing { room }, Some(user)) => self.typing(user.id, room),
             (Request::Invite { room, user: u }, Some(user)) => self.invite(user, room, u),
             (Request::Revoke { room, user: u }, Some(user)) => self.revoke(user, room, u),
             (Request::Dm { user: other }, Some(user)) => self.dm(user, other),

@@ -18,6 +18,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use super::address::{limit_key, TrustedProxies};
 use crate::actors::gate::{Admit, Gate, KillSwitch, Release};
 use crate::ids::SessionIds;
 use crate::session::guard::Piece;
@@ -30,6 +31,7 @@ pub struct Transport {
     pub sessions: Arc<SessionSettings>,
     /// Browser origins allowed besides the server's own.
     pub allowed_origins: Vec<url::Origin>,
+    pub trusted_proxies: TrustedProxies,
     pub ids: SessionIds,
 }
 
@@ -132,7 +134,10 @@ pub async fn upgrade(
             HttpResponse::Forbidden().json(serde_json::json!({"error": "origin not allowed"}))
         );
     }
-    let ip = req.peer_addr().map(|a| a.ip());
+    let client = req
+        .peer_addr()
+        .map(|a| state.trusted_proxies.client_of(a.ip(), req.headers()));
+    let ip = client.map(limit_key);
     let admitted = state
         .services
         .gate
@@ -144,10 +149,11 @@ pub async fn upgrade(
         return Ok(HttpResponse::TooManyRequests()
             .json(serde_json::json!({"error": "too many connections from this address"})));
     }
-    let peer = req
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "unknown".into());
+    let peer = match (req.peer_addr(), client) {
+        (Some(direct), Some(client)) if direct.ip() != client => format!("{client} via {direct}"),
+        (Some(direct), _) => direct.to_string(),
+        (None, _) => "unknown".into(),
+    };
     // Give the slot back if this request ends (or its client goes) before a session exists.
     let slot = AdmitSlot {
         gate: state.services.gate.clone(),

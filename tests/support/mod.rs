@@ -105,11 +105,14 @@ pub fn test_config(db: &TestDb, data_dir: &TempDir) -> Config {
     // Tests that burst set no limit of their own; the limits have tests of their own.
     config.session.requests_per_second = 100_000;
     config.session.request_burst = 100_000;
-    config.auth.registrations_per_ip = rookery::config::RateConfig {
+    let unlimited = rookery::config::RateConfig {
         count: 100_000,
         per_seconds: 1,
         burst: 100_000,
     };
+    config.auth.registrations_per_ip = unlimited;
+    config.session.sends_per_user = unlimited;
+    config.session.typing_per_user = unlimited;
     config
 }
 

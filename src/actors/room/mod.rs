@@ -233,6 +233,9 @@ struct Member {
     detached_at: Option<Instant>,
 }
 
+/// A room passes on one `typing` event per user at most this often.
+pub const TYPING_EVERY: Duration = Duration::from_secs(1);
+
 pub struct Room {
     record: RoomRecord,
     name: Arc<str>,
@@ -254,6 +257,8 @@ pub struct Room {
     sessions: HashMap<SessionId, Member>,
     sessions_per_user: HashMap<UserId, usize>,
     rates: SendRates,
+    /// When each user's last `typing` event went out: at most one per [`TYPING_EVERY`].
+    typing_sent: HashMap<UserId, Instant>,
     /// The seqs a room that does not store its messages hands out.
     seqs: ReservedSeqs,
     last_active: Instant,
@@ -295,6 +300,7 @@ impl Room {
             sessions: HashMap::new(),
             sessions_per_user: HashMap::new(),
             rates: SendRates::default(),
+            typing_sent: HashMap::new(),
             seqs: ReservedSeqs::default(),
             last_active: Instant::now(),
             store,
@@ -1139,6 +1145,22 @@ impl Handler<Typing> for Room {
         let Some(member) = self.sessions.get(&msg.session) else {
             return Err(RoomError::Forbidden(Forbidden::NotJoined));
         };
+        // Typing is a hint: more than one event per user per second only costs every member
+        // a frame, so the rest are accepted and not passed on.
+        let now = Instant::now();
+        let user = member.user.id;
+        if self
+            .typing_sent
+            .get(&user)
+            .is_some_and(|at| now.saturating_duration_since(*at) < TYPING_EVERY)
+        {
+            return Ok(());
+        }
+        if self.typing_sent.len() >= self.sessions_per_user.len() + 64 {
+            self.typing_sent
+                .retain(|_, at| now.saturating_duration_since(*at) < TYPING_EVERY);
+        }
+        self.typing_sent.insert(user, now);
         let frame = self.frame(Event::Typing {
             room: &self.record.name,
             user: &member.user.username,
