@@ -196,6 +196,41 @@ impl Connection {
     }
 }
 
+/// How long to wait before each retry of a reconnect: exponential from `base` up to `cap`,
+/// with full jitter (a random wait between zero and the step), so that thousands of clients
+/// dropped at once do not come back in one wave and again in lockstep.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Backoff {
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The wait before the next retry.
+    pub fn next_wait(&mut self) -> Duration {
+        let step = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        let mut random = [0u8; 8];
+        if openssl::rand::rand_bytes(&mut random).is_err() {
+            return step;
+        }
+        let fraction = (u64::from_le_bytes(random) >> 11) as f64 / (1u64 << 53) as f64;
+        step.mul_f64(fraction)
+    }
+}
+
 /// Sorts a frame into a reply (it has a string id and type ok/error) or an event.
 pub fn classify(frame: Value) -> Incoming {
     let is_reply = matches!(frame["type"].as_str(), Some("ok" | "error"));
@@ -211,9 +246,20 @@ pub fn classify(frame: Value) -> Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
-
     use crate::protocol::RoomName;
     use serde_json::json;
+
+    #[test]
+    fn waits_grow_to_the_cap_and_are_spread() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let waits: Vec<Duration> = (0..12).map(|_| backoff.next_wait()).collect();
+        for (i, wait) in waits.iter().enumerate() {
+            let step = Duration::from_millis(100 << i.min(5)).min(Duration::from_secs(2));
+            assert!(*wait <= step, "{i}: {wait:?} over {step:?}");
+        }
+        let distinct: std::collections::HashSet<Duration> = waits.into_iter().collect();
+        assert!(distinct.len() > 6, "jittered: {distinct:?}");
+    }
 
     #[test]
     fn requests_and_classification() {

@@ -85,6 +85,12 @@ pub struct ServerConfig {
     pub workers: usize,
     /// Most open connections per worker.
     pub max_connections_per_worker: usize,
+    /// Connections the kernel may queue for accept (the listen backlog; capped by the
+    /// kernel's `net.core.somaxconn`).
+    pub backlog: u32,
+    /// TLS handshakes in progress at once across the workers; further connections wait in
+    /// the backlog.
+    pub max_concurrent_handshakes: usize,
     /// Time to receive request headers.
     pub request_timeout_ms: u64,
     /// Time to complete a TLS handshake.
@@ -396,6 +402,15 @@ impl Config {
         }
         if self.session.max_frame_bytes < 1024 {
             bad("session.max_frame_bytes", "must be at least 1024".into());
+        }
+        if self.server.backlog == 0 || self.server.backlog > i32::MAX as u32 {
+            bad("server.backlog", "must be between 1 and 2147483647".into());
+        }
+        if self.server.max_concurrent_handshakes == 0 {
+            bad(
+                "server.max_concurrent_handshakes",
+                "must be at least 1".into(),
+            );
         }
         if self.server.max_connections_per_ip == 0 {
             bad("server.max_connections_per_ip", "must be at least 1".into());

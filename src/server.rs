@@ -186,8 +186,12 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
             .route("/ws", web::get().to(transport::upgrade))
             .route("/healthz", web::get().to(healthz))
     })
-    .on_connect(transport::on_connect)
+    .on_connect({
+        let user_timeout = ms(config.session.client_timeout_ms);
+        move |connection, _| transport::on_connect(connection, user_timeout)
+    })
     .max_connections(config.server.max_connections_per_worker)
+    .max_connection_rate(handshakes_per_worker(&config))
     // Small frames must not wait for Nagle's algorithm (40 ms with delayed ACKs).
     .tcp_nodelay(true)
     .client_request_timeout(ms(config.server.request_timeout_ms))
@@ -277,8 +281,6 @@ fn start_actors(
         failed_login_window: ms(config.auth.failed_login_window_ms),
         failed_resumes_per_ip: config.auth.failed_resumes_per_ip,
         registrations_per_ip: config.auth.registrations_per_ip.refill(),
-        watch_interval: ms(config.session.ping_interval_ms),
-        stalled_after: ms(config.session.client_timeout_ms),
         sweep_interval: ms(config.auth.failed_login_sweep_ms),
     })
     .start();
@@ -317,6 +319,20 @@ fn session_settings(config: &Config) -> SessionSettings {
             request_burst: config.session.request_burst,
         },
     }
+}
+
+/// Each worker accepts and handshakes connections of its own: the server's bound split
+/// among them.
+fn handshakes_per_worker(config: &Config) -> usize {
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    config
+        .server
+        .max_concurrent_handshakes
+        .div_ceil(workers)
+        .max(1)
 }
 
 /// Headers on every HTTP response: no sniffing, no framing, no referrer, no caching, no
@@ -390,8 +406,9 @@ async fn healthz() -> HttpResponse {
 /// `rookery serve`: prepare, bind, serve until SIGINT/SIGTERM.
 pub fn serve(config: Config) -> Result<(), StartError> {
     let bind = config.server.bind.clone();
+    let backlog = config.server.backlog;
     let prepared = prepare(config)?;
-    let listener = TcpListener::bind(&bind)
+    let listener = listen(&bind, backlog)
         .map_err(|e| StartError::Io(std::io::Error::new(e.kind(), format!("bind {bind}: {e}"))))?;
     System::new().block_on(run(prepared, listener, async {
         let signal = wait_for_signal().await;
@@ -400,6 +417,35 @@ pub fn serve(config: Config) -> Result<(), StartError> {
     }))?;
     log::info!("server stopped");
     Ok(())
+}
+
+/// A listening socket on `bind` with room for `backlog` connections waiting to be accepted
+/// (std's `TcpListener::bind` asks for 128).
+pub fn listen(bind: &str, backlog: u32) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::net::ToSocketAddrs;
+    let addr = bind.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+    })?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    if let Some(cap) = somaxconn().filter(|cap| *cap < backlog) {
+        log::warn!(
+            "server.backlog is {backlog} but the kernel caps it at net.core.somaxconn = {cap}: \
+             raise that (sysctl -w net.core.somaxconn={backlog}) to queue more connections"
+        );
+    }
+    Ok(socket.into())
+}
+
+fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 async fn wait_for_signal() -> &'static str {

@@ -2,15 +2,12 @@
 //! connections per IP (refusing beyond the limit), keeps the windows of failed logins per
 //! username and per IP (refused without running bcrypt) and of failed resumes per IP (refused
 //! without a database look-up), and a token bucket of registrations per IP. It knows every
-//! live session, so that a shutdown can drain them, and watches that each still runs: a
-//! session's actor runs only while its connection makes write progress, so one whose client
-//! stopped reading stops too, timers and all; the gate then cuts its socket
-//! ([`KillSwitch`]). Calls only sessions, through [`Drain`], and their sockets.
+//! live session, so that a shutdown can drain them. Calls only sessions, through [`Drain`].
 //!
 //! Messages:
 //! - [`Admit`] (upgrade handler): may `ip` open one more connection? Counts it if so.
-//! - [`Register`] / [`Unregister`] (Session, on start / stop): track and watch it; release
-//!   its IP slot.
+//! - [`Register`] / [`Unregister`] (Session, on start / stop): track it; release its IP
+//!   slot.
 //! - [`LoginAllowed`] / [`LoginFinished`] (Session, around `login`; the latter always, through
 //!   a [`LoginAttempt`] guard).
 //! - [`ResumeAllowed`] / [`ResumeSucceeded`] (Session, around `resume`'s token look-up).
@@ -21,9 +18,7 @@
 
 use actix::prelude::*;
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Shutdown, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
@@ -48,67 +43,6 @@ pub struct GateSettings {
     pub registrations_per_ip: Refill,
     /// How often windows that have run out are forgotten.
     pub sweep_interval: Duration,
-    /// How often sessions are checked for having stopped running.
-    pub watch_interval: Duration,
-    /// A session whose heartbeat has not run for this long is cut off.
-    pub stalled_after: Duration,
-}
-
-/// The socket of a connection, for ending it from outside its actor: a duplicate of the
-/// connection's descriptor, owned by the connection (the gate holds it weakly, so it goes
-/// when the connection does). Shutting it down fails the connection's reads and writes, and
-/// with them its actor, which then stops as usual.
-#[derive(Debug, Clone, Default)]
-pub struct KillSwitch(Weak<TcpStream>);
-
-impl KillSwitch {
-    pub fn of(socket: &Arc<TcpStream>) -> Self {
-        KillSwitch(Arc::downgrade(socket))
-    }
-
-    /// Ends the connection; false when it had already ended.
-    pub fn cut(&self) -> bool {
-        self.0
-            .upgrade()
-            .is_some_and(|socket| socket.shutdown(Shutdown::Both).is_ok())
-    }
-}
-
-/// When a session's heartbeat last ran, shared by the session (which ticks it) and the gate
-/// (which reads it).
-#[derive(Debug)]
-pub struct Liveness {
-    since: Instant,
-    ticked_ms: AtomicU64,
-}
-
-impl Default for Liveness {
-    fn default() -> Self {
-        Liveness {
-            since: Instant::now(),
-            ticked_ms: AtomicU64::new(0),
-        }
-    }
-}
-
-impl Liveness {
-    pub fn tick(&self) {
-        let now = self.since.elapsed().as_millis();
-        self.ticked_ms
-            .store(u64::try_from(now).unwrap_or(u64::MAX), Ordering::Relaxed);
-    }
-
-    pub fn stalled_for(&self) -> Duration {
-        let ticked = Duration::from_millis(self.ticked_ms.load(Ordering::Relaxed));
-        self.since.elapsed().saturating_sub(ticked)
-    }
-}
-
-/// What the gate watches of a session.
-#[derive(Debug, Clone)]
-pub struct Watch {
-    pub alive: Arc<Liveness>,
-    pub kill: KillSwitch,
 }
 
 /// Upgrade handler → Gate: replies true (and counts the connection) when `ip` is under its limit.
@@ -124,7 +58,6 @@ pub struct Admit {
 pub struct Register {
     pub session: SessionId,
     pub drain: Recipient<Drain>,
-    pub watch: Watch,
 }
 
 /// Session → Gate, when it stops; frees the IP slot taken by [`Admit`].
@@ -263,8 +196,6 @@ pub struct Gate {
 
 struct Registered {
     drain: Recipient<Drain>,
-    watch: Watch,
-    cut: bool,
 }
 
 impl Gate {
@@ -302,25 +233,6 @@ impl Gate {
             .unwrap_or(0)
     }
 
-    /// Cuts off the sessions whose heartbeat has not run for `stalled_after`.
-    fn watch(&mut self) {
-        let stalled_after = self.settings.stalled_after;
-        for (id, session) in &mut self.sessions {
-            let stalled = session.watch.alive.stalled_for();
-            if session.cut || stalled < stalled_after {
-                continue;
-            }
-            session.cut = true;
-            if session.watch.kill.cut() {
-                log::warn!(
-                    "session {}: cut off: it has not run for {:.1} s (its client reads nothing)",
-                    id.0,
-                    stalled.as_secs_f64()
-                );
-            }
-        }
-    }
-
     fn recent(window: &mut VecDeque<Instant>, span: Duration) -> usize {
         while window.front().is_some_and(|t| t.elapsed() > span) {
             window.pop_front();
@@ -345,7 +257,6 @@ impl Actor for Gate {
             gate.registrations_by_ip
                 .forget_full(gate.settings.registrations_per_ip, Instant::now());
         });
-        ctx.run_interval(self.settings.watch_interval, |gate, _| gate.watch());
     }
 }
 
@@ -375,11 +286,7 @@ impl Handler<Register> for Gate {
         if self.draining {
             msg.drain.do_send(Drain);
         }
-        let registered = Registered {
-            drain: msg.drain,
-            watch: msg.watch,
-            cut: false,
-        };
+        let registered = Registered { drain: msg.drain };
         self.sessions.insert(msg.session, registered);
     }
 }

@@ -18,6 +18,7 @@
 
 mod auth;
 pub mod guard;
+mod hearing;
 pub mod joins;
 mod messages;
 pub mod phase;

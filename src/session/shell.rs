@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::guard::{FrameGuard, Inbound, Piece};
+use super::hearing::{Heard, Hearing};
 use super::joins::Joins;
 use super::phase::{farewell, Ending, Farewell, Phase};
 use super::pipeline::Pipeline;
 use super::socket::{self, Close, OutboundMeter, WsContext};
 use super::{Services, SessionSettings};
 use crate::actors::directory::{OpenRoom, Park, TokenRevoked, Untrack, Yield};
-use crate::actors::gate::{Drain, KillSwitch, Liveness, Register, Unregister, Watch};
+use crate::actors::gate::{Drain, Register, Unregister};
 use crate::actors::presence::SessionClosed;
 use crate::actors::room::{Deliver, Detach, Leave, Room};
 use crate::ids::SessionId;
@@ -37,8 +38,6 @@ pub struct Peer {
     pub addr: String,
     /// For the per-IP limits.
     pub ip: Option<IpAddr>,
-    /// Ends the connection from outside the session (see [`crate::actors::gate`]).
-    pub kill: KillSwitch,
 }
 
 pub struct Session {
@@ -49,9 +48,7 @@ pub struct Session {
     pub(super) pipeline: Pipeline<Incoming>,
     pub(super) joins: Joins<Addr<Room>>,
     outbound: OutboundMeter,
-    last_heard: Instant,
-    /// Ticked by the heartbeat, watched by the gate.
-    alive: Arc<Liveness>,
+    hearing: Hearing,
     pub(super) services: Services,
     pub(super) settings: Arc<SessionSettings>,
 }
@@ -73,8 +70,7 @@ impl Session {
             pipeline: Pipeline::new(settings.max_waiting_requests, settings.max_waiting_bytes),
             joins: Joins::default(),
             outbound,
-            last_heard: now,
-            alive: Arc::default(),
+            hearing: Hearing::new(now),
             services,
             settings,
         }
@@ -84,7 +80,7 @@ impl Session {
 
     /// Any frame arrived (pongs included): the client is alive.
     pub fn on_activity(&mut self) {
-        self.last_heard = Instant::now();
+        self.hearing.frame(Instant::now());
     }
 
     pub fn on_text(&mut self, text: &str, ctx: &mut WsContext) {
@@ -232,12 +228,17 @@ impl Session {
     }
 
     fn heartbeat(&mut self, ctx: &mut WsContext) {
-        self.alive.tick();
-        if self.last_heard.elapsed() > self.settings.client_timeout {
-            let text = "heartbeat timeout";
-            self.shut(ctx, Ending::Dropped, text, Close::Normal, text);
-        } else {
-            socket::ping(ctx, &self.outbound);
+        let heard = self.hearing.tick(
+            Instant::now(),
+            self.settings.ping_interval,
+            self.settings.client_timeout,
+        );
+        match heard {
+            Heard::Silent => {
+                let text = "heartbeat timeout";
+                self.shut(ctx, Ending::Dropped, text, Close::Normal, text);
+            }
+            Heard::NotYetRead | Heard::Recently => socket::ping(ctx, &self.outbound),
         }
     }
 
@@ -296,14 +297,9 @@ impl Actor for Session {
             self.id.0,
             self.peer.addr
         );
-        self.alive.tick();
         self.services.gate.do_send(Register {
             session: self.id,
             drain: ctx.address().recipient(),
-            watch: Watch {
-                alive: self.alive.clone(),
-                kill: self.peer.kill.clone(),
-            },
         });
         socket::set_mailbox_capacity(ctx, self.settings.outbound_queue);
         ctx.run_interval(self.settings.ping_interval, Session::heartbeat);

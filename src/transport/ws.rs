@@ -1,8 +1,8 @@
 //! The WebSocket transport: the `GET /ws` upgrade (the Origin check, the per-IP admission),
 //! the frame stream of a [`Session`], the response body that meters what the socket takes
-//! from it, and [`on_connect`], which keeps a duplicate of each connection's socket so that
-//! the gate can cut it off. Owns the transport's shared state ([`Transport`]). Calls the gate (to admit) and the
-//! session's `on_*` methods; the session never calls back into it.
+//! from it, and [`on_connect`], which bounds how long a connection may leave the server's
+//! bytes unread. Owns the transport's shared state ([`Transport`]). Calls the gate (to admit)
+//! and the session's `on_*` methods; the session never calls back into it.
 
 use actix::{Addr, StreamHandler};
 use actix_http::ws::Item;
@@ -13,13 +13,13 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use std::any::Any;
 use std::net::IpAddr;
-use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use super::address::{limit_key, TrustedProxies};
-use crate::actors::gate::{Admit, Gate, KillSwitch, Release};
+use crate::actors::gate::{Admit, Gate, Release};
 use crate::ids::SessionIds;
 use crate::session::guard::Piece;
 use crate::session::socket::{OutboundMeter, WsContext};
@@ -60,13 +60,13 @@ impl MessageBody for MeteredBody {
     }
 }
 
-/// A duplicate of a connection's socket, kept in the connection's data for as long as the
-/// connection lives.
-struct ConnectionSocket(Arc<std::net::TcpStream>);
-
-/// Called for every new connection (TLS or plain): keeps a duplicate of its socket, from
-/// which the upgrade makes the session's [`KillSwitch`].
-pub fn on_connect(connection: &dyn Any, data: &mut actix_web::dev::Extensions) {
+/// Called for every new connection (TLS or plain). A client that stops reading stops the
+/// connection's writes, and with them its session actor (actix runs a WebSocket actor as the
+/// response body, polled only while the socket takes bytes), timers and all: no heartbeat can
+/// fire. The kernel ends such a connection instead: with TCP_USER_TIMEOUT, data the client
+/// leaves unacknowledged (its window closed) for `unread_limit` aborts the connection, whose
+/// session then stops as for any lost connection.
+pub fn on_connect(connection: &dyn Any, unread_limit: Duration) {
     type Tls = actix_tls::accept::openssl::TlsStream<actix_web::rt::net::TcpStream>;
     let tcp = match connection.downcast_ref::<Tls>() {
         Some(tls) => tls.get_ref(),
@@ -75,11 +75,8 @@ pub fn on_connect(connection: &dyn Any, data: &mut actix_web::dev::Extensions) {
             None => return,
         },
     };
-    match tcp.as_fd().try_clone_to_owned() {
-        Ok(fd) => {
-            data.insert(ConnectionSocket(Arc::new(std::net::TcpStream::from(fd))));
-        }
-        Err(e) => log::warn!("could not keep a handle on a new connection's socket: {e}"),
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(unread_limit)) {
+        log::warn!("could not bound a new connection's unread data (TCP_USER_TIMEOUT): {e}");
     }
 }
 
@@ -163,14 +160,7 @@ pub async fn upgrade(
     let meter = OutboundMeter::default();
     let session = Session::new(
         state.ids.next(),
-        Peer {
-            addr: peer,
-            ip,
-            kill: req
-                .conn_data::<ConnectionSocket>()
-                .map(|socket| KillSwitch::of(&socket.0))
-                .unwrap_or_default(),
-        },
+        Peer { addr: peer, ip },
         meter.clone(),
         state.services.clone(),
         state.sessions.clone(),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::meter::{
     histogram, member_loop, micros, shared, summary, verdict, Meter, SendPlan, Shared,
 };
-use crate::peer::{all, bounded, settle, Bench, Peer};
+use crate::peer::{all, login_all, settle, Bench, Peer};
 use crate::report::Report;
 use crate::FanoutArgs;
 
@@ -19,8 +19,7 @@ type LastDelivery = Shared<HashMap<i64, Duration>>;
 
 pub async fn run(bench: &Bench, args: &FanoutArgs, report: &mut Report) -> Result<(), String> {
     let room = bench.room(0)?;
-    let peers = bounded(args.members, 100, |i| bench.login(i)).await;
-    let mut peers: Vec<Peer> = peers.into_iter().collect::<Result<_, _>>()?;
+    let mut peers = login_all(bench, args.members, 100).await?;
     peers[0].create_room(&room).await?;
     let meter = shared(Meter::new());
     let senders = args.senders.clamp(1, args.members);

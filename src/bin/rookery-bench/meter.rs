@@ -86,7 +86,10 @@ pub async fn join_each(
     meter: &Shared<Meter>,
     room_of: impl Fn(usize) -> RoomName,
 ) -> Result<(), String> {
-    for (i, peer) in peers.iter_mut().enumerate() {
+    let mut tended = Instant::now();
+    for i in 0..peers.len() {
+        crate::peer::tend_every(&mut peers[..i], &mut tended).await;
+        let peer = &mut peers[i];
         let room = room_of(i);
         let reply = peer.join(&room).await?;
         let last = Seq(reply["room"]["last_seq"].as_i64().unwrap_or(0));

@@ -233,6 +233,43 @@ where
         .await
 }
 
+/// How often set-up answers the pings of the connections it has already opened.
+const TEND_EVERY: Duration = Duration::from_secs(2);
+
+/// Logs in `count` new users, `limit` at a time. While the rest are set up, the connections
+/// already open are tended (see [`tend`]): set-up of thousands takes longer than the server's
+/// heartbeat timeout, and a connection that nobody reads never answers a ping.
+pub async fn login_all(bench: &Bench, count: usize, limit: usize) -> Result<Vec<Peer>, String> {
+    use futures_util::stream::{self, StreamExt};
+    let mut logins = stream::iter((0..count).map(|i| bench.login(i))).buffered(limit.max(1));
+    let mut peers = Vec::with_capacity(count);
+    let mut tended = Instant::now();
+    while let Some(peer) = logins.next().await {
+        peers.push(peer?);
+        if tended.elapsed() >= TEND_EVERY {
+            tend(&mut peers).await;
+            tended = Instant::now();
+        }
+    }
+    Ok(peers)
+}
+
+/// Reads what has already arrived on each connection, answering pings and dropping events
+/// (set-up sends no messages, so nothing the meter counts is lost).
+pub async fn tend(peers: &mut [Peer]) {
+    for peer in peers {
+        while peer.conn.recv_within(Duration::ZERO).await.is_ok() {}
+    }
+}
+
+/// Tends `peers` when `TEND_EVERY` has passed since `last`; for set-up loops.
+pub async fn tend_every(peers: &mut [Peer], last: &mut Instant) {
+    if last.elapsed() >= TEND_EVERY {
+        tend(peers).await;
+        *last = Instant::now();
+    }
+}
+
 /// Reads every stored message of `room` through `history`, for the checker.
 pub async fn stored_history(
     peer: &mut Peer,

@@ -3,6 +3,7 @@
 //! how fast they are all back, and the checker says whether any message was lost on the way.
 //! Calls `peer` and `meter`.
 
+use rookery::client::Backoff;
 use rookery::ids::Seq;
 use rookery::protocol::{Request, RoomName};
 use serde_json::json;
@@ -10,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::meter::{join_each, member_loop, micros, shared, verdict, Meter, SendPlan, Shared};
-use crate::peer::{all, bounded, Bench, Peer};
+use crate::peer::{all, login_all, Bench, Peer};
 use crate::report::Report;
 use crate::ReconnectArgs;
 
@@ -29,15 +30,22 @@ struct Comeback {
     failures: BTreeMap<String, u64>,
     /// Clients whose resume restored their rooms.
     restored: u64,
+    /// Attempts that failed and were retried after a backoff, by reason.
+    retried: BTreeMap<String, u64>,
 }
+
+/// A client retries coming back for this long, waiting a jittered, exponentially growing
+/// time between attempts, as a real client would.
+const COME_BACK_FOR: Duration = Duration::from_secs(60);
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const LONGEST_RETRY: Duration = Duration::from_secs(3);
 
 pub async fn run(bench: &Bench, args: &ReconnectArgs, report: &mut Report) -> Result<(), String> {
     let rooms: Vec<RoomName> = (0..args.rooms)
         .map(|r| bench.room(r))
         .collect::<Result<_, _>>()?;
     let total = args.clients + args.senders;
-    let peers = bounded(total, args.concurrency, |i| bench.login(i)).await;
-    let mut peers: Vec<Peer> = peers.into_iter().collect::<Result<_, _>>()?;
+    let mut peers = login_all(bench, total, args.concurrency).await?;
     for room in &rooms {
         peers[0].create_room(room).await?;
     }
@@ -93,7 +101,17 @@ async fn client(
     // Listen until the drop, then cut the TCP connection without a close frame.
     listen(bench, peer, room, meter, phases.drop_at).await;
     let dropped = Instant::now();
-    match come_back(bench, peer, room, meter).await {
+    let mut backoff = Backoff::new(FIRST_RETRY, LONGEST_RETRY);
+    let outcome = loop {
+        match come_back(bench, peer, room, meter).await {
+            Err(e) if dropped.elapsed() < COME_BACK_FOR => {
+                *comeback.borrow_mut().retried.entry(reason(&e)).or_default() += 1;
+                tokio::time::sleep(backoff.next_wait()).await;
+            }
+            done => break done,
+        }
+    };
+    match outcome {
         Ok(restored) => {
             {
                 let mut tally = comeback.borrow_mut();
@@ -105,7 +123,24 @@ async fn client(
             let until = phases.send_until + Duration::from_secs(2);
             listen(bench, peer, room, meter, until).await;
         }
-        Err(e) => *comeback.borrow_mut().failures.entry(e).or_default() += 1,
+        Err(e) => {
+            *comeback
+                .borrow_mut()
+                .failures
+                .entry(reason(&e))
+                .or_default() += 1
+        }
+    }
+}
+
+/// A failure's kind, for the tally (an error reply's code, or the client's error).
+fn reason(error: &str) -> String {
+    match error.split_once("\"code\":\"") {
+        Some((kind, rest)) => {
+            let code = rest.split('"').next().unwrap_or("");
+            format!("{} {code}", kind.split(':').next().unwrap_or("").trim())
+        }
+        None => error.chars().take(80).collect(),
     }
 }
 
@@ -196,6 +231,7 @@ fn set_figures(report: &mut Report, args: &ReconnectArgs, comeback: &Comeback, m
     report.set("resumed_with_rooms", comeback.restored);
     report.set("all_back_seconds", all_back.as_secs_f64());
     report.set("failures", json!(comeback.failures));
+    report.set("retried", json!(comeback.retried));
     report.set("acked", m.acked);
     report.set("errors", json!(m.errors));
 }

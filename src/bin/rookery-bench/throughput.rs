@@ -7,7 +7,7 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 
 use crate::meter::{join_each, member_loop, shared, summary, verdict, Meter, SendPlan};
-use crate::peer::{all, bounded, settle, Bench, Peer};
+use crate::peer::{all, login_all, settle, Bench};
 use crate::report::Report;
 use crate::ThroughputArgs;
 
@@ -16,8 +16,7 @@ pub async fn run(bench: &Bench, args: &ThroughputArgs, report: &mut Report) -> R
         .map(|r| bench.room(r))
         .collect::<Result<_, _>>()?;
     let total = args.rooms * args.members;
-    let peers = bounded(total, 100, |i| bench.login(i)).await;
-    let mut peers: Vec<Peer> = peers.into_iter().collect::<Result<_, _>>()?;
+    let mut peers = login_all(bench, total, 100).await?;
     for (r, room) in rooms.iter().enumerate() {
         peers[r * args.members].create_room(room).await?;
     }
