@@ -113,7 +113,10 @@ fn http_client(options: &ConnectOptions) -> Result<awc::Client, ClientError> {
     let mut connector = awc::Connector::new()
         .limit(0)
         .openssl(ssl.build())
-        .timeout(options.timeout.unwrap_or(Duration::from_secs(10)));
+        .timeout(options.timeout.unwrap_or(Duration::from_secs(10)))
+        // A server letting a reconnect storm in queues handshakes: wait as long as for the
+        // TCP connection, not awc's 5 s.
+        .handshake_timeout(options.timeout.unwrap_or(Duration::from_secs(10)));
     if let Some(addr) = options.local_address {
         connector = connector.local_address(addr);
     }

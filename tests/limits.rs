@@ -729,6 +729,28 @@ async fn failed_resumes_are_limited_per_address() {
         .await;
 }
 
+/// A crowd behind one address (an office's NAT after a network blip) resumes at once: resumes
+/// in flight are not failures, so all of them succeed however low the failure limit.
+#[actix_rt::test]
+async fn a_crowd_behind_one_address_resumes_at_once() {
+    let server = TestServer::start_with(|c| c.auth.failed_resumes_per_ip = 2).await;
+    let mut tokens = Vec::new();
+    for i in 0..12 {
+        tokens.push(server.user(&format!("user{i}")).await.token.unwrap());
+    }
+    let mut crowd = Vec::new();
+    for _ in &tokens {
+        crowd.push(server.connect().await);
+    }
+    for (c, token) in crowd.iter_mut().zip(&tokens) {
+        c.send_request("r", &req::resume(token)).await;
+    }
+    for c in &mut crowd {
+        let reply = c.reply_to(&json!("r")).await;
+        assert_eq!(reply["type"], "ok", "{reply}");
+    }
+}
+
 /// Regression (hardening 4): registrations are limited per address by a token bucket, and a
 /// registration refused because the name is taken counts as a failed login of the address.
 #[actix_rt::test]

@@ -10,7 +10,8 @@
 //!   slot.
 //! - [`LoginAllowed`] / [`LoginFinished`] (Session, around `login`; the latter always, through
 //!   a [`LoginAttempt`] guard).
-//! - [`ResumeAllowed`] / [`ResumeSucceeded`] (Session, around `resume`'s token look-up).
+//! - [`ResumeAllowed`] / [`ResumeFailed`] (Session, around `resume`'s token look-up; the
+//!   latter through a [`ResumeAttempt`] guard).
 //! - [`RegisterAllowed`] / [`RegisterFailed`] (Session, around `register`).
 //! - [`Release`] (upgrade handler): a counted connection that never became a session.
 //! - [`DrainAll`] (server, on SIGTERM/SIGINT): tell every session to finish and close with
@@ -131,19 +132,55 @@ impl Drop for LoginAttempt {
 }
 
 /// Session → Gate: may this `resume` look its token up? False while the IP has too many
-/// recent failed resumes. An allowed attempt counts as failed until [`ResumeSucceeded`], so
-/// one whose connection goes away first still counts.
+/// recent failed resumes. Attempts in flight do not count against the address (a whole office
+/// behind one NAT reconnects at once); see [`ResumeAttempt`].
 #[derive(Debug, Message)]
 #[rtype(result = "bool")]
 pub struct ResumeAllowed {
     pub ip: Option<IpAddr>,
 }
 
-/// Session → Gate: the token of an allowed `resume` was valid.
+/// Session → Gate: an allowed resume failed (an unknown, expired or revoked token), or was
+/// abandoned before its answer.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct ResumeSucceeded {
+pub struct ResumeFailed {
     pub ip: Option<IpAddr>,
+}
+
+/// An allowed resume, reported to the gate whatever happens to its connection: dropped
+/// unfinished (the client went away while its token was being looked up), it counts as
+/// failed, so aborting cannot be used to guess without being counted.
+pub struct ResumeAttempt {
+    gate: Addr<Gate>,
+    ip: Option<IpAddr>,
+    finished: bool,
+}
+
+impl ResumeAttempt {
+    pub fn new(gate: Addr<Gate>, ip: Option<IpAddr>) -> Self {
+        ResumeAttempt {
+            gate,
+            ip,
+            finished: false,
+        }
+    }
+
+    /// `failed`: the token was refused (not an error of the server's).
+    pub fn finish(mut self, failed: bool) {
+        self.finished = true;
+        if failed {
+            self.gate.do_send(ResumeFailed { ip: self.ip });
+        }
+    }
+}
+
+impl Drop for ResumeAttempt {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.gate.do_send(ResumeFailed { ip: self.ip });
+        }
+    }
 }
 
 /// Session → Gate: may this `register` hash its password? False when the IP is over its
@@ -376,27 +413,21 @@ impl Handler<ResumeAllowed> for Gate {
             return true;
         };
         let span = self.settings.failed_login_window;
-        let window = self.resumes_by_ip.entry(ip).or_default();
-        if Gate::recent(window, span) >= self.settings.failed_resumes_per_ip {
-            return false;
-        }
-        window.push_back(Instant::now());
-        true
+        self.resumes_by_ip
+            .get_mut(&ip)
+            .is_none_or(|window| Gate::recent(window, span) < self.settings.failed_resumes_per_ip)
     }
 }
 
-impl Handler<ResumeSucceeded> for Gate {
+impl Handler<ResumeFailed> for Gate {
     type Result = ();
 
-    fn handle(&mut self, msg: ResumeSucceeded, _: &mut Context<Self>) {
-        let Some(ip) = msg.ip else {
-            return;
-        };
-        if let Some(window) = self.resumes_by_ip.get_mut(&ip) {
-            window.pop_back();
-            if window.is_empty() {
-                self.resumes_by_ip.remove(&ip);
-            }
+    fn handle(&mut self, msg: ResumeFailed, _: &mut Context<Self>) {
+        if let Some(ip) = msg.ip {
+            self.resumes_by_ip
+                .entry(ip)
+                .or_default()
+                .push_back(Instant::now());
         }
     }
 }

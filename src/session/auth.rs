@@ -16,7 +16,7 @@ use crate::actors::db::{
 };
 use crate::actors::directory::{Directory, Parked, Reclaim, Revoked};
 use crate::actors::gate::{
-    LoginAllowed, LoginAttempt, RegisterAllowed, RegisterFailed, ResumeAllowed, ResumeSucceeded,
+    LoginAllowed, LoginAttempt, RegisterAllowed, RegisterFailed, ResumeAllowed, ResumeAttempt,
 };
 use crate::actors::room::{Deliver, Join, Joined, Room};
 use crate::error::{AuthError, Error, StoreError};
@@ -268,12 +268,27 @@ async fn look_up_token(
     if !services.gate.send(ResumeAllowed { ip }).await? {
         return Err(AuthError::TooManyFailedResumes.into());
     }
-    let (user, expires_at) = services
-        .db
-        .send(ResumeToken { hash: hash.clone() })
-        .await??
-        .ok_or(AuthError::InvalidToken)?;
-    services.gate.do_send(ResumeSucceeded { ip });
+    let attempt = ResumeAttempt::new(services.gate.clone(), ip);
+    let found = services.db.send(ResumeToken { hash: hash.clone() }).await;
+    let (user, expires_at) = match found {
+        Ok(Ok(Some(found))) => {
+            attempt.finish(false);
+            found
+        }
+        Ok(Ok(None)) => {
+            attempt.finish(true);
+            return Err(AuthError::InvalidToken.into());
+        }
+        // The server's trouble, not a guess.
+        Ok(Err(e)) => {
+            attempt.finish(false);
+            return Err(e.into());
+        }
+        Err(e) => {
+            attempt.finish(false);
+            return Err(e.into());
+        }
+    };
     let parked = services.directory.send(Reclaim { token: hash }).await?;
     Ok((user, expires_at, parked))
 }
