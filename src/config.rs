@@ -91,6 +91,9 @@ pub struct ServerConfig {
     /// TLS handshakes in progress at once across the workers; further connections wait in
     /// the backlog.
     pub max_concurrent_handshakes: usize,
+    /// Connections of one client address still in the TLS or HTTP handshake; more are closed
+    /// at once.
+    pub max_handshakes_per_ip: usize,
     /// Time to receive request headers.
     pub request_timeout_ms: u64,
     /// Time to complete a TLS handshake.

@@ -5,7 +5,7 @@
 //! command line.
 
 use actix::prelude::*;
-use actix_web::{http::header, middleware, web, App, HttpResponse, HttpServer};
+use actix_web::{http::header, middleware, web, App, HttpResponse};
 use std::future::Future;
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -29,6 +29,7 @@ use crate::session::guard::GuardSettings;
 use crate::session::{Services, SessionSettings};
 use crate::store::{self, PgPool};
 use crate::transport::address::TrustedProxies;
+use crate::transport::listen::{self, ListenSettings};
 use crate::transport::ws::{self as transport, Transport};
 
 /// Everything the server needs that takes blocking work to get.
@@ -176,45 +177,26 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
         sessions: Arc::new(session_settings(&config)),
         allowed_origins: transport::parse_origins(&config.server.allowed_origins),
         trusted_proxies,
+        tls: tls.is_some(),
         ids: SessionIds::default(),
     });
     let tls_on = tls.is_some();
-    let mut server = HttpServer::new(move || {
+    let addr = listener.local_addr()?;
+    let app = move || {
         App::new()
             .app_data(transport.clone())
             .wrap(security_headers(tls_on))
             .route("/ws", web::get().to(transport::upgrade))
             .route("/healthz", web::get().to(healthz))
-    })
-    .on_connect({
-        let user_timeout = ms(config.session.client_timeout_ms);
-        move |connection, _| transport::on_connect(connection, user_timeout)
-    })
-    .max_connections(config.server.max_connections_per_worker)
-    .max_connection_rate(handshakes_per_worker(&config))
-    // Small frames must not wait for Nagle's algorithm (40 ms with delayed ACKs).
-    .tcp_nodelay(true)
-    .client_request_timeout(ms(config.server.request_timeout_ms))
-    .client_disconnect_timeout(ms(config.server.disconnect_timeout_ms))
-    .keep_alive(ms(config.server.keep_alive_ms))
-    .shutdown_timeout(config.server.shutdown_timeout_ms.div_ceil(1000))
-    .disable_signals();
-    if config.server.workers > 0 {
-        server = server.workers(config.server.workers);
-    }
-    let addr = listener.local_addr()?;
-    let server = match tls {
-        Some(builder) => server
-            .tls_handshake_timeout(ms(config.server.tls_handshake_timeout_ms))
-            .listen_openssl(listener, builder)?,
-        None => server.listen(listener)?,
     };
+    let tls = tls.map(openssl::ssl::SslAcceptorBuilder::build);
+    let server = listen::serve(listener, tls, &listen_settings(&config), app)?;
     log::info!(
         "listening on {}://{addr}/ws",
         if tls_on { "wss" } else { "ws" }
     );
     Ok(Running {
-        server: server.run(),
+        server,
         gate,
         shutdown_timeout: ms(config.server.shutdown_timeout_ms),
         reloading,
@@ -321,18 +303,20 @@ fn session_settings(config: &Config) -> SessionSettings {
     }
 }
 
-/// Each worker accepts and handshakes connections of its own: the server's bound split
-/// among them.
-fn handshakes_per_worker(config: &Config) -> usize {
-    let workers = match config.server.workers {
-        0 => std::thread::available_parallelism().map_or(1, usize::from),
-        n => n,
-    };
-    config
-        .server
-        .max_concurrent_handshakes
-        .div_ceil(workers)
-        .max(1)
+fn listen_settings(config: &Config) -> ListenSettings {
+    let server = &config.server;
+    ListenSettings {
+        workers: server.workers,
+        max_connections_per_worker: server.max_connections_per_worker,
+        max_concurrent_handshakes: server.max_concurrent_handshakes,
+        max_handshakes_per_ip: server.max_handshakes_per_ip,
+        tls_handshake_timeout: ms(server.tls_handshake_timeout_ms),
+        request_timeout: ms(server.request_timeout_ms),
+        disconnect_timeout: ms(server.disconnect_timeout_ms),
+        keep_alive: ms(server.keep_alive_ms),
+        shutdown_timeout: ms(server.shutdown_timeout_ms),
+        unread_limit: ms(config.session.client_timeout_ms),
+    }
 }
 
 /// Headers on every HTTP response: no sniffing, no framing, no referrer, no caching, no
@@ -399,7 +383,10 @@ fn finished_server(
     }
 }
 
-async fn healthz() -> HttpResponse {
+async fn healthz(req: actix_web::HttpRequest) -> HttpResponse {
+    if let Some(handshake) = req.conn_data::<listen::HandshakeDone>() {
+        handshake.finish();
+    }
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 

@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use super::address::{limit_key, TrustedProxies};
+use super::listen::HandshakeDone;
 use crate::actors::gate::{Admit, Gate, Release};
 use crate::ids::SessionIds;
 use crate::session::guard::Piece;
@@ -32,6 +33,8 @@ pub struct Transport {
     /// Browser origins allowed besides the server's own.
     pub allowed_origins: Vec<url::Origin>,
     pub trusted_proxies: TrustedProxies,
+    /// Whether the listener speaks TLS (the scheme of the server's own origin).
+    pub tls: bool,
     pub ids: SessionIds,
 }
 
@@ -82,8 +85,10 @@ pub fn on_connect(connection: &dyn Any, unread_limit: Duration) {
 
 /// Whether a browser's Origin may open a WebSocket: the server's own origin, or one allowed by
 /// config. Origins match by scheme, host and port (a missing port is the scheme's default), so
-/// neither `http://` for an `https://` page nor another port of the same host passes.
-fn origin_allowed(req: &HttpRequest, allowed: &[url::Origin]) -> bool {
+/// neither `http://` for an `https://` page nor another port of the same host passes. The
+/// server's own origin is the Host it was asked for with its own scheme, or what a trusted
+/// proxy says it forwarded (`Forwarded`, `X-Forwarded-Proto`, `X-Forwarded-Host`).
+fn origin_allowed(req: &HttpRequest, state: &Transport) -> bool {
     let Some(origin) = req.headers().get(header::ORIGIN) else {
         return true; // not a browser
     };
@@ -96,12 +101,23 @@ fn origin_allowed(req: &HttpRequest, allowed: &[url::Origin]) -> bool {
     else {
         return false; // unreadable, or opaque ("null")
     };
-    if allowed.contains(&origin) {
+    if state.allowed_origins.contains(&origin) {
         return true;
     }
+    let via_proxy = req
+        .peer_addr()
+        .is_some_and(|peer| state.trusted_proxies.trusts(peer.ip()));
     let info = req.connection_info();
-    url::Url::parse(&format!("{}://{}", info.scheme(), info.host()))
-        .is_ok_and(|own| own.origin() == origin)
+    let (scheme, host) = if via_proxy {
+        (info.scheme(), info.host())
+    } else {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
+        (if state.tls { "https" } else { "http" }, host.unwrap_or(""))
+    };
+    url::Url::parse(&format!("{scheme}://{host}")).is_ok_and(|own| own.origin() == origin)
 }
 
 /// The configured origins as scheme, host and port (entries that do not parse were refused
@@ -122,7 +138,11 @@ pub async fn upgrade(
     stream: web::Payload,
     state: web::Data<Transport>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    if !origin_allowed(&req, &state.allowed_origins) {
+    // Whatever follows, this connection's handshake is over.
+    if let Some(handshake) = req.conn_data::<HandshakeDone>() {
+        handshake.finish();
+    }
+    if !origin_allowed(&req, &state) {
         log::warn!(
             "refused a WebSocket from origin {:?}",
             req.headers().get(header::ORIGIN)

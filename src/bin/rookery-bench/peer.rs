@@ -4,7 +4,7 @@
 //! Calls only `rookery::client` and the network; records nothing for the checker.
 
 use rookery::checker::StoredMessage;
-use rookery::client::{ClientError, ConnectOptions, Connection, Connector, Incoming};
+use rookery::client::{Backoff, ClientError, ConnectOptions, Connection, Connector, Incoming};
 use rookery::ids::Seq;
 use rookery::protocol::{Request, RoomKind, RoomName, Username};
 use rookery::secret::Secret;
@@ -70,6 +70,20 @@ impl Bench {
         })
     }
 
+    /// Connects, retrying for up to a minute with jittered exponential backoff, as a real
+    /// client does when a busy server drops its connection attempt.
+    pub async fn connect_retrying(&self, name: &str) -> Result<Peer, String> {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(3));
+        loop {
+            match self.connect(name, None).await {
+                Ok(peer) => return Ok(peer),
+                Err(e) if Instant::now() >= give_up => return Err(e.to_string()),
+                Err(_) => tokio::time::sleep(backoff.next_wait()).await,
+            }
+        }
+    }
+
     /// The name of this run's user `i`.
     pub fn username(&self, i: usize) -> Result<Username, String> {
         let name = format!("b{}u{i}", self.run);
@@ -93,10 +107,7 @@ impl Bench {
     /// A new user, registered and logged in.
     pub async fn login(&self, i: usize) -> Result<Peer, String> {
         let username = self.username(i)?;
-        let mut peer = self
-            .connect(username.as_str(), None)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut peer = self.connect_retrying(username.as_str()).await?;
         let register = Request::Register {
             username: username.clone(),
             password: Secret::new(PASSWORD),
