@@ -3,7 +3,7 @@
 //! HTTP/1.1 and hands requests to the app. Built on actix-server and actix-http directly
 //! because actix-web's `HttpServer` has no place to act between accept and TLS, where a
 //! client that opens connections and never finishes their handshakes must be stopped. Calls
-//! nothing of the crate but [`super::ws::on_connect`].
+//! nothing of the crate but the per-address key of [`super::address`].
 
 use actix_http::body::BoxBody;
 use actix_http::{HttpServiceBuilder, Request, Response, TlsAcceptorConfig};
@@ -222,6 +222,26 @@ where
     map_config(app, |_| AppConfig::default())
 }
 
+/// Called for every new connection (TLS or plain). A client that stops reading stops the
+/// connection's writes, and with them its session actor (actix runs a WebSocket actor as the
+/// response body, polled only while the socket takes bytes), timers and all: no heartbeat can
+/// fire. The kernel ends such a connection instead: with TCP_USER_TIMEOUT, data the client
+/// leaves unacknowledged (its window closed) for `unread_limit` aborts the connection, whose
+/// session then stops as for any lost connection.
+fn on_connect(connection: &dyn std::any::Any, unread_limit: Duration) {
+    type Tls = actix_tls::accept::openssl::TlsStream<actix_web::rt::net::TcpStream>;
+    let tcp = match connection.downcast_ref::<Tls>() {
+        Some(tls) => tls.get_ref(),
+        None => match connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            Some(tcp) => tcp,
+            None => return,
+        },
+    };
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(unread_limit)) {
+        log::warn!("could not bound a new connection's unread data (TCP_USER_TIMEOUT): {e}");
+    }
+}
+
 /// What a connection's `on_connect` does once TLS is done: bound how long it may leave data
 /// unread, and move its handshake slot from `pending` into its data (see [`HandshakeDone`]).
 fn took_over(
@@ -229,7 +249,7 @@ fn took_over(
     unread_limit: Duration,
 ) -> impl Fn(&dyn std::any::Any, &TcpStream, &mut Extensions) + Clone {
     move |io, tcp, data| {
-        super::ws::on_connect(io, unread_limit);
+        on_connect(io, unread_limit);
         let slot = tcp
             .peer_addr()
             .ok()

@@ -1,8 +1,7 @@
 //! The WebSocket transport: the `GET /ws` upgrade (the Origin check, the per-IP admission),
-//! the frame stream of a [`Session`], the response body that meters what the socket takes
-//! from it, and [`on_connect`], which bounds how long a connection may leave the server's
-//! bytes unread. Owns the transport's shared state ([`Transport`]). Calls the gate (to admit)
-//! and the session's `on_*` methods; the session never calls back into it.
+//! the frame stream of a [`Session`], and the response body that meters what the socket takes
+//! from it. Owns the transport's shared state ([`Transport`]). Calls the gate (to admit) and
+//! the session's `on_*` methods; the session never calls back into it.
 
 use actix::{Addr, StreamHandler};
 use actix_http::ws::Item;
@@ -11,12 +10,10 @@ use actix_web::http::header;
 use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
-use std::any::Any;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use super::address::{limit_key, TrustedProxies};
 use super::listen::HandshakeDone;
@@ -60,26 +57,6 @@ impl MessageBody for MeteredBody {
             self.meter.taken(bytes.len());
         }
         polled
-    }
-}
-
-/// Called for every new connection (TLS or plain). A client that stops reading stops the
-/// connection's writes, and with them its session actor (actix runs a WebSocket actor as the
-/// response body, polled only while the socket takes bytes), timers and all: no heartbeat can
-/// fire. The kernel ends such a connection instead: with TCP_USER_TIMEOUT, data the client
-/// leaves unacknowledged (its window closed) for `unread_limit` aborts the connection, whose
-/// session then stops as for any lost connection.
-pub fn on_connect(connection: &dyn Any, unread_limit: Duration) {
-    type Tls = actix_tls::accept::openssl::TlsStream<actix_web::rt::net::TcpStream>;
-    let tcp = match connection.downcast_ref::<Tls>() {
-        Some(tls) => tls.get_ref(),
-        None => match connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
-            Some(tcp) => tcp,
-            None => return,
-        },
-    };
-    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(unread_limit)) {
-        log::warn!("could not bound a new connection's unread data (TCP_USER_TIMEOUT): {e}");
     }
 }
 
