@@ -88,7 +88,8 @@ pub async fn join_each(
 ) -> Result<(), String> {
     let mut tended = Instant::now();
     for i in 0..peers.len() {
-        crate::peer::tend_every(&mut peers[..i], &mut tended).await;
+        // Those joined already and those still waiting for their turn alike.
+        crate::peer::tend_every(peers, &mut tended).await;
         let peer = &mut peers[i];
         let room = room_of(i);
         let reply = peer.join(&room).await?;
