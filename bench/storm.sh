@@ -39,7 +39,7 @@ run() { # clients, hog (0/1), run number
     DB=
 }
 for clients in ${CLIENTS:-5000 10000}; do
-    for hog in 0 1; do
-        for i in 1 2 3; do run "$clients" "$hog" "$i"; done
+    for hog in ${HOGS:-0 1}; do
+        for i in $(seq 1 "${RUNS:-3}"); do run "$clients" "$hog" "$i"; done
     done
 done

@@ -59,7 +59,8 @@ pub enum Incoming {
 
 /// One WebSocket connection speaking the protocol.
 pub struct Connection {
-    framed: Framed<BoxedSocket, ws::Codec>,
+    /// None once [`Connection::abandon`]ed.
+    framed: Option<Framed<BoxedSocket, ws::Codec>>,
 }
 
 /// The text frame of `request` with `id`: `{"id": id, "type": ..., ...fields}`.
@@ -100,7 +101,9 @@ impl Connector {
             }
             other => ClientError::Connect(other.to_string()),
         })?;
-        Ok(Connection { framed })
+        Ok(Connection {
+            framed: Some(framed),
+        })
     }
 }
 
@@ -132,11 +135,25 @@ impl Connection {
         Connector::new(options)?.connect(url).await
     }
 
-    pub async fn send_text(&mut self, text: String) -> Result<(), ClientError> {
-        self.framed
-            .send(ws::Message::Text(text.into()))
+    /// Drops the socket without a close frame, as a network loss would; the connection
+    /// answers `Closed` from then on.
+    pub fn abandon(&mut self) {
+        self.framed = None;
+    }
+
+    fn framed(&mut self) -> Result<&mut Framed<BoxedSocket, ws::Codec>, ClientError> {
+        self.framed.as_mut().ok_or(ClientError::Closed(None))
+    }
+
+    async fn send_message(&mut self, message: ws::Message) -> Result<(), ClientError> {
+        self.framed()?
+            .send(message)
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    pub async fn send_text(&mut self, text: String) -> Result<(), ClientError> {
+        self.send_message(ws::Message::Text(text.into())).await
     }
 
     /// Sends `request` with `id`; the reply carries the same id.
@@ -150,30 +167,25 @@ impl Connection {
     }
 
     pub async fn send_binary(&mut self, data: Vec<u8>) -> Result<(), ClientError> {
-        self.framed
-            .send(ws::Message::Binary(data.into()))
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))
+        self.send_message(ws::Message::Binary(data.into())).await
     }
 
     /// Starts the closing handshake.
     pub async fn send_close(&mut self) -> Result<(), ClientError> {
-        self.framed
-            .send(ws::Message::Close(None))
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))
+        self.send_message(ws::Message::Close(None)).await
     }
 
     /// The next JSON frame from the server, answering pings on the way. A close frame is
     /// `ClientError::Closed` with its code.
     pub async fn recv(&mut self) -> Result<Value, ClientError> {
         loop {
-            match self.framed.next().await {
+            let framed = self.framed()?;
+            match framed.next().await {
                 Some(Ok(Frame::Text(bytes))) => {
                     return serde_json::from_slice(&bytes).map_err(|_| ClientError::NotJson)
                 }
                 Some(Ok(Frame::Ping(data))) => {
-                    let _ = self.framed.send(ws::Message::Pong(data)).await;
+                    let _ = framed.send(ws::Message::Pong(data)).await;
                 }
                 Some(Ok(Frame::Close(reason))) => {
                     return Err(ClientError::Closed(reason.map(|r| u16::from(r.code))))
