@@ -1,7 +1,7 @@
 //! Token buckets, one per key (a user, an IP address): how often someone may do something,
-//! with a burst. Plain data, no clock of its own: callers pass `now`. Used by rooms (the send
-//! rate per user) and the gate (registrations per address, a user's sends and typing across
-//! sessions).
+//! with a burst. Plain data, no clock of its own: callers pass `now`. Used by the frame guard
+//! (requests per connection), rooms (the send rate per user), the gate (registrations per
+//! address) and sessions (a user's sends and typing across its sessions, [`SharedBuckets`]).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -31,10 +31,33 @@ pub struct Buckets<K> {
     buckets: HashMap<K, Bucket>,
 }
 
-#[derive(Debug)]
-struct Bucket {
+/// One token bucket.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
     tokens: f64,
     at: Instant,
+}
+
+impl Bucket {
+    pub fn full(refill: Refill, now: Instant) -> Bucket {
+        Bucket {
+            tokens: refill.burst,
+            at: now,
+        }
+    }
+
+    /// Takes a token; false when over the rate.
+    pub fn take(&mut self, refill: Refill, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * refill.per_second).min(refill.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl<K> Default for Buckets<K> {
@@ -48,19 +71,10 @@ impl<K> Default for Buckets<K> {
 impl<K: Hash + Eq> Buckets<K> {
     /// Takes a token of `key`; false when the key is over its rate.
     pub fn take(&mut self, key: K, refill: Refill, now: Instant) -> bool {
-        let bucket = self.buckets.entry(key).or_insert(Bucket {
-            tokens: refill.burst,
-            at: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * refill.per_second).min(refill.burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.buckets
+            .entry(key)
+            .or_insert_with(|| Bucket::full(refill, now))
+            .take(refill, now)
     }
 
     /// Forgets the buckets that have filled up again (their keys did nothing for a while), so

@@ -398,9 +398,7 @@ impl Handler<LoginFinished> for Gate {
                 .entry(user)
                 .or_default()
                 .push_back(now);
-            if let Some(ip) = msg.ip {
-                self.failures_by_ip.entry(ip).or_default().push_back(now);
-            }
+            count_failure(&mut self.failures_by_ip, msg.ip);
         }
     }
 }
@@ -423,12 +421,7 @@ impl Handler<ResumeFailed> for Gate {
     type Result = ();
 
     fn handle(&mut self, msg: ResumeFailed, _: &mut Context<Self>) {
-        if let Some(ip) = msg.ip {
-            self.resumes_by_ip
-                .entry(ip)
-                .or_default()
-                .push_back(Instant::now());
-        }
+        count_failure(&mut self.resumes_by_ip, msg.ip);
     }
 }
 
@@ -451,12 +444,14 @@ impl Handler<RegisterFailed> for Gate {
     type Result = ();
 
     fn handle(&mut self, msg: RegisterFailed, _: &mut Context<Self>) {
-        if let Some(ip) = msg.ip {
-            self.failures_by_ip
-                .entry(ip)
-                .or_default()
-                .push_back(Instant::now());
-        }
+        count_failure(&mut self.failures_by_ip, msg.ip);
+    }
+}
+
+/// Adds a failure now to the window of `ip`.
+fn count_failure(windows: &mut HashMap<IpAddr, VecDeque<Instant>>, ip: Option<IpAddr>) {
+    if let Some(ip) = ip {
+        windows.entry(ip).or_default().push_back(Instant::now());
     }
 }
 

@@ -7,6 +7,8 @@ use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::rate::{Bucket, Refill};
+
 /// The guard's limits, from config.
 #[derive(Debug, Clone)]
 pub struct GuardSettings {
@@ -17,6 +19,12 @@ pub struct GuardSettings {
     pub bad_frame_window: Duration,
     pub requests_per_second: u32,
     pub request_burst: u32,
+}
+
+impl GuardSettings {
+    fn request_refill(&self) -> Refill {
+        Refill::new(self.requests_per_second, 1, self.request_burst)
+    }
 }
 
 /// What a frame amounts to.
@@ -54,9 +62,8 @@ pub struct FrameGuard {
     settings: GuardSettings,
     fragments: Option<Fragments>,
     bad_frames: VecDeque<Instant>,
-    /// Request tokens left; refilled at `requests_per_second` up to the burst.
-    tokens: f64,
-    refilled_at: Instant,
+    /// Request tokens, refilled at `requests_per_second` up to the burst.
+    requests: Bucket,
 }
 
 pub const BINARY_REFUSED: &str = "binary frames are not accepted; send JSON text frames";
@@ -64,11 +71,10 @@ pub const BINARY_REFUSED: &str = "binary frames are not accepted; send JSON text
 impl FrameGuard {
     pub fn new(settings: GuardSettings, now: Instant) -> Self {
         FrameGuard {
-            tokens: f64::from(settings.request_burst),
+            requests: Bucket::full(settings.request_refill(), now),
             settings,
             fragments: None,
             bad_frames: VecDeque::new(),
-            refilled_at: now,
         }
     }
 
@@ -140,18 +146,7 @@ impl FrameGuard {
 
     /// Takes one request token; false when the connection is over its rate.
     pub fn take_token(&mut self, now: Instant) -> bool {
-        let rate = f64::from(self.settings.requests_per_second);
-        let elapsed = now
-            .saturating_duration_since(self.refilled_at)
-            .as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(f64::from(self.settings.request_burst));
-        self.refilled_at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.requests.take(self.settings.request_refill(), now)
     }
 }
 
