@@ -145,13 +145,31 @@ impl History {
 
     /// `client` received message `seq` of `room` (live or as recovery).
     pub fn received(&mut self, client: &str, room: &str, seq: Seq) {
-        self.clients
-            .entry(client.to_string())
-            .or_default()
-            .received
-            .entry(room.to_string())
-            .or_default()
-            .push(seq);
+        // Called for every delivery of a load run: allocate the names only the first time.
+        if !self.clients.contains_key(client) {
+            self.clients
+                .insert(client.to_string(), ClientLog::default());
+        }
+        let Some(log) = self.clients.get_mut(client) else {
+            return;
+        };
+        match log.received.get_mut(room) {
+            Some(seqs) => seqs.push(seq),
+            None => {
+                log.received.insert(room.to_string(), vec![seq]);
+            }
+        }
+    }
+
+    /// Where `client` resumes `room` from after a reconnect (`join {after}`): the highest seq
+    /// it received or was covered from, 0 when it has neither.
+    pub fn resume_point(&self, client: &str, room: &str) -> Seq {
+        let Some(log) = self.clients.get(client) else {
+            return Seq(0);
+        };
+        let received = log.received.get(room).into_iter().flatten().copied();
+        let covered = log.covered.get(room).into_iter().flatten().map(|c| c.0);
+        received.chain(covered).max().unwrap_or(Seq(0))
     }
 
     /// `client` claims to have received every message of `room` with seq > `after`

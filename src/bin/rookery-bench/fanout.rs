@@ -56,11 +56,7 @@ pub async fn run(bench: &Bench, args: &FanoutArgs, report: &mut Report) -> Resul
         let room = room.clone();
         async move { listener(bench, peer, &room, &meter, &last_delivery, expected).await }
     });
-    tokio::task::unconstrained(futures_util::future::join(
-        all(send_loops),
-        all(listen_loops),
-    ))
-    .await;
+    futures_util::future::join(all(send_loops), all(listen_loops)).await;
     let elapsed = started.elapsed().as_secs_f64();
     set_figures(report, &meter.borrow(), &last_delivery.borrow(), elapsed);
     report.verdict = Some(verdict(&mut peers[0], std::iter::once(room), &meter).await?);

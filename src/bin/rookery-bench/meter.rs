@@ -61,8 +61,6 @@ pub struct Meter {
     pub delivered: u64,
     pub errors: BTreeMap<String, u64>,
     pub history: History,
-    /// Per (member, room): the last seq it received, where a reconnect resumes from.
-    pub last_seq: HashMap<(String, String), i64>,
 }
 
 impl Meter {
@@ -74,7 +72,6 @@ impl Meter {
             delivered: 0,
             errors: BTreeMap::new(),
             history: History::new(),
-            last_seq: HashMap::new(),
         }
     }
 }
@@ -96,8 +93,6 @@ pub async fn join_each(
         let last = Seq(reply["room"]["last_seq"].as_i64().unwrap_or(0));
         let mut m = meter.borrow_mut();
         m.history.covers(&peer.name, room.as_str(), last, None);
-        m.last_seq
-            .insert((peer.name.clone(), room.into_string()), last.0);
     }
     Ok(())
 }
@@ -295,8 +290,6 @@ fn record(
             }
             let seq = event["seq"].as_i64().unwrap_or(0);
             m.history.received(member, room, Seq(seq));
-            m.last_seq
-                .insert((member.to_string(), room.to_string()), seq);
         }
         Incoming::Event(_) => {}
     }

@@ -241,12 +241,9 @@ pub async fn settle(peers: &mut [Peer]) {
     .await;
 }
 
-/// Runs `futures` together in this task, outside tokio's cooperative budget. One task polls
-/// thousands of connections here; with the budget, once it was spent every further socket
-/// read answered Pending and re-woke itself, and the task spun through all its connections
-/// without reading them (so pongs went out late and the server cut the connections).
+/// Runs `futures` together in this task.
 pub async fn all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) -> Vec<F::Output> {
-    tokio::task::unconstrained(futures_util::future::join_all(futures)).await
+    futures_util::future::join_all(futures).await
 }
 
 /// Runs `count` futures made by `make`, at most `limit` at a time, collecting results in order.
