@@ -7,12 +7,15 @@ use actix_codec::Framed;
 use awc::ws::{self, Frame};
 use awc::BoxedSocket;
 use futures_util::{SinkExt, StreamExt};
-use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
+use openssl::ssl::{SslConnector, SslConnectorBuilder, SslMethod, SslVerifyMode};
 use openssl::x509::store::X509StoreBuilder;
 use serde_json::Value;
+use std::cell::OnceCell;
 use std::net::IpAddr;
+use std::rc::Rc;
 use std::time::Duration;
 
+use crate::client_tls::ResumingTls;
 use crate::protocol::{Request, RequestFrame};
 
 /// Why a client operation failed.
@@ -70,24 +73,64 @@ pub fn request_frame(id: &str, request: &Request) -> String {
 }
 
 /// Opens connections with one set of options. Build it once and reuse it: setting up TLS
-/// (loading the trust store) costs far more than a connection.
+/// (loading the trust store) costs far more than a connection, and a `wss` connection resumes
+/// the TLS session of the connector's last one to the same server.
 #[derive(Clone)]
 pub struct Connector {
-    client: awc::Client,
+    clients: Rc<Clients>,
     options: ConnectOptions,
+}
+
+/// Each built on first use: setting one up reads the system trust store.
+#[derive(Default)]
+struct Clients {
+    /// For `ws` URLs.
+    plain: OnceCell<awc::Client>,
+    /// For `wss` URLs, through [`ResumingTls`] (so awc is given `ws` URLs and a TLS stream).
+    tls: OnceCell<(awc::Client, ResumingTls)>,
 }
 
 impl Connector {
     pub fn new(options: &ConnectOptions) -> Result<Connector, ClientError> {
         Ok(Connector {
-            client: http_client(options)?,
+            clients: Rc::default(),
             options: options.clone(),
         })
     }
 
+    /// How many of this connector's TLS handshakes resumed an earlier session.
+    pub fn tls_resumed(&self) -> u64 {
+        self.clients
+            .tls
+            .get()
+            .map_or(0, |(_, resuming)| resuming.resumed())
+    }
+
+    fn plain_client(&self) -> awc::Client {
+        self.clients
+            .plain
+            .get_or_init(|| http_client(&self.options, awc::Connector::new()))
+            .clone()
+    }
+
+    fn tls_client(&self) -> Result<awc::Client, ClientError> {
+        if let Some((client, _)) = self.clients.tls.get() {
+            return Ok(client.clone());
+        }
+        let resuming = ResumingTls::new(ssl_connector(&self.options)?)
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let connector = awc::Connector::new().connector(resuming.clone());
+        let client = http_client(&self.options, connector);
+        let _ = self.clients.tls.set((client.clone(), resuming));
+        Ok(client)
+    }
+
     pub async fn connect(&self, url: &str) -> Result<Connection, ClientError> {
-        let mut request = self
-            .client
+        let (client, url) = match url.strip_prefix("wss://") {
+            Some(rest) => (self.tls_client()?, format!("ws://{rest}")),
+            None => (self.plain_client(), url.to_string()),
+        };
+        let mut request = client
             .ws(url)
             .max_frame_size(self.options.max_frame_bytes.unwrap_or(1 << 22));
         if let Some(origin) = &self.options.origin {
@@ -108,7 +151,7 @@ impl Connector {
     }
 }
 
-fn http_client(options: &ConnectOptions) -> Result<awc::Client, ClientError> {
+fn ssl_connector(options: &ConnectOptions) -> Result<SslConnectorBuilder, ClientError> {
     let mut ssl =
         SslConnector::builder(SslMethod::tls()).map_err(|e| ClientError::Connect(e.to_string()))?;
     if options.insecure {
@@ -119,20 +162,30 @@ fn http_client(options: &ConnectOptions) -> Result<awc::Client, ClientError> {
         let empty = X509StoreBuilder::new().map_err(|e| ClientError::Connect(e.to_string()))?;
         ssl.set_cert_store(empty.build());
     }
-    let mut connector = awc::Connector::new()
-        .limit(0)
-        .openssl(ssl.build())
-        .timeout(options.timeout.unwrap_or(Duration::from_secs(10)))
-        // A server letting a reconnect storm in queues handshakes: wait as long as for the
-        // TCP connection, not awc's 5 s.
-        .handshake_timeout(options.timeout.unwrap_or(Duration::from_secs(10)));
+    Ok(ssl)
+}
+
+fn http_client<S, Io>(options: &ConnectOptions, connector: awc::Connector<S>) -> awc::Client
+where
+    Io: actix_rt::net::ActixStream + std::fmt::Debug + 'static,
+    S: actix_service::Service<
+            actix_tls::connect::ConnectInfo<awc::http::Uri>,
+            Response = actix_tls::connect::Connection<awc::http::Uri, Io>,
+            Error = actix_tls::connect::ConnectError,
+        > + Clone
+        + 'static,
+{
+    let timeout = options.timeout.unwrap_or(Duration::from_secs(10));
+    // Covers the TCP connection and, through `ResumingTls`, its TLS handshake: a server letting
+    // a reconnect storm in queues handshakes.
+    let mut connector = connector.limit(0).timeout(timeout);
     if let Some(addr) = options.local_address {
         connector = connector.local_address(addr);
     }
-    Ok(awc::Client::builder()
+    awc::Client::builder()
         .connector(connector)
-        .timeout(options.timeout.unwrap_or(Duration::from_secs(10)))
-        .finish())
+        .timeout(timeout)
+        .finish()
 }
 
 impl Connection {

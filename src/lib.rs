@@ -19,7 +19,8 @@
 //!   [`rate`]: token buckets per key.
 //!
 //! With the `tools` feature (tests and rookery-bench; never the server): [`client`], the client
-//! side of the protocol, and [`checker`], the history checker of fault and load runs.
+//! side of the protocol (its TLS in `client_tls`), and [`checker`], the history checker of
+//! fault and load runs.
 
 pub mod actors;
 #[cfg(feature = "tools")]
@@ -27,6 +28,8 @@ pub mod checker;
 pub mod cli;
 #[cfg(feature = "tools")]
 pub mod client;
+#[cfg(feature = "tools")]
+mod client_tls;
 pub mod config;
 pub mod crypto;
 pub mod error;

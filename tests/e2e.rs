@@ -87,6 +87,40 @@ async fn wss_with_the_generated_certificate() {
     assert_eq!(event["from"], "ann");
 }
 
+/// A client's second wss connection resumes the TLS session the server issued on its first
+/// (no certificate, no signature: what makes a reconnect storm cheaper), and works as any other.
+#[actix_rt::test]
+async fn a_reconnect_resumes_its_tls_session() {
+    use rookery::client::{ConnectOptions, Connector};
+    let server = TestServer::start_with(tls_server_config).await;
+    server.user("ann").await;
+    let options = ConnectOptions {
+        insecure: true,
+        ..ConnectOptions::default()
+    };
+    let connector = Connector::new(&options).unwrap();
+    let mut first = connector.connect(&server.ws_url()).await.unwrap();
+    first
+        .send_request("1", &req::login("ann", PASSWORD))
+        .await
+        .unwrap();
+    assert_eq!(first.recv().await.unwrap()["type"], "ok");
+    assert_eq!(connector.tls_resumed(), 0);
+    first.abandon();
+    let mut second = connector.connect(&server.ws_url()).await.unwrap();
+    assert_eq!(
+        connector.tls_resumed(),
+        1,
+        "the second handshake was a full one"
+    );
+    second
+        .send_request("2", &req::login("ann", PASSWORD))
+        .await
+        .unwrap();
+    let reply = second.recv().await.unwrap();
+    assert_eq!(reply["type"], "ok", "{reply}");
+}
+
 /// Only TLS 1.2 and 1.3 are offered.
 #[actix_rt::test]
 async fn tls_refuses_old_protocol_versions() {
