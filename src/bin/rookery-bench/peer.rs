@@ -84,6 +84,15 @@ impl Bench {
         }
     }
 
+    /// How many of the run's TLS handshakes resumed an earlier session.
+    pub fn tls_resumed(&self) -> u64 {
+        self.connectors
+            .borrow()
+            .values()
+            .map(Connector::tls_resumed)
+            .sum()
+    }
+
     /// The name of this run's user `i`.
     pub fn username(&self, i: usize) -> Result<Username, String> {
         let name = format!("b{}u{i}", self.run);

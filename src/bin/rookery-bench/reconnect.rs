@@ -113,6 +113,7 @@ pub async fn run(bench: &Bench, args: &ReconnectArgs, report: &mut Report) -> Re
     });
     futures_util::future::join(all(send_loops), all(client_loops)).await;
     set_figures(report, args, &comeback.borrow(), &meter.borrow());
+    report.set("tls_resumed", bench.tls_resumed());
     report.verdict = Some(verdict(&mut peers[0], rooms.iter().cloned(), &meter).await?);
     Ok(())
 }
