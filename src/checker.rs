@@ -145,12 +145,11 @@ impl History {
 
     /// `client` received message `seq` of `room` (live or as recovery).
     pub fn received(&mut self, client: &str, room: &str, seq: Seq) {
-        // Called for every delivery of a load run: allocate the names only the first time.
-        if !self.clients.contains_key(client) {
-            self.clients
-                .insert(client.to_string(), ClientLog::default());
-        }
+        // Called for every delivery of a load run: one look-up, names allocated only once.
         let Some(log) = self.clients.get_mut(client) else {
+            let mut log = ClientLog::default();
+            log.received.insert(room.to_string(), vec![seq]);
+            self.clients.insert(client.to_string(), log);
             return;
         };
         match log.received.get_mut(room) {

@@ -122,12 +122,10 @@ async fn listener(
         }
         got += 1;
         let seq = frame["seq"].as_i64().unwrap_or(0);
-        let latency = frame["body"].as_str().and_then(|b| bench.latency_since(b));
-        let mut m = meter.borrow_mut();
-        m.delivered += 1;
-        m.history.received(&peer.name, room.as_str(), Seq(seq));
+        let latency = meter
+            .borrow_mut()
+            .delivery(bench, &peer.name, room.as_str(), &frame);
         if let Some(latency) = latency {
-            let _ = m.deliver.record(micros(latency));
             let mut last = last_delivery.borrow_mut();
             let entry = last.entry(seq).or_default();
             *entry = (*entry).max(latency);

@@ -64,6 +64,25 @@ pub struct Meter {
 }
 
 impl Meter {
+    /// `member` received the `message` event `event` of `room`; its latency, when its body
+    /// carries a send time.
+    pub fn delivery(
+        &mut self,
+        bench: &Bench,
+        member: &str,
+        room: &str,
+        event: &Value,
+    ) -> Option<Duration> {
+        self.delivered += 1;
+        let latency = event["body"].as_str().and_then(|b| bench.latency_since(b));
+        if let Some(latency) = latency {
+            let _ = self.deliver.record(micros(latency));
+        }
+        let seq = event["seq"].as_i64().unwrap_or(0);
+        self.history.received(member, room, Seq(seq));
+        latency
+    }
+
     pub fn new() -> Self {
         Meter {
             ack: histogram(),
@@ -284,12 +303,7 @@ fn record(
             }
         }
         Incoming::Event(event) if event["type"] == "message" => {
-            m.delivered += 1;
-            if let Some(latency) = event["body"].as_str().and_then(|b| bench.latency_since(b)) {
-                let _ = m.deliver.record(micros(latency));
-            }
-            let seq = event["seq"].as_i64().unwrap_or(0);
-            m.history.received(member, room, Seq(seq));
+            m.delivery(bench, member, room, &event);
         }
         Incoming::Event(_) => {}
     }

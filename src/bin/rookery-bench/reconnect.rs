@@ -240,13 +240,9 @@ async fn listen(
             Err(_) => return,
         };
         if frame["type"] == "message" {
-            let seq = frame["seq"].as_i64().unwrap_or(0);
-            let mut m = meter.borrow_mut();
-            m.delivered += 1;
-            m.history.received(&peer.name, room.as_str(), Seq(seq));
-            if let Some(latency) = frame["body"].as_str().and_then(|b| bench.latency_since(b)) {
-                let _ = m.deliver.record(micros(latency));
-            }
+            meter
+                .borrow_mut()
+                .delivery(bench, &peer.name, room.as_str(), &frame);
         }
     }
 }
