@@ -163,6 +163,7 @@ fn fanout(c: &mut Criterion) {
             store_timeout: Duration::from_secs(10),
             resume_grace: Duration::from_secs(30),
             max_missed_bytes: 1 << 20,
+            cluster: None,
         };
         let presence = PresenceHandle::of(&Presence::default().start());
         let unlimited =

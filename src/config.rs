@@ -32,6 +32,7 @@ pub struct Config {
     pub rooms: RoomsConfig,
     pub crypto: CryptoConfig,
     pub redis: RedisConfig,
+    pub cluster: ClusterConfig,
     pub auth: AuthConfig,
 }
 
@@ -234,6 +235,19 @@ pub struct CryptoConfig {
 pub struct RedisConfig {
     /// Redis URL; empty runs a single node in-process.
     pub url: Secret,
+    /// Prefix of every key and channel, so that deployments and tests can share one Redis.
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name in the cluster; empty: generated at start (and logged).
+    pub node_id: String,
+    /// How often a node writes its heartbeat (and its presence) to Redis.
+    pub heartbeat_ms: u64,
+    /// A node whose heartbeat is older than this is dead.
+    pub node_ttl_ms: u64,
 }
 
 impl Config {
@@ -542,8 +556,40 @@ impl Config {
                 bad(&format!("crypto.keys.{id}"), e.to_string());
             }
         }
-        if !self.redis.url.is_empty() && url::Url::parse(self.redis.url.expose()).is_err() {
-            bad("redis.url", "not a URL".into());
+        if !self.redis.url.is_empty() {
+            match url::Url::parse(self.redis.url.expose()) {
+                Ok(url) if matches!(url.scheme(), "redis" | "rediss") => {}
+                Ok(_) => bad("redis.url", "must start with redis:// or rediss://".into()),
+                Err(_) => bad("redis.url", "not a URL".into()),
+            }
+        }
+        let name_chars = |s: &str| {
+            s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        if self.redis.prefix.is_empty()
+            || self.redis.prefix.len() > 64
+            || !name_chars(&self.redis.prefix)
+        {
+            bad(
+                "redis.prefix",
+                "must be 1..64 of letters, digits, '-', '_', '.'".into(),
+            );
+        }
+        if self.cluster.node_id.len() > 64 || !name_chars(&self.cluster.node_id) {
+            bad(
+                "cluster.node_id",
+                "must be at most 64 of letters, digits, '-', '_', '.' (empty: generated)".into(),
+            );
+        }
+        if self.cluster.heartbeat_ms < 50 {
+            bad("cluster.heartbeat_ms", "must be at least 50".into());
+        }
+        if self.cluster.node_ttl_ms < 2 * self.cluster.heartbeat_ms {
+            bad(
+                "cluster.node_ttl_ms",
+                "must be at least twice cluster.heartbeat_ms (a node must miss two heartbeats to count as dead)".into(),
+            );
         }
     }
 

@@ -5,13 +5,14 @@
 //! the directory, which kick whom they no longer admit. Each reload logs one line. Calls the
 //! DB executor and the directory.
 
-use actix::Addr;
+use actix::{Addr, Recipient};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+use crate::actors::cluster::PolicyReloaded;
 use crate::actors::db::{DbExecutor, SyncConfigRooms};
 use crate::actors::directory::{ApplyPolicies, Directory};
 use crate::config::Config;
@@ -97,13 +98,24 @@ impl Changes {
 }
 
 /// Reloads on every trigger until the triggers end (the server stops).
+/// What makes a reload: the file changed, SIGHUP, another node of the cluster reloaded.
+pub type Triggers = (
+    mpsc::UnboundedSender<&'static str>,
+    mpsc::UnboundedReceiver<&'static str>,
+);
+
+pub fn triggers() -> Triggers {
+    mpsc::unbounded_channel()
+}
+
 pub async fn run(
     source: PolicySource,
     initial: Arc<Policies>,
     db: Addr<DbExecutor>,
     directory: Addr<Directory>,
+    (tx, mut triggers): Triggers,
+    cluster: Option<Recipient<PolicyReloaded>>,
 ) {
-    let (tx, mut triggers) = mpsc::unbounded_channel::<&'static str>();
     let _watcher = watch(&source.path, tx.clone());
     actix::spawn(on_sighup(tx));
     let mut current = initial;
@@ -123,12 +135,21 @@ pub async fn run(
                 break;
             }
         }
+        let before = current.clone();
         current = reload(&source, current, &db, &directory, trigger).await;
+        if trigger != ON_ANOTHER_NODE && !Arc::ptr_eq(&before, &current) {
+            if let Some(cluster) = &cluster {
+                cluster.do_send(PolicyReloaded);
+            }
+        }
     }
 }
 
 const SIGHUP: &str = "SIGHUP";
 const CHANGED: &str = "file changed";
+/// Another node applied a reload: this one re-reads its own file (the same file, in a
+/// cluster set up as docs/cluster.md says).
+pub const ON_ANOTHER_NODE: &str = "reloaded on another node";
 
 async fn reload(
     source: &PolicySource,
@@ -141,7 +162,7 @@ async fn reload(
     let policies = match source.reload() {
         // A change on disk that leaves the policies as they are (a save of the same text, a
         // touch) is not worth a line; an operator's SIGHUP always gets one.
-        Ok(unchanged) if trigger == CHANGED && unchanged == *current => return current,
+        Ok(unchanged) if trigger != SIGHUP && unchanged == *current => return current,
         Ok(policies) => Arc::new(policies),
         Err(problems) => {
             let list: Vec<String> = problems.iter().map(ToString::to_string).collect();

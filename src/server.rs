@@ -11,13 +11,14 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::actors::cluster::{self, CheckRedis, Cluster, ClusterSettings};
 use crate::actors::committer::Committer;
 use crate::actors::db::{DbExecutor, DbQueue, DbSettings};
 use crate::actors::directory::{Directory, DirectorySettings, DirectoryStore};
 use crate::actors::gate::{DrainAll, Gate, GateSettings};
 use crate::actors::hasher::HasherHandle;
 use crate::actors::presence::{Presence, PresenceHandle};
-use crate::actors::room::{RoomSettings, StoreHandle};
+use crate::actors::room::{ClusterLink, RoomSettings, StoreHandle};
 use crate::config::{ms, Config};
 use crate::crypto::Keyring;
 use crate::error::{ConfigError, ConfigProblem, StartError};
@@ -164,12 +165,25 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
             e,
         )]))
     })?;
-    let services = start_actors(&config, pool, keys, policies.clone());
+    let triggers = reload::triggers();
+    let cluster = start_cluster(&config, triggers.0.clone())?;
+    let readiness = web::Data::new(Readiness {
+        postgres: store::connect_pool(
+            config.database.url.expose(),
+            1,
+            READY_TIMEOUT,
+            READY_TIMEOUT,
+        )?,
+        cluster: cluster.clone(),
+    });
+    let services = start_actors(&config, pool, keys, policies.clone(), cluster.clone());
     let reloading = actix::spawn(reload::run(
         PolicySource::of(&config),
         policies,
         services.executors.clone(),
         services.directory.clone(),
+        triggers,
+        cluster.as_ref().map(|c| c.clone().recipient()),
     ));
     let gate = services.gate.clone();
     let transport = web::Data::new(Transport {
@@ -185,9 +199,11 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
     let app = move || {
         App::new()
             .app_data(transport.clone())
+            .app_data(readiness.clone())
             .wrap(security_headers(tls_on))
             .route("/ws", web::get().to(transport::upgrade))
             .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
     };
     let tls = tls.map(openssl::ssl::SslAcceptorBuilder::build);
     let server = listen::serve(listener, tls, &listen_settings(&config), app)?;
@@ -198,9 +214,41 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
     Ok(Running {
         server,
         gate,
+        cluster,
         shutdown_timeout: ms(config.server.shutdown_timeout_ms),
         reloading,
     })
+}
+
+/// With `redis.url` set, the link to the other nodes; `None` for a single node.
+fn start_cluster(
+    config: &Config,
+    reload: tokio::sync::mpsc::UnboundedSender<&'static str>,
+) -> Result<Option<Addr<Cluster>>, StartError> {
+    if config.redis.url.is_empty() {
+        return Ok(None);
+    }
+    let node_id = if config.cluster.node_id.is_empty() {
+        let id = cluster::generated_node_id();
+        log::info!("cluster.node_id is not set: this node is {id}");
+        id
+    } else {
+        config.cluster.node_id.clone()
+    };
+    let settings = ClusterSettings {
+        url: config.redis.url.expose().to_string(),
+        prefix: config.redis.prefix.clone(),
+        node_id,
+        heartbeat: ms(config.cluster.heartbeat_ms),
+        node_ttl: ms(config.cluster.node_ttl_ms),
+    };
+    let cluster = Cluster::new(settings, Some(reload)).map_err(|e| {
+        StartError::Config(ConfigError::Invalid(vec![ConfigProblem::new(
+            "redis.url",
+            e,
+        )]))
+    })?;
+    Ok(Some(cluster.start()))
 }
 
 /// The actors sessions talk to, started from `config`.
@@ -209,6 +257,7 @@ fn start_actors(
     pool: PgPool,
     keys: Arc<Keyring>,
     policies: Arc<Policies>,
+    cluster: Option<Addr<Cluster>>,
 ) -> Services {
     let settings = DbSettings {
         token_ttl: Duration::from_secs(config.database.token_ttl_hours.saturating_mul(3600)),
@@ -249,6 +298,7 @@ fn start_actors(
                 resume_grace: ms(config.session.resume_grace_ms),
                 // A reply never takes more than a quarter of what a client may leave unread.
                 max_missed_bytes: config.session.outbound_limit_bytes / 4,
+                cluster: cluster.map(ClusterLink),
             },
             handover: ms(config.session.resume_handover_ms),
             retention_sweep: ms(config.rooms.retention_sweep_ms),
@@ -341,6 +391,7 @@ fn security_headers(tls_on: bool) -> middleware::DefaultHeaders {
 pub struct Running {
     server: actix_web::dev::Server,
     gate: Addr<Gate>,
+    cluster: Option<Addr<Cluster>>,
     shutdown_timeout: Duration,
     /// The policy-file reloader; it ends with the server.
     reloading: tokio::task::JoinHandle<()>,
@@ -355,6 +406,9 @@ impl Running {
         let stop = tokio::select! {
             finished = &mut serving => {
                 self.reloading.abort();
+                if let Some(cluster) = &self.cluster {
+                    let _ = cluster.send(cluster::Leave { graceful: false }).await;
+                }
                 return finished_server(finished);
             }
             stop = shutdown => stop,
@@ -370,6 +424,10 @@ impl Running {
         }
         let finished = finished_server(serving.await);
         self.reloading.abort();
+        if let Some(cluster) = &self.cluster {
+            let graceful = stop == Stop::Graceful;
+            let _ = cluster.send(cluster::Leave { graceful }).await;
+        }
         finished
     }
 }
@@ -388,6 +446,66 @@ async fn healthz(req: actix_web::HttpRequest) -> HttpResponse {
         handshake.finish();
     }
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// How long `/readyz` waits for each of Postgres and Redis.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What `/readyz` checks: its own one-connection pool to Postgres, and Redis through the
+/// cluster actor.
+struct Readiness {
+    postgres: PgPool,
+    cluster: Option<Addr<Cluster>>,
+}
+
+/// 200 when Postgres (and Redis, when configured) answer; 503 naming what failed.
+async fn readyz(req: actix_web::HttpRequest, ready: web::Data<Readiness>) -> HttpResponse {
+    if let Some(handshake) = req.conn_data::<listen::HandshakeDone>() {
+        handshake.finish();
+    }
+    let pool = ready.postgres.clone();
+    let postgres = web::block(move || {
+        let mut conn = pool.get().map_err(|e| e.to_string())?;
+        store::ping(&mut conn).map_err(|e| e.to_string())
+    });
+    let postgres = match tokio::time::timeout(READY_TIMEOUT, postgres).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {READY_TIMEOUT:?}")),
+    };
+    let redis = match &ready.cluster {
+        None => None,
+        Some(cluster) => Some(
+            match tokio::time::timeout(READY_TIMEOUT, cluster.send(CheckRedis)).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {READY_TIMEOUT:?}")),
+            },
+        ),
+    };
+    let mut checks = serde_json::Map::new();
+    let mut failed = Vec::new();
+    for (name, result) in [("postgres", Some(postgres)), ("redis", redis)] {
+        let Some(result) = result else { continue };
+        let value = match result {
+            Ok(()) => "ok".to_string(),
+            Err(e) => {
+                failed.push(name);
+                e
+            }
+        };
+        checks.insert(name.into(), value.into());
+    }
+    let body = serde_json::json!({
+        "status": if failed.is_empty() { "ready" } else { "unavailable" },
+        "failed": failed,
+        "checks": checks,
+    });
+    if failed.is_empty() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
 }
 
 /// `rookery serve`: prepare, bind, serve until SIGINT/SIGTERM.

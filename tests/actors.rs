@@ -277,6 +277,7 @@ fn settings() -> RoomSettings {
         store_timeout: Duration::from_secs(5),
         resume_grace: Duration::from_millis(200),
         max_missed_bytes: 1 << 20,
+        cluster: None,
     }
 }
 

@@ -9,7 +9,10 @@
 //! - [`hasher::Hasher`]: a SyncArbiter pool for bcrypt, with a bounded queue.
 //! - [`committer::Committer`]: group commit of rooms' batches into shared transactions.
 //! - [`db::DbExecutor`]: a SyncArbiter pool running [`crate::store`] functions.
+//! - [`cluster::Cluster`]: with `redis.url` set, the link to the other nodes: the bus,
+//!   cluster-wide presence, node deaths.
 
+pub mod cluster;
 pub mod committer;
 pub mod db;
 pub mod directory;

@@ -141,6 +141,12 @@ pub fn connect_pool(
         .build_unchecked(ConnectionManager::new(url)))
 }
 
+/// `SELECT 1`: does the database answer?
+pub fn ping(conn: &mut PgConnection) -> Result<(), StoreError> {
+    diesel::sql_query("SELECT 1").execute(conn)?;
+    Ok(())
+}
+
 pub fn create_user(
     conn: &mut PgConnection,
     username: &str,

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 use std::collections::VecDeque;
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::Duration;
 
 use rookery::config::Config;
@@ -113,7 +114,25 @@ pub fn test_config(db: &TestDb, data_dir: &TempDir) -> Config {
     config.auth.registrations_per_ip = unlimited;
     config.session.sends_per_user = unlimited;
     config.session.typing_per_user = unlimited;
+    if let Ok(redis) = std::env::var("ROOKERY_TEST_REDIS") {
+        // The suite against a one-node cluster (CI runs it both ways).
+        join_cluster(&mut config, &redis, &unique_prefix(), "");
+    }
     config
+}
+
+/// A Redis key prefix no other test uses.
+pub fn unique_prefix() -> String {
+    format!("rookery-test-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Makes `config` a node of the cluster on `redis` under `prefix`, with quick heartbeats.
+pub fn join_cluster(config: &mut Config, redis: &str, prefix: &str, node_id: &str) {
+    config.redis.url = Secret::new(redis);
+    config.redis.prefix = prefix.into();
+    config.cluster.node_id = node_id.into();
+    config.cluster.heartbeat_ms = 200;
+    config.cluster.node_ttl_ms = 1000;
 }
 
 /// The real server, in this process, on an ephemeral port, stopped through the same shutdown
@@ -122,8 +141,9 @@ pub struct TestServer {
     pub addr: std::net::SocketAddr,
     pub tls: bool,
     pub config: Config,
-    pub data_dir: TempDir,
-    pub db: TestDb,
+    /// Shared by the nodes of a cluster test.
+    pub data_dir: Rc<TempDir>,
+    pub db: Rc<TestDb>,
     stop: std::cell::RefCell<Option<tokio::sync::oneshot::Sender<Stop>>>,
     serving: std::cell::RefCell<Option<tokio::task::JoinHandle<Result<(), StartError>>>>,
 }
@@ -153,7 +173,12 @@ impl TestServer {
         std::fs::write(&self.config.rooms.policy_file, policy).unwrap();
     }
 
-    pub async fn start_on(db: TestDb, data_dir: TempDir, config: Config) -> TestServer {
+    pub async fn start_on(
+        db: impl Into<Rc<TestDb>>,
+        data_dir: impl Into<Rc<TempDir>>,
+        config: Config,
+    ) -> TestServer {
+        let (db, data_dir) = (db.into(), data_dir.into());
         let _ = env_logger::builder().is_test(true).try_init();
         let tls = config.tls.enabled;
         let prepared = rookery::server::prepare(config.clone()).expect("prepare server");
@@ -659,7 +684,8 @@ pub fn record_ack(
     history.acked(who, who, room, key, rookery::ids::Seq(seq));
 }
 
-/// A TCP proxy in front of Postgres, on its own thread, that a test can cut and restore.
+/// A TCP proxy in front of Postgres (or, [`PgProxy::to`], another local port), on its own
+/// thread, that a test can cut and restore.
 pub struct PgProxy {
     pub port: u16,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -668,6 +694,10 @@ pub struct PgProxy {
 
 impl PgProxy {
     pub fn start() -> PgProxy {
+        Self::to(5432)
+    }
+
+    pub fn to(upstream: u16) -> PgProxy {
         use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -689,7 +719,7 @@ impl PgProxy {
                     let mut watch = watch.clone();
                     let born = *watch.borrow();
                     tokio::spawn(async move {
-                        let Ok(mut upstream) = tokio::net::TcpStream::connect("127.0.0.1:5432").await else {
+                        let Ok(mut upstream) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await else {
                             return;
                         };
                         tokio::select! {

@@ -33,6 +33,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
+use crate::actors::cluster::{
+    self, BusEvent, FromCluster, LocalPresence, Publish, RoomDown, RoomUp, WireMessage,
+};
 use crate::actors::db::{ChangeMember, LoadHistory, MemberChange, ReserveSeqs, StoreBatch};
 use crate::actors::presence::{PresenceHandle, RoomEntered, RoomExited, WhoIsIn};
 use crate::error::{Forbidden, RoomError, StoreError};
@@ -105,7 +108,23 @@ pub struct RoomSettings {
     pub resume_grace: Duration,
     /// The most bytes of messages one `join {after}` reply carries (the newest that fit).
     pub max_missed_bytes: usize,
+    /// The link to the other nodes, when this node is one of a cluster.
+    pub cluster: Option<ClusterLink>,
 }
+
+/// A room's way to the other nodes of a cluster.
+#[derive(Clone)]
+pub struct ClusterLink(pub Addr<cluster::Cluster>);
+
+impl std::fmt::Debug for ClusterLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterLink")
+    }
+}
+
+/// In a cluster, how long a room waits for a missing seq to arrive from the node that
+/// committed it before reading it from the store.
+pub const CLUSTER_GAP_WAIT: Duration = Duration::from_millis(20);
 
 /// Session → Room: join. With `after`, the reply also holds the messages with seq > after.
 /// With `replaces`, the session takes the place of a detached one of the same user, silently.
@@ -262,6 +281,10 @@ pub struct Room {
     /// The seqs a room that does not store its messages hands out.
     seqs: ReservedSeqs,
     last_active: Instant,
+    /// Who is joined on the other nodes of the cluster (empty on a single node).
+    remote: cluster::view::Members,
+    /// A gap fill is scheduled (in a cluster, a gap waits [`CLUSTER_GAP_WAIT`] first).
+    gap_fill_scheduled: bool,
     store: StoreHandle,
     presence: PresenceHandle,
     directory: Option<Recipient<RoomIdle>>,
@@ -303,6 +326,8 @@ impl Room {
             typing_sent: HashMap::new(),
             seqs: ReservedSeqs::default(),
             last_active: Instant::now(),
+            remote: cluster::view::Members::new(),
+            gap_fill_scheduled: false,
             store,
             presence,
             directory,
@@ -413,15 +438,19 @@ impl Room {
         let count = self.sessions_per_user.entry(user.id).or_default();
         *count += 1;
         if *count == 1 {
-            let frame = self.frame(Event::Joined {
-                room: &self.record.name,
-                user: &user.username,
-            });
             self.presence.entered.do_send(RoomEntered {
                 room: self.record.name.clone(),
                 username: user.username.clone(),
             });
-            self.broadcast(&frame, Some(session));
+            self.tell_cluster_presence(&user, true);
+            // A user already joined on another node was announced there.
+            if !self.remote.contains_key(&user.id) {
+                let frame = self.frame(Event::Joined {
+                    room: &self.record.name,
+                    user: &user.username,
+                });
+                self.broadcast(&frame, Some(session));
+            }
         }
         self.sessions.insert(
             session,
@@ -443,17 +472,105 @@ impl Room {
         });
         if remaining == Some(0) {
             self.sessions_per_user.remove(&user);
-            let frame = self.frame(Event::Left {
-                room: &self.record.name,
-                user: &member.user.username,
-            });
             self.presence.exited.do_send(RoomExited {
                 room: self.record.name.clone(),
                 username: member.user.username.clone(),
             });
-            self.broadcast(&frame, None);
+            self.tell_cluster_presence(&member.user, false);
+            if !self.remote.contains_key(&user) {
+                let frame = self.frame(Event::Left {
+                    room: &self.record.name,
+                    user: &member.user.username,
+                });
+                self.broadcast(&frame, None);
+            }
         }
         Some(member)
+    }
+
+    fn tell_cluster_presence(&self, user: &UserRecord, present: bool) {
+        if let Some(cluster) = &self.settings.cluster {
+            cluster.0.do_send(LocalPresence {
+                room: self.record.name.clone(),
+                user: user.id,
+                username: user.username.clone(),
+                present,
+            });
+        }
+    }
+
+    fn publish(&self, event: BusEvent) {
+        if let Some(cluster) = &self.settings.cluster {
+            cluster.0.do_send(Publish(event));
+        }
+    }
+
+    fn publish_message(&self, view: &MessageView, persist: bool) {
+        if self.settings.cluster.is_some() {
+            self.publish(BusEvent::Message {
+                room: self.record.name.clone(),
+                persist,
+                message: WireMessage::of(view),
+            });
+        }
+    }
+
+    /// The other nodes' members are now `remote`: announce who came and went there, unless
+    /// they are also joined here.
+    fn remote_members(&mut self, remote: cluster::view::Members) {
+        let old = std::mem::replace(&mut self.remote, remote);
+        let mut frames = Vec::new();
+        for (id, name) in &self.remote {
+            if !old.contains_key(id) && !self.sessions_per_user.contains_key(id) {
+                frames.push(self.frame(Event::Joined {
+                    room: &self.record.name,
+                    user: name,
+                }));
+            }
+        }
+        for (id, name) in &old {
+            if !self.remote.contains_key(id) && !self.sessions_per_user.contains_key(id) {
+                frames.push(self.frame(Event::Left {
+                    room: &self.record.name,
+                    user: name,
+                }));
+            }
+        }
+        for frame in frames {
+            self.broadcast(&frame, None);
+        }
+    }
+
+    /// Publications may have been lost: everything up to the store's newest seq is delivered.
+    fn resync(&mut self, ctx: &mut Context<Self>) {
+        if !self.policy.limits.persist {
+            return;
+        }
+        let request = self.store.history.send(LoadHistory {
+            room: self.record.clone(),
+            before: None,
+            limit: 1,
+        });
+        ctx.spawn(
+            request
+                .into_actor(self)
+                .map(|result, room, ctx| match result {
+                    Ok(Ok(page)) => {
+                        if let Some(newest) = page.messages.last().map(|m| m.seq) {
+                            if newest > room.delivered {
+                                room.fill_gap_upto(newest, ctx);
+                            }
+                        }
+                    }
+                    _ => {
+                        log::warn!(
+                            "room {}: could not read its newest seq; retrying",
+                            room.record.name
+                        );
+                        ctx.run_later(Duration::from_millis(500), |room, ctx| room.resync(ctx));
+                    }
+                }),
+        );
     }
 
     /// Removes the sessions whose resume grace has passed. A session whose actor is gone
@@ -484,8 +601,20 @@ impl Room {
         }
         self.out_of_order.insert(view.seq, view);
         self.deliver_in_order();
-        if !self.out_of_order.is_empty() {
+        if self.out_of_order.is_empty() {
+            return;
+        }
+        if self.settings.cluster.is_none() {
             self.fill_gap(ctx);
+        } else if !std::mem::replace(&mut self.gap_fill_scheduled, true) {
+            // The missing seq was most likely committed on another node and its publication
+            // is on its way: give it a moment before reading the store.
+            ctx.run_later(CLUSTER_GAP_WAIT, |room, ctx| {
+                room.gap_fill_scheduled = false;
+                if !room.out_of_order.is_empty() {
+                    room.fill_gap(ctx);
+                }
+            });
         }
     }
 
@@ -665,18 +794,17 @@ impl Room {
                 }
                 continue;
             }
-            self.committed(
-                MessageView {
-                    room: self.record.name.clone(),
-                    seq: stored.seq,
-                    from: post.user.username,
-                    body: Some(post.body.to_string()),
-                    sent_at,
-                    client_msg_id: post.client_msg_id,
-                    error: None,
-                },
-                ctx,
-            );
+            let view = MessageView {
+                room: self.record.name.clone(),
+                seq: stored.seq,
+                from: post.user.username,
+                body: Some(post.body.to_string()),
+                sent_at,
+                client_msg_id: post.client_msg_id,
+                error: None,
+            };
+            self.publish_message(&view, true);
+            self.committed(view, ctx);
         }
     }
 
@@ -771,6 +899,7 @@ impl Room {
             // A block reserved before the last one was used up (by an earlier run of the room)
             // leaves seqs that are skipped, never reused.
             self.delivered = Seq(self.delivered.0.max(seq.0 - 1));
+            self.publish_message(&view, false);
             self.committed(view, ctx);
             let _ = pending.reply.send(Ok(Ack { seq, sent_at }));
         }
@@ -906,6 +1035,15 @@ impl Actor for Room {
             self.record.name,
             self.delivered
         );
+        if let Some(cluster) = &self.settings.cluster {
+            cluster.0.do_send(RoomUp {
+                name: self.record.name.clone(),
+                room: ctx.address().recipient(),
+            });
+            // A message committed on another node between this room's load and its
+            // registration is in the store.
+            self.resync(ctx);
+        }
         let check =
             (self.settings.idle_stop / 4).clamp(Duration::from_millis(50), Duration::from_secs(15));
         ctx.run_interval(check, |room, _| {
@@ -927,8 +1065,14 @@ impl Actor for Room {
         });
     }
 
-    fn stopped(&mut self, _: &mut Context<Self>) {
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
         log::debug!("room {} stopped", self.record.name);
+        if let Some(cluster) = &self.settings.cluster {
+            cluster.0.do_send(RoomDown {
+                name: self.record.name.clone(),
+                room: ctx.address().recipient(),
+            });
+        }
     }
 }
 
@@ -1134,7 +1278,16 @@ impl Handler<Who> for Room {
         let request = self.presence.who.send(WhoIsIn {
             room: self.record.name.clone(),
         });
-        Box::pin(async move { request.await.map_err(|_| RoomError::Gone) })
+        let remote: Vec<String> = self.remote.values().cloned().collect();
+        Box::pin(async move {
+            let mut users = request.await.map_err(|_| RoomError::Gone)?;
+            if !remote.is_empty() {
+                users.extend(remote);
+                users.sort();
+                users.dedup();
+            }
+            Ok(users)
+        })
     }
 }
 
@@ -1161,11 +1314,16 @@ impl Handler<Typing> for Room {
                 .retain(|_, at| now.saturating_duration_since(*at) < TYPING_EVERY);
         }
         self.typing_sent.insert(user, now);
+        let username = member.user.username.clone();
         let frame = self.frame(Event::Typing {
             room: &self.record.name,
-            user: &member.user.username,
+            user: &username,
         });
         self.broadcast(&frame, Some(msg.session));
+        self.publish(BusEvent::Typing {
+            room: self.record.name.clone(),
+            user: username,
+        });
         Ok(())
     }
 }
@@ -1197,6 +1355,11 @@ impl Handler<Invite> for Room {
         Box::pin(request.into_actor(self).map(|result, room, _| {
             let user = result.map_err(|_| RoomError::Gone)??;
             room.policy.members.insert(user.id);
+            room.publish(BusEvent::Member {
+                room: room.record.name.clone(),
+                user: user.id,
+                added: true,
+            });
             Ok(())
         }))
     }
@@ -1237,6 +1400,11 @@ impl Handler<Revoke> for Room {
             if !room.policy.admits(&user) {
                 room.kick_user(user.id, KICK_REVOKED);
             }
+            room.publish(BusEvent::Member {
+                room: room.record.name.clone(),
+                user: user.id,
+                added: false,
+            });
             Ok(())
         }))
     }
@@ -1253,6 +1421,51 @@ impl Handler<SetPolicy> for Room {
         let kicked = self.set_policy(policy);
         self.serve_queue(ctx);
         kicked
+    }
+}
+
+impl Handler<FromCluster> for Room {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromCluster, ctx: &mut Context<Self>) {
+        match msg {
+            FromCluster::Message { message, persist } => {
+                let view = message.into_view(&self.record.name);
+                if persist && self.policy.limits.persist {
+                    self.last_active = Instant::now();
+                    self.committed(view, ctx);
+                } else {
+                    // Seqs of a room that stores nothing are reserved per node in blocks:
+                    // another node's messages are passed on as they come.
+                    let frame = self.frame(Event::Message(&view));
+                    self.broadcast_seq(&frame, Some(view.seq), None);
+                }
+            }
+            FromCluster::Typing { user } => {
+                let frame = self.frame(Event::Typing {
+                    room: &self.record.name,
+                    user: &user,
+                });
+                self.broadcast(&frame, None);
+            }
+            FromCluster::Members(remote) => self.remote_members(remote),
+            FromCluster::Member { user, added } => {
+                if added {
+                    self.policy.members.insert(user);
+                } else {
+                    self.policy.members.remove(&user);
+                    let refused = self
+                        .sessions
+                        .values()
+                        .find(|m| m.user.id == user)
+                        .is_some_and(|m| !self.policy.admits(&m.user));
+                    if refused {
+                        self.kick_user(user, KICK_REVOKED);
+                    }
+                }
+            }
+            FromCluster::Resync => self.resync(ctx),
+        }
     }
 }
 
