@@ -558,8 +558,12 @@ impl Config {
         }
         if !self.redis.url.is_empty() {
             match url::Url::parse(self.redis.url.expose()) {
-                Ok(url) if matches!(url.scheme(), "redis" | "rediss") => {}
-                Ok(_) => bad("redis.url", "must start with redis:// or rediss://".into()),
+                Ok(url) if url.scheme() == "redis" => {}
+                Ok(url) if url.scheme() == "rediss" => bad(
+                    "redis.url",
+                    "rediss:// (TLS to Redis) is not supported yet: use redis:// on a private network (docs/cluster.md)".into(),
+                ),
+                Ok(_) => bad("redis.url", "must start with redis://".into()),
                 Err(_) => bad("redis.url", "not a URL".into()),
             }
         }
@@ -761,6 +765,44 @@ mod tests {
             err.to_string().starts_with("database.commits_in_flight"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let config = Config::from_toml("").unwrap();
+        assert!(config.redis.url.is_empty());
+        assert_eq!(config.redis.prefix, "rookery");
+        assert_eq!(config.cluster.node_id, "");
+        assert_eq!(config.cluster.heartbeat_ms, 5000);
+        assert_eq!(config.cluster.node_ttl_ms, 15000);
+        let ok = Config::from_toml("[redis]\nurl = \"redis://:pw@10.0.0.5:6379/2\"\nprefix = \"chat-eu.1\"\n[cluster]\nnode_id = \"n_1\"").unwrap();
+        assert_eq!(ok.cluster.node_id, "n_1");
+        for (toml, key, says) in [
+            (
+                "[redis]\nurl = \"rediss://h:6380\"",
+                "redis.url",
+                "not supported",
+            ),
+            ("[redis]\nurl = \"http://h\"", "redis.url", "redis://"),
+            ("[redis]\nurl = \"no url\"", "redis.url", "not a URL"),
+            ("[redis]\nprefix = \"\"", "redis.prefix", "1..64"),
+            ("[redis]\nprefix = \"a b\"", "redis.prefix", "letters"),
+            ("[cluster]\nnode_id = \"n:1\"", "cluster.node_id", "letters"),
+            (
+                "[cluster]\nheartbeat_ms = 10",
+                "cluster.heartbeat_ms",
+                "at least 50",
+            ),
+            (
+                "[cluster]\nheartbeat_ms = 1000\nnode_ttl_ms = 1500",
+                "cluster.node_ttl_ms",
+                "twice",
+            ),
+        ] {
+            let err = Config::from_toml(toml).unwrap_err().to_string();
+            assert!(err.starts_with(key) && err.contains(says), "{toml}: {err}");
+            assert!(!err.contains("pw"), "{err}");
+        }
     }
 
     #[test]

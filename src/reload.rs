@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-use crate::actors::cluster::PolicyReloaded;
+use crate::actors::cluster::{PolicyReloaded, RELOADED_ON_ANOTHER_NODE};
 use crate::actors::db::{DbExecutor, SyncConfigRooms};
 use crate::actors::directory::{ApplyPolicies, Directory};
 use crate::config::Config;
@@ -137,7 +137,7 @@ pub async fn run(
         }
         let before = current.clone();
         current = reload(&source, current, &db, &directory, trigger).await;
-        if trigger != ON_ANOTHER_NODE && !Arc::ptr_eq(&before, &current) {
+        if trigger != RELOADED_ON_ANOTHER_NODE && !Arc::ptr_eq(&before, &current) {
             if let Some(cluster) = &cluster {
                 cluster.do_send(PolicyReloaded);
             }
@@ -147,9 +147,6 @@ pub async fn run(
 
 const SIGHUP: &str = "SIGHUP";
 const CHANGED: &str = "file changed";
-/// Another node applied a reload: this one re-reads its own file (the same file, in a
-/// cluster set up as docs/cluster.md says).
-pub const ON_ANOTHER_NODE: &str = "reloaded on another node";
 
 async fn reload(
     source: &PolicySource,

@@ -203,7 +203,11 @@ async fn a_policy_reload_on_one_node_kicks_on_every_node() {
     n1.write_policy(&policy);
     let deadline = Instant::now() + WAIT;
     while bob.call(req::join("staff")).await["type"] != "ok" {
-        assert!(Instant::now() < deadline, "staff never admitted bob: {:?}", bob.call(req::join("staff")).await);
+        assert!(
+            Instant::now() < deadline,
+            "staff never admitted bob: {:?}",
+            bob.call(req::join("staff")).await
+        );
         actix_rt::time::sleep(Duration::from_millis(100)).await;
     }
     ann.ok(req::join("staff")).await;
@@ -520,4 +524,72 @@ async fn readyz_names_postgres_when_it_is_cut_away() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+}
+
+#[actix_rt::test]
+async fn a_node_whose_redis_is_down_at_start_serves_alone_until_it_is_back() {
+    let proxy = PgProxy::to(6379);
+    proxy.cut();
+    let db = TestDb::new();
+    let data = TempDir::new();
+    let mut config = test_config(&db, &data);
+    join_cluster(
+        &mut config,
+        &format!("redis://127.0.0.1:{}", proxy.port),
+        &unique_prefix(),
+        "",
+    );
+    let server = TestServer::start_on(db, data, config).await;
+    let [mut ann, mut bob] = server.public_room("general", ["ann", "bob"]).await;
+    ann.ok(req::send("general", "alone")).await;
+    assert_eq!(bob.next_event_of("message").await["body"], "alone");
+    let mut res = http_client()
+        .get(server.http_url("/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(
+        res.json::<Value>().await.unwrap()["failed"],
+        json!(["redis"])
+    );
+    proxy.restore();
+    let deadline = Instant::now() + WAIT;
+    while http_client()
+        .get(server.http_url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed 503 after Redis came back"
+        );
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    }
+    bob.ok(req::send("general", "together")).await;
+    let bodies = [
+        ann.next_event_of("message").await["body"].clone(),
+        ann.next_event_of("message").await["body"].clone(),
+    ];
+    assert_eq!(bodies, [json!("alone"), json!("together")]);
+}
+
+#[actix_rt::test]
+async fn a_node_restarted_under_its_id_replaces_what_the_others_knew_of_it() {
+    let (n1, n2) = two_nodes([REDIS, REDIS], |_| {}).await;
+    let mut ann = n1.user("ann").await;
+    ann.create_room("general", "public", &[]).await;
+    ann.join("general").await;
+    let mut carol = n2.user("carol").await;
+    carol.join("general").await;
+    wait_for_who(&mut ann, "general", &["ann", "carol"]).await;
+    // Node 2 crashes and comes straight back, as n2 again, before its key expired.
+    let n2 = n2.restart().await;
+    let mut dan = n2.user("dan").await;
+    dan.join("general").await;
+    wait_for_who(&mut ann, "general", &["ann", "dan"]).await;
+    wait_for_who(&mut dan, "general", &["ann", "dan"]).await;
 }

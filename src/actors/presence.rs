@@ -1,6 +1,7 @@
-//! Presence: which users are connected and which rooms each has joined. Rooms and sessions
-//! report to it through [`PresenceHandle`], a set of recipients, so a Redis-backed actor can
-//! take this one's place for a cluster without changing its callers.
+//! Presence: which users are connected to this node and which rooms each has joined here.
+//! Rooms and sessions report to it through [`PresenceHandle`], a set of recipients. In a
+//! cluster, a room adds the members the [`crate::actors::cluster::Cluster`] actor tells it
+//! are joined on the other nodes.
 //!
 //! Messages:
 //! - [`SessionOpened`] / [`SessionClosed`] (Session, after auth / on stop).

@@ -36,6 +36,10 @@ pub mod view;
 pub use bus::{BusEvent, WireMessage};
 use view::{Members, RemoteView, Snapshot};
 
+/// The trigger this actor gives the policy reloader when another node reloaded: this node
+/// re-reads its own file (the same file, in a cluster set up as docs/cluster.md says).
+pub const RELOADED_ON_ANOTHER_NODE: &str = "reloaded on another node";
+
 /// The most a Redis problem is logged: once per this, with a count of the ones not logged.
 pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Every Redis command and connection attempt gives up after this.
@@ -247,7 +251,12 @@ impl Cluster {
             client,
             outbox,
             outbox_rx: Some(outbox_rx),
-            local: Snapshot::default(),
+            // A node restarted under the same id starts above every version it used before,
+            // so the others take its new presence over what they remember of the old one.
+            local: Snapshot {
+                version: first_version(),
+                ..Snapshot::default()
+            },
             view: RemoteView::default(),
             rooms: HashMap::new(),
             reports: Reports::default(),
@@ -309,6 +318,11 @@ impl Cluster {
                 .cmd("SADD")
                 .arg(&nodes)
                 .arg(&node)
+                .ignore()
+                // The list of nodes goes too when every node is gone.
+                .cmd("PEXPIRE")
+                .arg(&nodes)
+                .arg(ttl.saturating_mul(2))
                 .ignore()
                 .cmd("PUBLISH")
                 .arg(&channel)
@@ -409,13 +423,20 @@ impl Cluster {
             }
             BusEvent::Reload => {
                 if let Some(reload) = &self.reload {
-                    let _ = reload.send(crate::reload::ON_ANOTHER_NODE);
+                    let _ = reload.send(RELOADED_ON_ANOTHER_NODE);
                 }
             }
             BusEvent::Resync => self.resync_rooms(),
             BusEvent::Beat | BusEvent::Unknown => {}
         }
     }
+}
+
+/// The microseconds since 1970: no process makes a million presence changes per second.
+fn first_version() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
 }
 
 async fn timed<T>(
@@ -683,6 +704,8 @@ impl Handler<Leave> for Cluster {
         let outbox = self.outbox.clone();
         let pool = self.pool.clone();
         let key = self.settings.node_key(&self.settings.node_id);
+        let nodes = self.settings.nodes();
+        let node = self.settings.node_id.clone();
         Box::pin(
             async move {
                 // What the drained sessions' rooms published goes out first.
@@ -691,11 +714,45 @@ impl Handler<Leave> for Cluster {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 if let Ok(mut conn) = pool.get().await {
-                    let _ = timed(redis::cmd("DEL").arg(&key).query_async::<()>(&mut conn)).await;
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("DEL").arg(&key).ignore();
+                    pipe.cmd("SREM").arg(&nodes).arg(&node).ignore();
+                    let _ = timed(pipe.query_async::<()>(&mut conn)).await;
                 }
             }
             .into_actor(self)
             .map(|_, _, ctx| ctx.stop()),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trouble_is_reported_once_per_interval_and_recovery_once() {
+        let mut reports = Reports::default();
+        reports.trouble("cannot subscribe");
+        assert!(reports.last.is_some());
+        for _ in 0..5 {
+            reports.trouble("cannot subscribe");
+        }
+        assert_eq!(reports.held_back, 5);
+        reports.recovered("subscribed again");
+        assert!(!reports.troubled);
+        assert_eq!((reports.last, reports.held_back), (None, 0));
+        // Nothing to recover from: nothing is said.
+        reports.recovered("subscribed again");
+        reports.trouble("publishing failed");
+        assert_eq!(reports.held_back, 0);
+    }
+
+    #[test]
+    fn generated_node_ids_are_distinct_and_valid() {
+        let (a, b) = (generated_node_id(), generated_node_id());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), "node-".len() + 8);
+        assert!(a.starts_with("node-"));
     }
 }

@@ -35,7 +35,8 @@ use report::Report;
     about = "Load and fault scenarios against a Rookery server"
 )]
 struct Cli {
-    /// The server's WebSocket URL.
+    /// The server's WebSocket URL; several, separated by commas, spread the clients over the
+    /// nodes of a cluster in turn.
     #[arg(long, default_value = "wss://127.0.0.1:8443/ws", global = true)]
     url: String,
     /// Accept the server's certificate without checking it (the development certificate).

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 const PASSWORD: &str = "bench-password";
 
 pub struct Bench {
-    url: String,
+    /// The nodes' URLs; connections go to them in turn.
+    urls: Vec<String>,
+    next_url: std::cell::Cell<usize>,
     options: ConnectOptions,
     /// One connector per source address, built once (TLS set-up is costly).
     connectors: RefCell<HashMap<Option<IpAddr>, Connector>>,
@@ -36,9 +38,16 @@ pub struct Peer {
 }
 
 impl Bench {
-    pub fn new(url: &str, insecure: bool) -> Bench {
+    /// `urls`: one URL, or several separated by commas (the nodes of a cluster).
+    pub fn new(urls: &str, insecure: bool) -> Bench {
         Bench {
-            url: url.to_string(),
+            urls: urls
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(String::from)
+                .collect(),
+            next_url: std::cell::Cell::new(0),
             options: ConnectOptions {
                 insecure,
                 timeout: Some(Duration::from_secs(30)),
@@ -64,10 +73,19 @@ impl Bench {
         };
         Ok(Peer {
             name: name.to_string(),
-            conn: connector.connect(&self.url).await?,
+            conn: connector.connect(self.next_url()).await?,
             next_id: 0,
             token: None,
         })
+    }
+
+    /// The URL of the next connection: the nodes in turn.
+    fn next_url(&self) -> &str {
+        let i = self.next_url.get();
+        self.next_url.set(i.wrapping_add(1));
+        self.urls
+            .get(i % self.urls.len().max(1))
+            .map_or("", String::as_str)
     }
 
     /// Connects, retrying for up to a minute with jittered exponential backoff, as a real
