@@ -19,6 +19,7 @@ cleanup() {
     rm -rf "$DATA"
 }
 trap cleanup EXIT
+publishes() { redis-cli INFO commandstats | sed -n 's/^cmdstat_publish:calls=\([0-9]*\),.*/\1/p' | grep . || echo 0; }
 node() { # port, redis url ("" for none), prefix, node id
     DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DB" ROOKERY__DATA_DIR="$DATA" \
     ROOKERY__SERVER__BIND="127.0.0.1:$1" ROOKERY__REDIS__URL="$2" ROOKERY__REDIS__PREFIX="$3" \
@@ -38,9 +39,14 @@ measure() { # name, mode (alone | one | two), round
              node 18444 redis://127.0.0.1:6379 "$prefix" n2; sleep 3
              urls=wss://127.0.0.1:18443/ws,wss://127.0.0.1:18444/ws ;;
     esac
+    local before after
+    before=$(publishes)
     target/release/rookery-bench --url "$urls" --insecure --server-pid "${PIDS[0]}" \
         --json "$OUT/$name.json" fanout --members "${MEMBERS:-1000}" --senders "${SENDERS:-4}" \
         --messages "${MESSAGES:-3000}" --rate "${RATE:-0}" | tee "$OUT/$name.txt" || true
+    after=$(publishes)
+    # Every PUBLISH Redis served meanwhile (messages, presence changes, heartbeats' beats).
+    echo "redis PUBLISH commands during the run: $((after - before))" | tee -a "$OUT/$name.txt"
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true; done
     PIDS=()
     psql -X -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" postgres >/dev/null
@@ -48,7 +54,7 @@ measure() { # name, mode (alone | one | two), round
     rm -rf "${DATA:?}"/*
 }
 for round in $(seq 1 "${RUNS:-3}"); do
-    for mode in alone one two; do measure "$mode" "$mode" "$round"; done
+    for mode in ${MODES:-alone one two}; do measure "$mode" "$mode" "$round"; done
 done
 python3 - "$OUT" <<'PY'
 import json, sys, glob, statistics
