@@ -11,6 +11,9 @@ use crate::protocol::MessageView;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
     pub node: String,
+    /// The sending process: two processes given the same node id tell each other apart.
+    #[serde(default)]
+    pub instance: Option<u64>,
     #[serde(flatten)]
     pub event: BusEvent,
 }
@@ -89,14 +92,20 @@ impl WireMessage {
     }
 }
 
-pub fn encode(node: &str, event: &BusEvent) -> String {
+pub fn encode(node: &str, instance: u64, event: &BusEvent) -> String {
     #[derive(Serialize)]
     struct Out<'a> {
         node: &'a str,
+        instance: u64,
         #[serde(flatten)]
         event: &'a BusEvent,
     }
-    serde_json::to_string(&Out { node, event }).unwrap_or_default()
+    serde_json::to_string(&Out {
+        node,
+        instance,
+        event,
+    })
+    .unwrap_or_default()
 }
 
 pub fn decode(payload: &[u8]) -> Result<Envelope, serde_json::Error> {
@@ -142,12 +151,13 @@ mod tests {
             BusEvent::Beat,
         ];
         for event in events {
-            let text = encode("node-1", &event);
+            let text = encode("node-1", 7, &event);
             let back = decode(text.as_bytes()).expect("decodes");
             assert_eq!(
                 back,
                 Envelope {
                     node: "node-1".into(),
+                    instance: Some(7),
                     event
                 }
             );

@@ -25,6 +25,8 @@ use actix::prelude::*;
 use deadpool_redis::redis;
 use futures_util::StreamExt;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -46,15 +48,16 @@ pub const REPORT_EVERY: Duration = Duration::from_secs(10);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Publications waiting for the publisher; beyond, new ones are dropped (the rooms' gaps are
-/// filled from the store).
+/// Publications waiting for the publisher, by count and by bytes; beyond, new ones are dropped
+/// and the others are told to resync (their rooms' gaps are filled from the store).
 const OUTBOX: usize = 65_536;
+const OUTBOX_BYTES: usize = 32 << 20;
 /// Most publications sent in one pipeline.
 const PUBLISH_BATCH: usize = 512;
 
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
-    pub url: String,
+    pub url: crate::secret::Secret,
     pub prefix: String,
     pub node_id: String,
     pub heartbeat: Duration,
@@ -115,10 +118,10 @@ pub struct LocalPresence {
     pub present: bool,
 }
 
-/// Room → Cluster, when it starts: route the room's events to `room`. Answered at once with
-/// the room's members on the other nodes.
+/// Room → Cluster, when it starts: route the room's events to `room`. Replies the room's
+/// members on the other nodes.
 #[derive(Debug, Clone, Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Members")]
 pub struct RoomUp {
     pub name: String,
     pub room: Recipient<FromCluster>,
@@ -213,6 +216,10 @@ pub struct Cluster {
     client: redis::Client,
     outbox: mpsc::Sender<String>,
     outbox_rx: Option<mpsc::Receiver<String>>,
+    /// Bytes in the outbox, and whether anything was dropped since the last publication.
+    outbox_state: Arc<OutboxState>,
+    /// This process, among processes that might be given the same node id by mistake.
+    instance: u64,
     local: Snapshot,
     view: RemoteView,
     rooms: HashMap<String, Recipient<FromCluster>>,
@@ -230,8 +237,8 @@ impl Cluster {
         settings: ClusterSettings,
         reload: Option<mpsc::UnboundedSender<&'static str>>,
     ) -> Result<Cluster, String> {
-        let client = redis::Client::open(settings.url.as_str()).map_err(|e| e.to_string())?;
-        let mut config = deadpool_redis::Config::from_url(settings.url.clone());
+        let client = redis::Client::open(settings.url.expose()).map_err(|e| e.to_string())?;
+        let mut config = deadpool_redis::Config::from_url(settings.url.expose());
         config.pool = Some(deadpool_redis::PoolConfig {
             max_size: 4,
             timeouts: deadpool_redis::Timeouts {
@@ -251,6 +258,8 @@ impl Cluster {
             client,
             outbox,
             outbox_rx: Some(outbox_rx),
+            outbox_state: Arc::default(),
+            instance: rand_instance(),
             // A node restarted under the same id starts above every version it used before,
             // so the others take its new presence over what they remember of the old one.
             local: Snapshot {
@@ -271,10 +280,16 @@ impl Cluster {
     }
 
     fn publish(&mut self, event: &BusEvent) {
-        let text = bus::encode(&self.settings.node_id, event);
-        if self.outbox.try_send(text).is_err() {
+        let text = bus::encode(&self.settings.node_id, self.instance, event);
+        let len = text.len();
+        let state = &self.outbox_state;
+        let full = state.bytes.load(Ordering::Relaxed) + len > OUTBOX_BYTES;
+        if full || self.outbox.try_send(text).is_err() {
+            state.dropped.store(true, Ordering::Relaxed);
             self.reports
                 .trouble("the publication queue is full: publications dropped");
+        } else {
+            state.bytes.fetch_add(len, Ordering::Relaxed);
         }
     }
 
@@ -304,7 +319,7 @@ impl Cluster {
         let node = self.settings.node_id.clone();
         let ttl = u64::try_from(self.settings.node_ttl.as_millis()).unwrap_or(u64::MAX);
         let snapshot = serde_json::to_string(&self.local).unwrap_or_default();
-        let beat = bus::encode(&node, &BusEvent::Beat);
+        let beat = bus::encode(&node, self.instance, &BusEvent::Beat);
         let channel = self.settings.bus();
         let write = async move {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
@@ -397,6 +412,12 @@ impl Cluster {
 
     fn received(&mut self, envelope: bus::Envelope) {
         if envelope.node == self.settings.node_id {
+            if envelope.instance.is_some_and(|i| i != self.instance) {
+                self.reports.trouble(&format!(
+                    "another process publishes as node {}: give each node its own cluster.node_id",
+                    self.settings.node_id
+                ));
+            }
             return;
         }
         match envelope.event {
@@ -449,40 +470,69 @@ async fn timed<T>(
     }
 }
 
-/// Sends the outbox's publications in order, pipelined; a batch that fails is dropped.
+#[derive(Debug, Default)]
+struct OutboxState {
+    bytes: AtomicUsize,
+    dropped: AtomicBool,
+}
+
+fn rand_instance() -> u64 {
+    // The low half of a v4 UUID: random.
+    (uuid::Uuid::new_v4().as_u128() & u128::from(u64::MAX)) as u64
+}
+
+/// Sends the outbox's publications in order, pipelined. A batch that fails is tried again
+/// with backoff (a repeat is harmless: rooms drop seqs they delivered, presence carries
+/// versions); once publications were dropped, a [`BusEvent::Resync`] follows the next batch
+/// that goes through, so the others fill what they missed from the store.
 async fn publisher(
     pool: deadpool_redis::Pool,
     channel: String,
-    node: String,
+    resync: String,
     mut outbox: mpsc::Receiver<String>,
+    state: Arc<OutboxState>,
     cluster: Addr<Cluster>,
 ) {
     let mut failing = false;
-    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
-    while outbox.recv_many(&mut batch, PUBLISH_BATCH).await > 0 {
-        if failing {
-            // Whatever went missing meanwhile, the others fill from the store.
-            batch.push(bus::encode(&node, &BusEvent::Resync));
+    let mut backoff = BACKOFF_MIN;
+    let mut batch: Vec<String> = Vec::with_capacity(PUBLISH_BATCH);
+    loop {
+        if batch.is_empty() {
+            if outbox.recv_many(&mut batch, PUBLISH_BATCH).await == 0 {
+                return;
+            }
+            let taken: usize = batch.iter().map(String::len).sum();
+            state.bytes.fetch_sub(taken, Ordering::Relaxed);
         }
+        let dropped = state.dropped.swap(false, Ordering::Relaxed);
         let sent = async {
             let mut conn = pool.get().await.map_err(|e| e.to_string())?;
             let mut pipe = redis::pipe();
-            for text in batch.drain(..) {
+            for text in &batch {
                 pipe.cmd("PUBLISH").arg(&channel).arg(text).ignore();
+            }
+            if dropped || failing {
+                pipe.cmd("PUBLISH").arg(&channel).arg(&resync).ignore();
             }
             timed(pipe.query_async::<()>(&mut conn)).await
         }
         .await;
-        batch.clear();
         match sent {
-            Ok(()) if failing => {
-                failing = false;
-                cluster.do_send(Link::Publishing);
+            Ok(()) => {
+                batch.clear();
+                backoff = BACKOFF_MIN;
+                if std::mem::take(&mut failing) {
+                    cluster.do_send(Link::Publishing);
+                }
             }
-            Ok(()) => {}
             Err(e) => {
+                if dropped {
+                    state.dropped.store(true, Ordering::Relaxed);
+                }
                 failing = true;
                 cluster.do_send(Link::Trouble(format!("publishing failed: {e}")));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }
@@ -555,8 +605,9 @@ impl Actor for Cluster {
             self.tasks.push(actix::spawn(publisher(
                 self.pool.clone(),
                 self.settings.bus(),
-                self.settings.node_id.clone(),
+                bus::encode(&self.settings.node_id, self.instance, &BusEvent::Resync),
                 outbox,
+                self.outbox_state.clone(),
                 ctx.address(),
             )));
         }
@@ -569,6 +620,7 @@ impl Actor for Cluster {
             ctx.address(),
         )));
         self.heartbeat(ctx);
+        self.read_nodes(ctx);
         ctx.run_interval(self.settings.heartbeat, |cluster, ctx| {
             cluster.heartbeat(ctx)
         });
@@ -613,11 +665,11 @@ impl Handler<LocalPresence> for Cluster {
 }
 
 impl Handler<RoomUp> for Cluster {
-    type Result = ();
-    fn handle(&mut self, msg: RoomUp, _: &mut Context<Self>) {
-        msg.room
-            .do_send(FromCluster::Members(self.view.members(&msg.name)));
+    type Result = MessageResult<RoomUp>;
+    fn handle(&mut self, msg: RoomUp, _: &mut Context<Self>) -> Self::Result {
+        let members = self.view.members(&msg.name);
         self.rooms.insert(msg.name, msg.room);
+        MessageResult(members)
     }
 }
 
@@ -653,9 +705,11 @@ impl Handler<Link> for Cluster {
                 if again {
                     self.reports
                         .recovered("subscribed again: cross-node delivery resumes");
-                    self.resync_rooms();
-                    self.read_nodes(ctx);
                 }
+                // Rooms started before the subscription was in place may have missed
+                // publications.
+                self.resync_rooms();
+                self.read_nodes(ctx);
             }
             Link::Publishing => self.reports.recovered("publishing again"),
         }
@@ -702,6 +756,7 @@ impl Handler<Leave> for Cluster {
             return Box::pin(fut::ready(()).map(|_, _, ctx: &mut Context<Self>| ctx.stop()));
         }
         let outbox = self.outbox.clone();
+        let state = self.outbox_state.clone();
         let pool = self.pool.clone();
         let key = self.settings.node_key(&self.settings.node_id);
         let nodes = self.settings.nodes();
@@ -710,7 +765,10 @@ impl Handler<Leave> for Cluster {
             async move {
                 // What the drained sessions' rooms published goes out first.
                 let deadline = Instant::now() + REDIS_TIMEOUT;
-                while outbox.capacity() < outbox.max_capacity() && Instant::now() < deadline {
+                while (outbox.capacity() < outbox.max_capacity()
+                    || state.bytes.load(Ordering::Relaxed) > 0)
+                    && Instant::now() < deadline
+                {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 if let Ok(mut conn) = pool.get().await {

@@ -1036,10 +1036,17 @@ impl Actor for Room {
             self.delivered
         );
         if let Some(cluster) = &self.settings.cluster {
-            cluster.0.do_send(RoomUp {
+            // No join is served before the room knows who is joined on the other nodes (a
+            // user there is no new join here, and nobody is announced twice).
+            let up = cluster.0.send(RoomUp {
                 name: self.record.name.clone(),
                 room: ctx.address().recipient(),
             });
+            ctx.wait(up.into_actor(self).map(|members, room, _| {
+                if let Ok(members) = members {
+                    room.remote = members;
+                }
+            }));
             // A message committed on another node between this room's load and its
             // registration is in the store.
             self.resync(ctx);
@@ -1431,8 +1438,9 @@ impl Handler<FromCluster> for Room {
         match msg {
             FromCluster::Message { message, persist } => {
                 let view = message.into_view(&self.record.name);
+                // Not activity: a room without members here stops when idle, however busy
+                // it is elsewhere.
                 if persist && self.policy.limits.persist {
-                    self.last_active = Instant::now();
                     self.committed(view, ctx);
                 } else {
                     // Seqs of a room that stores nothing are reserved per node in blocks:
