@@ -458,31 +458,34 @@ struct Readiness {
     cluster: Option<Addr<Cluster>>,
 }
 
+/// What a readiness check answered within [`READY_TIMEOUT`].
+async fn answered<E: std::fmt::Display>(
+    check: impl Future<Output = Result<Result<(), String>, E>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(READY_TIMEOUT, check).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {READY_TIMEOUT:?}")),
+    }
+}
+
 /// 200 when Postgres (and Redis, when configured) answer; 503 naming what failed.
 async fn readyz(req: actix_web::HttpRequest, ready: web::Data<Readiness>) -> HttpResponse {
     if let Some(handshake) = req.conn_data::<listen::HandshakeDone>() {
         handshake.finish();
     }
     let pool = ready.postgres.clone();
-    let postgres = web::block(move || {
+    let postgres = answered(web::block(move || {
         let mut conn = pool.get().map_err(|e| e.to_string())?;
         store::ping(&mut conn).map_err(|e| e.to_string())
-    });
-    let postgres = match tokio::time::timeout(READY_TIMEOUT, postgres).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!("no answer within {READY_TIMEOUT:?}")),
+    }));
+    let redis = async {
+        match &ready.cluster {
+            None => None,
+            Some(cluster) => Some(answered(cluster.send(CheckRedis)).await),
+        }
     };
-    let redis = match &ready.cluster {
-        None => None,
-        Some(cluster) => Some(
-            match tokio::time::timeout(READY_TIMEOUT, cluster.send(CheckRedis)).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {READY_TIMEOUT:?}")),
-            },
-        ),
-    };
+    let (postgres, redis) = futures_util::future::join(postgres, redis).await;
     // The body is public: it names what failed, the log says why.
     let mut checks = serde_json::Map::new();
     let mut failed = Vec::new();

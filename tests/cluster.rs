@@ -223,86 +223,41 @@ async fn a_policy_reload_on_one_node_kicks_on_every_node() {
     bob.err(req::join("staff"), "forbidden").await;
 }
 
-/// A node of the real binary in a cluster, on `db` with `data` as its data directory.
-struct Node {
-    child: std::process::Child,
-    url: String,
-    log: std::path::PathBuf,
+/// A node of the real binary in a cluster under `prefix`, on `db` with `data` as its data
+/// directory, with quick heartbeats (TTL 1.5 s).
+async fn real_node(db: &Rc<TestDb>, data: &Rc<TempDir>, prefix: &str, id: &str) -> RealServer {
+    let env = [
+        ("ROOKERY__REDIS__URL", REDIS),
+        ("ROOKERY__REDIS__PREFIX", prefix),
+        ("ROOKERY__CLUSTER__NODE_ID", id),
+        ("ROOKERY__CLUSTER__HEARTBEAT_MS", "200"),
+        ("ROOKERY__CLUSTER__NODE_TTL_MS", "1500"),
+    ];
+    RealServer::start_in(db.clone(), data.clone(), id, TEST_POLICY, &env).await
 }
 
-impl Node {
-    async fn start(db: &TestDb, data: &TempDir, prefix: &str, id: &str) -> Node {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = data.0.join(format!("{id}.log"));
-        let policy = data.0.join("rooms.toml");
-        std::fs::write(&policy, TEST_POLICY).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_rookery"))
-            .arg("serve")
-            .env("DATABASE_URL", &db.url)
-            .env("ROOKERY__SERVER__BIND", format!("127.0.0.1:{port}"))
-            .env("ROOKERY__TLS__ENABLED", "false")
-            .env("ROOKERY__DATA_DIR", &data.0)
-            .env("ROOKERY__DATABASE__BCRYPT_COST", "4")
-            .env("ROOKERY__ROOMS__POLICY_FILE", &policy)
-            .env("ROOKERY__SESSION__REQUESTS_PER_SECOND", "100000")
-            .env("ROOKERY__SESSION__REQUEST_BURST", "100000")
-            .env("ROOKERY__REDIS__URL", REDIS)
-            .env("ROOKERY__REDIS__PREFIX", prefix)
-            .env("ROOKERY__CLUSTER__NODE_ID", id)
-            .env("ROOKERY__CLUSTER__HEARTBEAT_MS", "200")
-            .env("ROOKERY__CLUSTER__NODE_TTL_MS", "1500")
-            .env("RUST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let node = Node {
-            child,
-            url: format!("ws://127.0.0.1:{port}/ws"),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Client::connect_url(&node.url, None).await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "node {id} did not start: {}",
-                std::fs::read_to_string(&node.log).unwrap_or_default()
-            );
-            actix_rt::time::sleep(Duration::from_millis(100)).await;
-        }
-        node
-    }
-
-    async fn user(&self, name: &str, register: bool) -> Client {
-        let mut client = Client::connect_url(&self.url, None).await.unwrap();
-        if register {
-            client.register(name).await;
-        }
-        client.login(name).await;
-        client
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Sends `body` as `who` with client_msg_id `key`, waits for the ack and records both.
+async fn send_recorded(
+    client: &mut Client,
+    who: &str,
+    key: &str,
+    body: String,
+    history: &mut History,
+) {
+    history.sent(who, who, "general", key);
+    let reply = client.ok(req::send_keyed("general", body, key)).await;
+    record_ack(history, who, "general", key, &reply);
 }
 
 #[actix_rt::test]
 async fn a_killed_node_leaves_presence_within_its_ttl_and_its_clients_recover_on_another() {
-    let db = TestDb::new();
-    let data = TempDir::new();
+    let db = Rc::new(TestDb::new());
+    let data = Rc::new(TempDir::new());
     let prefix = unique_prefix();
-    let mut a = Node::start(&db, &data, &prefix, "a").await;
-    let b = Node::start(&db, &data, &prefix, "b").await;
-    let mut ann = a.user("ann", true).await;
-    let mut bob = b.user("bob", true).await;
+    let mut a = real_node(&db, &data, &prefix, "a").await;
+    let b = real_node(&db, &data, &prefix, "b").await;
+    let mut ann = a.user("ann").await;
+    let mut bob = b.user("bob").await;
     ann.create_room("general", "public", &[]).await;
     ann.join("general").await;
     bob.join("general").await;
@@ -311,16 +266,14 @@ async fn a_killed_node_leaves_presence_within_its_ttl_and_its_clients_recover_on
     history.covers("ann", "general", Seq(0), Some(Seq(10)));
     history.covers("bob", "general", Seq(0), None);
     for i in 0..10 {
-        let key = format!("a{i}");
-        history.sent("ann", "ann", "general", &key);
-        let reply = ann
-            .ok(req::send_keyed(
-                "general",
-                format!("before {i}"),
-                key.as_str(),
-            ))
-            .await;
-        record_ack(&mut history, "ann", "general", &key, &reply);
+        send_recorded(
+            &mut ann,
+            "ann",
+            &format!("a{i}"),
+            format!("before {i}"),
+            &mut history,
+        )
+        .await;
     }
     let mut seen = 0;
     while seen < 10 {
@@ -351,16 +304,14 @@ async fn a_killed_node_leaves_presence_within_its_ttl_and_its_clients_recover_on
 
     // Bob talks while ann is away.
     for i in 0..5 {
-        let key = format!("b{i}");
-        history.sent("bob", "bob", "general", &key);
-        let reply = bob
-            .ok(req::send_keyed(
-                "general",
-                format!("meanwhile {i}"),
-                key.as_str(),
-            ))
-            .await;
-        record_ack(&mut history, "bob", "general", &key, &reply);
+        send_recorded(
+            &mut bob,
+            "bob",
+            &format!("b{i}"),
+            format!("meanwhile {i}"),
+            &mut history,
+        )
+        .await;
     }
     for _ in 0..5 {
         let event = bob.next_event_of("message").await;

@@ -760,8 +760,9 @@ impl PgProxy {
 pub struct RealServer {
     pub child: std::process::Child,
     pub url: String,
-    pub db: TestDb,
-    pub data: TempDir,
+    /// Shared by the nodes of a cluster test.
+    pub db: Rc<TestDb>,
+    pub data: Rc<TempDir>,
     pub log: PathBuf,
     pub policy: PathBuf,
 }
@@ -769,11 +770,28 @@ pub struct RealServer {
 impl RealServer {
     /// Starts it with `policy` as its room policy file and `env` on top of the test settings.
     pub async fn start(policy: &str, env: &[(&str, &str)]) -> RealServer {
-        let db = TestDb::new();
-        let data = TempDir::new();
+        Self::start_in(
+            Rc::new(TestDb::new()),
+            Rc::new(TempDir::new()),
+            "server",
+            policy,
+            env,
+        )
+        .await
+    }
+
+    /// Starts one on `db` with `data` as its data directory (nodes of one cluster share both),
+    /// logging to `<data>/<name>.log`.
+    pub async fn start_in(
+        db: Rc<TestDb>,
+        data: Rc<TempDir>,
+        name: &str,
+        policy: &str,
+        env: &[(&str, &str)],
+    ) -> RealServer {
         let policy_file = data.0.join("rooms.toml");
         std::fs::write(&policy_file, policy).unwrap();
-        let log = data.0.join("server.log");
+        let log = data.0.join(format!("{name}.log"));
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
