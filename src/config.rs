@@ -34,6 +34,41 @@ pub struct Config {
     pub redis: RedisConfig,
     pub cluster: ClusterConfig,
     pub auth: AuthConfig,
+    pub log: LogConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// How the log is written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One readable line per record.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served over plain HTTP; empty: not at all.
+    pub bind: String,
+}
+
+/// Whether anyone may `register`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Registration {
+    Open,
+    /// `register` answers `forbidden`; operators add users with `rookery user add`.
+    Closed,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -55,6 +90,10 @@ pub struct AuthConfig {
     pub bcrypt_threads: usize,
     /// Password checks that may wait for a bcrypt thread before `rate_limited`.
     pub bcrypt_queue: usize,
+    pub registration: Registration,
+    /// How often the database is asked for tokens revoked elsewhere (operator commands, a
+    /// logout on another node), whose sessions are then closed.
+    pub revocation_check_ms: u64,
 }
 
 /// A token bucket: `count` per `per_seconds`, up to `burst` at once.
@@ -137,6 +176,8 @@ pub struct DatabaseConfig {
     pub max_queued: usize,
     /// Longest wait for a connection.
     pub connect_timeout_ms: u64,
+    /// How long start-up retries a database that does not answer (0: try once).
+    pub start_retry_ms: u64,
     /// bcrypt cost for new hashes.
     pub bcrypt_cost: u32,
     /// Session token lifetime.
@@ -359,12 +400,21 @@ impl Config {
         out
     }
 
-    /// Problems of the listener and the connections' timeouts.
+    /// Problems of the listeners and the connections' timeouts.
     fn server_problems(&self, bad: &mut impl FnMut(&str, String)) {
         if self.server.bind.parse::<SocketAddr>().is_err() {
             bad(
                 "server.bind",
                 format!("'{}' is not an ip:port address", self.server.bind),
+            );
+        }
+        if !self.metrics.bind.is_empty() && self.metrics.bind.parse::<SocketAddr>().is_err() {
+            bad(
+                "metrics.bind",
+                format!(
+                    "'{}' is not an ip:port address (empty turns metrics off)",
+                    self.metrics.bind
+                ),
             );
         }
         if self.server.max_connections_per_worker == 0 {
@@ -402,6 +452,7 @@ impl Config {
                 "database.connect_timeout_ms",
                 self.database.connect_timeout_ms,
             ),
+            ("auth.revocation_check_ms", self.auth.revocation_check_ms),
         ] {
             if ms == 0 {
                 bad(key, "a timeout must be greater than 0".into());

@@ -90,6 +90,10 @@ pub enum AuthError {
     TooManyFailedResumes,
     #[error("too many registrations")]
     TooManyRegistrations,
+    #[error("registration is closed")]
+    RegistrationClosed,
+    #[error("the account is disabled")]
+    Disabled,
     #[error("the password hasher's queue is full")]
     HasherBusy,
     #[error("password hashing failed: {0}")]
@@ -236,6 +240,33 @@ pub enum StartError {
     Io(#[from] std::io::Error),
 }
 
+/// What the operator commands (`rookery user …`, `rookery verify`) fail with.
+#[derive(Debug, Error)]
+pub enum OperatorError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("no user named '{0}'")]
+    UnknownUser(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the database has {0} pending migration(s): run `rookery migrate` first")]
+    PendingMigrations(usize),
+    #[error("{0} problem(s) found")]
+    Damaged(usize),
+}
+
+impl From<StoreError> for OperatorError {
+    fn from(e: StoreError) -> Self {
+        OperatorError::Start(e.into())
+    }
+}
+
+impl From<std::io::Error> for OperatorError {
+    fn from(e: std::io::Error) -> Self {
+        OperatorError::Start(e.into())
+    }
+}
+
 /// Everything a request can fail with.
 #[derive(Debug, Error)]
 pub enum Error {
@@ -305,6 +336,11 @@ fn auth_to_wire(e: &AuthError) -> (ErrorCode, Cow<'static, str>) {
             ErrorCode::RateLimited,
             "too many registrations or failed logins from this address; wait and retry",
         ),
+        AuthError::RegistrationClosed => (
+            ErrorCode::Forbidden,
+            "registration is closed on this server; ask its operator for an account",
+        ),
+        AuthError::Disabled => (ErrorCode::Forbidden, "this account is disabled"),
         AuthError::HasherBusy => (
             ErrorCode::RateLimited,
             "too many password checks in progress; retry shortly",

@@ -2,7 +2,8 @@
 //! ones below it:
 //!
 //! - [`cli`] and [`server`]: the command line; bring-up, serving and shutdown; [`reload`]:
-//!   live reload of the room policy file.
+//!   live reload of the room policy file; [`operator`]: the operator's commands against the
+//!   database (users, `verify`).
 //! - [`transport`]: the WebSocket upgrade and frame stream; starts and feeds sessions.
 //! - [`session`]: one per connection: the actor shell and its plain parts (frame guard,
 //!   request pipeline, room joins, phase).
@@ -16,7 +17,7 @@
 //! - [`config`]: the layered configuration tree, read and checked all at once; [`policy`]:
 //!   the admins' room policy file, read and checked all at once.
 //! - [`ids`]: the identifiers every layer shares; [`secret`]: a string Debug never shows;
-//!   [`rate`]: token buckets per key.
+//!   [`rate`]: token buckets per key; [`metrics`]: the Prometheus figures every layer updates.
 //!
 //! With the `tools` feature (tests and rookery-bench; never the server): [`client`], the client
 //! side of the protocol (its TLS in `client_tls`), and [`checker`], the history checker of
@@ -34,6 +35,8 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod ids;
+pub mod metrics;
+pub mod operator;
 pub mod policy;
 pub mod protocol;
 pub mod rate;

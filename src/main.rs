@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    rookery::cli::run(rookery::cli::Cli::parse())
+    let cli = rookery::cli::Cli::parse();
+    rookery::cli::init_logging(&cli);
+    rookery::cli::run(cli)
 }

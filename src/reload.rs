@@ -17,6 +17,7 @@ use crate::actors::db::{DbExecutor, SyncConfigRooms};
 use crate::actors::directory::{ApplyPolicies, Directory};
 use crate::config::Config;
 use crate::error::ConfigProblem;
+use crate::metrics::METRICS;
 use crate::policy::Policies;
 
 /// How long the file must be quiet after a change before it is read.
@@ -163,6 +164,7 @@ async fn reload(
         Ok(policies) => Arc::new(policies),
         Err(problems) => {
             let list: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            METRICS.reloads.with_label_values(&["invalid"]).inc();
             log::error!(
                 "room policies ({trigger}): {file} rejected, nothing changed: {}",
                 list.join("; ")
@@ -179,9 +181,11 @@ async fn reload(
         .map_err(|e| e.to_string())
         .and_then(|r| r.map_err(|e| e.to_string()))
     {
+        METRICS.reloads.with_label_values(&["failed"]).inc();
         log::error!("room policies ({trigger}): {file} not applied, the database failed: {e}");
         return current;
     }
+    METRICS.reloads.with_label_values(&["applied"]).inc();
     let changes = Changes::between(&current, &policies);
     let kicked = directory
         .send(ApplyPolicies {

@@ -41,6 +41,7 @@ diesel::table! {
         created_at -> Timestamptz,
         origin -> Text,
         closed_at -> Nullable<Timestamptz>,
+        purged_through -> Int8,
     }
 }
 
@@ -56,11 +57,20 @@ diesel::table! {
 }
 
 diesel::table! {
+    unstored_seqs (room_id, first_seq) {
+        room_id -> Int8,
+        first_seq -> Int8,
+        last_seq -> Int8,
+    }
+}
+
+diesel::table! {
     users (id) {
         id -> Int8,
         username -> Text,
         password_hash -> Text,
         created_at -> Timestamptz,
+        disabled_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -70,6 +80,7 @@ diesel::joinable!(room_members -> rooms (room_id));
 diesel::joinable!(room_members -> users (user_id));
 diesel::joinable!(rooms -> users (owner_id));
 diesel::joinable!(session_tokens -> users (user_id));
+diesel::joinable!(unstored_seqs -> rooms (room_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     message_keys,
@@ -77,5 +88,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     room_members,
     rooms,
     session_tokens,
+    unstored_seqs,
     users,
 );

@@ -19,7 +19,7 @@ use crate::actors::gate::{DrainAll, Gate, GateSettings};
 use crate::actors::hasher::HasherHandle;
 use crate::actors::presence::{Presence, PresenceHandle};
 use crate::actors::room::{ClusterLink, RoomSettings, StoreHandle};
-use crate::config::{ms, Config};
+use crate::config::{ms, Config, Registration};
 use crate::crypto::Keyring;
 use crate::error::{ConfigError, ConfigProblem, StartError};
 use crate::ids::SessionIds;
@@ -46,6 +46,7 @@ pub struct Prepared {
 /// Creates the database if missing and runs pending migrations. Blocking.
 pub fn migrate(config: &Config) -> Result<usize, StartError> {
     let url = config.database.url.expose();
+    store::wait_for_server(url, ms(config.database.start_retry_ms))?;
     store::ensure_database(url)?;
     let pool = store::connect_pool(
         url,
@@ -201,23 +202,64 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
             .app_data(transport.clone())
             .app_data(readiness.clone())
             .wrap(security_headers(tls_on))
+            .wrap(middleware::Logger::new(ACCESS_LOG).log_target("rookery::access"))
             .route("/ws", web::get().to(transport::upgrade))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
     };
     let tls = tls.map(openssl::ssl::SslAcceptorBuilder::build);
     let server = listen::serve(listener, tls, &listen_settings(&config), app)?;
+    let metrics = start_metrics(&config.metrics.bind)?;
     log::info!(
         "listening on {}://{addr}/ws",
         if tls_on { "wss" } else { "ws" }
     );
     Ok(Running {
         server,
+        metrics,
         gate,
         cluster,
         shutdown_timeout: ms(config.server.shutdown_timeout_ms),
         reloading,
     })
+}
+
+/// One line per HTTP request (a WebSocket's line comes when it closes): peer, request line,
+/// status, bytes, seconds. Never headers, so no cookie or token.
+const ACCESS_LOG: &str = r#"%a "%r" %s %b %Ts"#;
+
+/// `GET /metrics` over plain HTTP on `bind` (empty: none), with its own one-thread server.
+fn start_metrics(
+    bind: &str,
+) -> Result<Option<(actix_web::dev::Server, std::net::SocketAddr)>, StartError> {
+    if bind.is_empty() {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(bind).map_err(|e| {
+        StartError::Io(std::io::Error::new(
+            e.kind(),
+            format!("metrics.bind {bind}: {e}"),
+        ))
+    })?;
+    let addr = listener.local_addr()?;
+    let server = actix_web::HttpServer::new(|| {
+        App::new().route(
+            "/metrics",
+            web::get().to(|| async {
+                HttpResponse::Ok()
+                    .content_type("text/plain; version=0.0.4; charset=utf-8")
+                    .body(crate::metrics::render())
+            }),
+        )
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .client_request_timeout(Duration::from_secs(5))
+    .listen(listener)?
+    .run();
+    log::info!("metrics on http://{addr}/metrics");
+    Ok(Some((server, addr)))
 }
 
 /// With `redis.url` set, the link to the other nodes; `None` for a single node.
@@ -288,6 +330,7 @@ fn start_actors(
             create: db.clone().recipient(),
             direct: db.clone().recipient(),
             purge: db.clone().recipient(),
+            revoked: db.clone().recipient(),
         },
         store,
         presence.clone(),
@@ -302,6 +345,7 @@ fn start_actors(
             },
             handover: ms(config.session.resume_handover_ms),
             retention_sweep: ms(config.rooms.retention_sweep_ms),
+            revocation_check: ms(config.auth.revocation_check_ms),
         },
         policies,
     )
@@ -343,6 +387,7 @@ fn session_settings(config: &Config) -> SessionSettings {
         max_waiting_requests: config.session.max_waiting_requests,
         max_waiting_bytes: config.session.max_waiting_bytes,
         resume_join_wait: ms(config.session.resume_join_wait_ms),
+        registration_open: config.auth.registration == Registration::Open,
         guard: GuardSettings {
             max_message_bytes: config.session.max_frame_bytes,
             bad_frame_limit: config.session.bad_frame_limit,
@@ -390,6 +435,8 @@ fn security_headers(tls_on: bool) -> middleware::DefaultHeaders {
 /// A started server; [`Running::run_until`] serves until shutdown.
 pub struct Running {
     server: actix_web::dev::Server,
+    /// The metrics listener and its address, when `metrics.bind` is set.
+    metrics: Option<(actix_web::dev::Server, std::net::SocketAddr)>,
     gate: Addr<Gate>,
     cluster: Option<Addr<Cluster>>,
     shutdown_timeout: Duration,
@@ -398,11 +445,22 @@ pub struct Running {
 }
 
 impl Running {
+    /// Where `GET /metrics` is served, when it is.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|m| m.1)
+    }
+
     /// Serves until `shutdown` resolves, then stops as it says; returns once stopped.
     pub async fn run_until(self, shutdown: impl Future<Output = Stop>) -> Result<(), StartError> {
         let handle = self.server.handle();
         // The server's future also carries out its handle's commands: keep it polled.
         let mut serving = actix::spawn(self.server);
+        let metrics = self.metrics.map(|(server, _)| {
+            let handle = server.handle();
+            actix::spawn(server);
+            handle
+        });
+        let _stop_metrics = StopOnDrop(metrics);
         let stop = tokio::select! {
             finished = &mut serving => {
                 self.reloading.abort();
@@ -429,6 +487,17 @@ impl Running {
             let _ = cluster.send(cluster::Leave { graceful }).await;
         }
         finished
+    }
+}
+
+/// Stops the metrics listener however serving ends.
+struct StopOnDrop(Option<actix_web::dev::ServerHandle>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            actix::spawn(async move { handle.stop(false).await });
+        }
     }
 }
 

@@ -1191,6 +1191,7 @@ fn start_directory(
             create: executor.clone().recipient(),
             direct: executor.clone().recipient(),
             purge: executor.clone().recipient(),
+            revoked: executor.clone().recipient(),
         },
         StoreHandle {
             store: executor.clone().recipient(),
@@ -1203,6 +1204,7 @@ fn start_directory(
             rooms: settings(),
             handover: Duration::from_secs(1),
             retention_sweep: Duration::from_secs(3600),
+            revocation_check: Duration::from_secs(3600),
         },
         Arc::new(Policies::parse(policy, "test").unwrap()),
     )

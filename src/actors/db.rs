@@ -5,7 +5,7 @@
 //! - [`CreateUser`] (Session, register): insert the user with its bcrypt hash.
 //! - [`FindLogin`], [`IssueToken`] (Session, login): the hash to verify; a new token after.
 //! - [`ResumeToken`] (Session, resume): the user holding a live token.
-//! - [`RevokeToken`] (Session, logout).
+//! - [`RevokeToken`] (Session, logout); [`RevokedSince`] (Directory: revocations made elsewhere).
 //! - [`ListRooms`], [`CreateRoom`] (Directory, for a session), [`OpenDirect`] (Session, `dm`).
 //! - [`LoadRoom`] (Directory): a room's record, whitelist and newest messages.
 //! - [`ChangeMember`] (Room, invite and revoke), [`ReserveSeqs`] (Room, when it does not store
@@ -31,6 +31,7 @@ use std::time::Duration;
 use crate::crypto::Keyring;
 use crate::error::StoreError;
 use crate::ids::{RoomId, Seq, UserId};
+use crate::metrics::METRICS;
 use crate::protocol::{RoomKind, RoomName, Username};
 use crate::secret::Secret;
 use crate::store::models::*;
@@ -146,9 +147,11 @@ where
             return Box::pin(fut::ready(Err(StoreError::Busy)));
         }
         self.queued += 1;
+        METRICS.db_queue_depth.inc();
         let request = self.executors.send(msg);
         Box::pin(request.into_actor(self).map(|result, queue, _| {
             queue.queued -= 1;
+            METRICS.db_queue_depth.dec();
             result.unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string())))
         }))
     }
@@ -176,13 +179,13 @@ impl Handler<CreateUser> for DbExecutor {
 
 /// Session → DbExecutor: login, step one. The user and its password hash, if it exists.
 #[derive(Debug, Message)]
-#[rtype(result = "Result<Option<(UserRecord, String)>, StoreError>")]
+#[rtype(result = "Result<Option<Login>, StoreError>")]
 pub struct FindLogin {
     pub username: Username,
 }
 
 impl Handler<FindLogin> for DbExecutor {
-    type Result = Result<Option<(UserRecord, String)>, StoreError>;
+    type Result = Result<Option<Login>, StoreError>;
 
     fn handle(&mut self, msg: FindLogin, _: &mut Self::Context) -> Self::Result {
         store::find_login(&mut *self.conn()?, msg.username.as_str())
@@ -254,6 +257,27 @@ impl Handler<RevokeToken> for DbExecutor {
 
     fn handle(&mut self, msg: RevokeToken, _: &mut Self::Context) -> Self::Result {
         store::revoke_token(&mut *self.conn()?, &msg.hash.0)
+    }
+}
+
+/// Directory → DbExecutor: the tokens revoked at or after `since` (by an operator command, or
+/// a logout on another node), and the database's clock now; `since: None` asks only the clock.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(Vec<TokenHash>, DateTime<Utc>), StoreError>")]
+pub struct RevokedSince {
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl Handler<RevokedSince> for DbExecutor {
+    type Result = Result<(Vec<TokenHash>, DateTime<Utc>), StoreError>;
+
+    fn handle(&mut self, msg: RevokedSince, _: &mut Self::Context) -> Self::Result {
+        let (hashes, clock) = store::operator::revoked_since(&mut *self.conn()?, msg.since)?;
+        let hashes = hashes
+            .into_iter()
+            .filter_map(|h| <[u8; 32]>::try_from(h.as_slice()).ok().map(TokenHash))
+            .collect();
+        Ok((hashes, clock))
     }
 }
 
@@ -457,7 +481,15 @@ impl Handler<StoreBatches> for DbExecutor {
             .iter()
             .map(|b| (b.room, b.posts.as_slice()))
             .collect();
-        store::store_batches(&mut *self.conn()?, &self.keys, &batches)
+        let messages: usize = batches.iter().map(|b| b.1.len()).sum();
+        let started = std::time::Instant::now();
+        let stored = store::store_batches(&mut *self.conn()?, &self.keys, &batches)?;
+        METRICS
+            .store_seconds
+            .observe(started.elapsed().as_secs_f64());
+        METRICS.commit_batch_messages.observe(messages as f64);
+        METRICS.messages_stored.inc_by(messages as u64);
+        Ok(stored)
     }
 }
 

@@ -5,7 +5,7 @@
 //! ([`REMEMBER_MISSING`]), so that a flood of look-ups of rooms that do not exist costs no
 //! database reads; creating a room (here, or its direct room through [`OpenDirectFor`]) or a
 //! reload forgets it. Calls: the DB executor ([`LoadRoom`], [`ListRooms`], [`CreateRoom`],
-//! [`OpenDirect`], [`PurgeExpired`]) and rooms ([`TryStop`]).
+//! [`OpenDirect`], [`PurgeExpired`], [`RevokedSince`]) and rooms ([`TryStop`]).
 //!
 //! It also keeps the sessions whose connection dropped, by token, so that a `resume` within the
 //! grace can take their place in their rooms.
@@ -25,14 +25,18 @@
 //!   session still live with that token is asked to [`Yield`] first.
 //! - [`Track`] / [`Untrack`] (Session): which live sessions hold which token.
 //! - [`Revoked`] (Session, after `logout` revoked its token): every other session using the
-//!   token is told [`TokenRevoked`] and closes; a parked one is forgotten.
+//!   token is told [`TokenRevoked`] and closes; a parked one is forgotten. Tokens revoked
+//!   elsewhere (an operator's `rookery user disable`, a logout on another node) are found by
+//!   asking the database ([`RevokedSince`]) every `auth.revocation_check_ms`.
 
 use actix::prelude::*;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-use crate::actors::db::{CreateRoom, ListRooms, LoadRoom, OpenDirect, PurgeExpired, TokenHash};
+use crate::actors::db::{
+    CreateRoom, ListRooms, LoadRoom, OpenDirect, PurgeExpired, RevokedSince, TokenHash,
+};
 use crate::actors::presence::PresenceHandle;
 use crate::actors::room::{
     Room, RoomIdle, RoomPolicy, RoomSettings, SetPolicy, StoreHandle, TryStop,
@@ -42,7 +46,12 @@ use crate::ids::SessionId;
 use crate::policy::Policies;
 use crate::protocol::{username_key, RoomKind, RoomName, Username};
 use crate::store::models::{RoomRecord, RoomState, RoomSummary, UserRecord};
+use chrono::{DateTime, Utc};
 use std::sync::Arc;
+
+/// How far before the previous check a check for revoked tokens looks: longer than a
+/// revoking transaction may take to commit after it read the clock.
+const REVOCATION_LOOK_BACK: chrono::TimeDelta = chrono::TimeDelta::seconds(30);
 
 /// How long a room name found missing answers without a database look-up.
 pub const REMEMBER_MISSING: Duration = Duration::from_secs(2);
@@ -100,6 +109,7 @@ pub struct DirectoryStore {
     pub create: Recipient<CreateRoom>,
     pub direct: Recipient<OpenDirect>,
     pub purge: Recipient<PurgeExpired>,
+    pub revoked: Recipient<RevokedSince>,
 }
 
 /// Session → Directory: a session of `token` lost its connection while joined to `rooms`.
@@ -198,6 +208,11 @@ pub struct Directory {
     handover: Duration,
     /// How often messages past their room's retention are deleted.
     retention_sweep: Duration,
+    /// How often the database is asked for tokens revoked elsewhere.
+    revocation_check: Duration,
+    /// The database's clock at the last answer to that question (None before the first).
+    revocations_checked: Option<DateTime<Utc>>,
+    checking_revocations: bool,
 }
 
 /// How the directory is set up.
@@ -205,6 +220,7 @@ pub struct DirectorySettings {
     pub rooms: RoomSettings,
     pub handover: Duration,
     pub retention_sweep: Duration,
+    pub revocation_check: Duration,
 }
 
 impl Directory {
@@ -228,6 +244,9 @@ impl Directory {
             policies,
             handover: settings.handover,
             retention_sweep: settings.retention_sweep,
+            revocation_check: settings.revocation_check,
+            revocations_checked: None,
+            checking_revocations: false,
         }
     }
 
@@ -263,6 +282,42 @@ impl Directory {
                 Err(e) => log::warn!("retention: {e}"),
             }
         });
+    }
+
+    /// Closes the sessions of tokens revoked since the last check. Each check looks back a
+    /// while before it, so that a revocation committed late is not missed; closing twice is
+    /// harmless.
+    fn check_revocations(&mut self, ctx: &mut Context<Self>) {
+        if self.checking_revocations {
+            return;
+        }
+        self.checking_revocations = true;
+        let since = self.revocations_checked.map(|at| at - REVOCATION_LOOK_BACK);
+        let request = self.db.revoked.send(RevokedSince { since });
+        ctx.spawn(request.into_actor(self).map(|answer, dir, _| {
+            dir.checking_revocations = false;
+            match answer {
+                Ok(Ok((hashes, clock))) => {
+                    dir.revocations_checked = Some(clock);
+                    for token in hashes {
+                        dir.revoked(&token, None);
+                    }
+                }
+                Ok(Err(e)) => log::warn!("checking for revoked tokens failed: {e}"),
+                Err(e) => log::warn!("checking for revoked tokens: {e}"),
+            }
+        }));
+    }
+
+    /// `token` no longer authenticates: forget its parked session and close the live ones
+    /// (but `by`, the session whose logout revoked it).
+    fn revoked(&mut self, token: &TokenHash, by: Option<SessionId>) {
+        self.parked.remove(token);
+        for live in self.live.remove(token).unwrap_or_default() {
+            if Some(live.session) != by {
+                live.revoked.do_send(TokenRevoked);
+            }
+        }
     }
 
     fn untrack(&mut self, token: &TokenHash, session: SessionId) {
@@ -371,6 +426,8 @@ impl Actor for Directory {
             },
         );
         ctx.run_interval(self.retention_sweep, |dir, _| dir.purge_expired());
+        self.check_revocations(ctx);
+        ctx.run_interval(self.revocation_check, |dir, ctx| dir.check_revocations(ctx));
     }
 }
 
@@ -414,12 +471,7 @@ impl Handler<Revoked> for Directory {
     type Result = ();
 
     fn handle(&mut self, msg: Revoked, _: &mut Context<Self>) {
-        self.parked.remove(&msg.token);
-        for live in self.live.remove(&msg.token).unwrap_or_default() {
-            if live.session != msg.by {
-                live.revoked.do_send(TokenRevoked);
-            }
-        }
+        self.revoked(&msg.token, Some(msg.by));
     }
 }
 

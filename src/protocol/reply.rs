@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::event::MessageView;
 use super::{ErrorCode, RequestId, RoomKind};
 use crate::ids::{Seq, UserId};
+use crate::metrics::METRICS;
 use crate::secret::Secret;
 
 /// A user as replies show it.
@@ -134,6 +135,11 @@ pub fn ok_frame(id: &RequestId, reply: &Reply) -> String {
 
 /// `{"type":"error","id":...|null,"code":...,"message":...}`.
 pub fn error_frame(id: Option<&RequestId>, code: ErrorCode, message: &str) -> String {
+    let label: &'static str = code.into();
+    METRICS.errors.with_label_values(&[label]).inc();
+    if code == ErrorCode::RateLimited {
+        METRICS.rate_limited.inc();
+    }
     serde_json::to_string(&ErrorFrame {
         kind: "error",
         id,

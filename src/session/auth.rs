@@ -21,6 +21,7 @@ use crate::actors::gate::{
 use crate::actors::room::{Deliver, Join, Joined, Room};
 use crate::error::{AuthError, Error, StoreError};
 use crate::ids::SessionId;
+use crate::metrics::METRICS;
 use crate::protocol::{Reply, RequestKind, RestoredRoom, RoomName, UserView, Username};
 use crate::secret::Secret;
 use crate::store::models::UserRecord;
@@ -37,6 +38,9 @@ type Restored = Vec<(RoomName, Option<(Addr<Room>, Joined)>)>;
 
 impl Session {
     pub(super) fn register(&mut self, username: Username, password: Secret) -> Step {
+        if !self.settings.registration_open {
+            return Step::fail(AuthError::RegistrationClosed);
+        }
         let work = register(self.services.clone(), self.peer.ip, username, password);
         Step::later(work.into_actor(self))
     }
@@ -222,14 +226,19 @@ async fn login_attempt(
         })
         .await?;
     if !allowed {
+        METRICS.logins.with_label_values(&["refused"]).inc();
         return Err(AuthError::TooManyFailures.into());
     }
     let admitted = LoginAttempt::new(services.gate.clone(), username.clone(), ip);
     let attempt = check_password(&services, &username, password).await;
-    admitted.finish(matches!(
-        attempt,
-        Err(Error::Auth(AuthError::InvalidCredentials))
-    ));
+    let failed = matches!(attempt, Err(Error::Auth(AuthError::InvalidCredentials)));
+    admitted.finish(failed);
+    let result = match &attempt {
+        Ok(_) => "ok",
+        Err(_) if failed => "invalid_credentials",
+        Err(_) => "refused",
+    };
+    METRICS.logins.with_label_values(&[result]).inc();
     attempt
 }
 
@@ -246,14 +255,22 @@ async fn check_password(
             username: username.clone(),
         })
         .await??;
-    let (user, hash) = match found {
-        Some((user, hash)) => (Some(user), Some(hash)),
+    let (login, hash) = match found {
+        Some(login) => {
+            let hash = login.password_hash.clone();
+            (Some(login), Some(hash))
+        }
         None => (None, None),
     };
     let verified = services.hasher.verify(password, hash).await?;
-    let user = user
+    let login = login
         .filter(|_| verified)
         .ok_or(AuthError::InvalidCredentials)?;
+    // Only who knows the password learns that the account is disabled.
+    if login.disabled {
+        return Err(AuthError::Disabled.into());
+    }
+    let user = login.user;
     let token = services.db.send(IssueToken { user: user.id }).await??;
     Ok((user, token))
 }

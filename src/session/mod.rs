@@ -73,5 +73,7 @@ pub struct SessionSettings {
     pub max_waiting_bytes: usize,
     /// How long a resume's restored rooms stay held for a `join {after}` that may follow.
     pub resume_join_wait: Duration,
+    /// Whether `register` is open to anyone.
+    pub registration_open: bool,
     pub guard: guard::GuardSettings,
 }

@@ -18,6 +18,7 @@ use crate::actors::directory::{Track, Untrack};
 use crate::actors::presence::{SessionClosed, SessionOpened};
 use crate::actors::room::Leave;
 use crate::error::{AuthError, Error, SessionError};
+use crate::metrics::{Held, METRICS};
 use crate::protocol::{
     error_frame, ok_frame, Incoming, Rejection, Reply, Request, RequestId, RoomName,
 };
@@ -309,6 +310,7 @@ impl Session {
         self.phase
             .authenticate(identity)
             .map_err(|_| AuthError::AlreadyAuthenticated)?;
+        self.authenticated = Some(Held::new(&METRICS.sessions_authenticated));
         self.services
             .presence
             .opened

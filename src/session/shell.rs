@@ -27,6 +27,7 @@ use crate::actors::gate::{Drain, Register, Unregister};
 use crate::actors::presence::SessionClosed;
 use crate::actors::room::{Deliver, Detach, Leave, Room};
 use crate::ids::SessionId;
+use crate::metrics::{Held, METRICS};
 use crate::protocol::{
     error_frame, parse_request, ErrorCode, Event, Incoming, RequestId, RoomName,
 };
@@ -51,6 +52,9 @@ pub struct Session {
     hearing: Hearing,
     pub(super) services: Services,
     pub(super) settings: Arc<SessionSettings>,
+    _open: Held,
+    /// Counts the connection as authenticated from its login or resume on.
+    pub(super) authenticated: Option<Held>,
 }
 
 impl Session {
@@ -73,6 +77,8 @@ impl Session {
             hearing: Hearing::new(now),
             services,
             settings,
+            _open: Held::new(&METRICS.connections_open),
+            authenticated: None,
         }
     }
 

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::Session;
+use crate::metrics::METRICS;
 
 pub use ws::CloseReason;
 
@@ -98,6 +99,8 @@ pub fn pong(ctx: &mut WsContext, meter: &OutboundMeter, data: &[u8]) {
 
 /// Sends a close frame and stops the session.
 pub fn close(ctx: &mut WsContext, close: Close, reason: &str) {
+    let code = u16::from(close.code()).to_string();
+    METRICS.closes.with_label_values(&[code.as_str()]).inc();
     ctx.close(Some(ws::CloseReason {
         code: close.code(),
         description: Some(reason.to_string()),

@@ -2,6 +2,7 @@
 //! threads. Owns the SQL; seals and opens bodies with the [`Keyring`] it is given.
 
 pub mod models;
+pub mod operator;
 mod room_queries;
 
 pub use room_queries::*;
@@ -49,6 +50,37 @@ pub(crate) fn is_unique_violation(e: &DieselError) -> bool {
     )
 }
 
+/// Waits until Postgres accepts connections (a database that does not exist yet counts as an
+/// answer), retrying with backoff for at most `bound`: a container's database may still be
+/// starting. Zero tries once.
+pub fn wait_for_server(url: &str, bound: Duration) -> Result<(), StoreError> {
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(100);
+    let mut said = false;
+    loop {
+        let why = match PgConnection::establish(url) {
+            Ok(_) => return Ok(()),
+            Err(diesel::ConnectionError::BadConnection(why)) if !why.contains("does not exist") => {
+                why
+            }
+            Err(_) => return Ok(()),
+        };
+        let why = why.trim().to_string();
+        if started.elapsed() + pause > bound {
+            return Err(StoreError::Unavailable(why));
+        }
+        if !said {
+            log::warn!(
+                "the database does not answer ({why}); retrying for up to {} s",
+                bound.as_secs()
+            );
+            said = true;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
 /// Creates the database named in `url` when it does not exist yet.
 pub fn ensure_database(url: &str) -> Result<(), StoreError> {
     let mut parsed =
@@ -90,6 +122,13 @@ pub fn run_migrations(conn: &mut PgConnection) -> Result<usize, StoreError> {
         .map_err(|e| StoreError::Migration(e.to_string()));
     conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"))?;
     result
+}
+
+/// How many migrations have not run on this database.
+pub fn pending_migrations(conn: &mut PgConnection) -> Result<usize, StoreError> {
+    conn.pending_migrations(MIGRATIONS)
+        .map(|p| p.len())
+        .map_err(|e| StoreError::Migration(e.to_string()))
 }
 
 /// Reverts every migration (tests check that down and up again work).
@@ -172,24 +211,25 @@ pub fn create_user(
     })
 }
 
-/// The user and its password hash, for a login.
-pub fn find_login(
-    conn: &mut PgConnection,
-    username: &str,
-) -> Result<Option<(UserRecord, String)>, StoreError> {
+/// The user, its password hash and whether it is disabled, for a login.
+pub fn find_login(conn: &mut PgConnection, username: &str) -> Result<Option<Login>, StoreError> {
     let row = users::table
         .filter(lower(users::username).eq(username_key(username)))
-        .select((users::id, users::username, users::password_hash))
-        .first::<(i64, String, String)>(conn)
+        .select((
+            users::id,
+            users::username,
+            users::password_hash,
+            users::disabled_at.is_not_null(),
+        ))
+        .first::<(i64, String, String, bool)>(conn)
         .optional()?;
-    Ok(row.map(|(id, username, hash)| {
-        (
-            UserRecord {
-                id: UserId(id),
-                username,
-            },
-            hash,
-        )
+    Ok(row.map(|(id, username, password_hash, disabled)| Login {
+        user: UserRecord {
+            id: UserId(id),
+            username,
+        },
+        password_hash,
+        disabled,
     }))
 }
 
@@ -224,6 +264,7 @@ pub fn user_by_token(
         .filter(session_tokens::token_hash.eq(token_hash))
         .filter(session_tokens::revoked_at.is_null())
         .filter(session_tokens::expires_at.gt(Utc::now()))
+        .filter(users::disabled_at.is_null())
         .select((users::id, users::username, session_tokens::expires_at))
         .first::<(i64, String, DateTime<Utc>)>(conn)
         .optional()?;
@@ -237,8 +278,9 @@ pub fn user_by_token(
 }
 
 pub fn revoke_token(conn: &mut PgConnection, token_hash: &[u8]) -> Result<(), StoreError> {
+    // The database's clock, which the other servers' watch for revoked tokens compares with.
     diesel::update(session_tokens::table.filter(session_tokens::token_hash.eq(token_hash)))
-        .set(session_tokens::revoked_at.eq(Utc::now()))
+        .set(session_tokens::revoked_at.eq(diesel::dsl::now))
         .execute(conn)?;
     Ok(())
 }

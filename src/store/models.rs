@@ -13,6 +13,14 @@ pub struct UserRecord {
     pub username: String,
 }
 
+/// What a login checks: the user, its bcrypt hash, and whether an operator disabled it.
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub user: UserRecord,
+    pub password_hash: String,
+    pub disabled: bool,
+}
+
 /// Where a room comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoomOrigin {

@@ -366,11 +366,23 @@ fn open_direct_once(
 /// out itself): returns the last seq of the reserved block, which starts after the room's
 /// counter as it was.
 pub fn reserve_seqs(conn: &mut PgConnection, room: RoomId, count: i64) -> Result<Seq, StoreError> {
-    let last: i64 = diesel::update(rooms::table.filter(rooms::id.eq(room.0)))
-        .set(rooms::last_seq.eq(rooms::last_seq + count))
-        .returning(rooms::last_seq)
-        .get_result(conn)?;
-    Ok(Seq(last))
+    // One statement: the block is listed in `unstored_seqs` (for `rookery verify`) exactly
+    // when the counter moved past it.
+    let reserved: Reserved = diesel::sql_query(
+        "WITH r AS (UPDATE rooms SET last_seq = last_seq + $2 WHERE id = $1 RETURNING last_seq) \
+         INSERT INTO unstored_seqs (room_id, first_seq, last_seq) \
+         SELECT $1, r.last_seq - $2 + 1, r.last_seq FROM r RETURNING last_seq",
+    )
+    .bind::<BigInt, _>(room.0)
+    .bind::<BigInt, _>(count)
+    .get_result(conn)?;
+    Ok(Seq(reserved.last_seq))
+}
+
+#[derive(QueryableByName)]
+struct Reserved {
+    #[diesel(sql_type = BigInt)]
+    last_seq: i64,
 }
 
 /// Rows deleted by one statement of the retention job, so that no statement runs for long.
@@ -401,9 +413,15 @@ fn purge(
     names: &[String],
     days: u32,
 ) -> Result<usize, StoreError> {
+    // Each room's `purged_through` moves with its deletions in the same statement, so that
+    // `rookery verify` tells retention from a lost row.
     let sql = format!(
-        "DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m JOIN rooms r ON r.id = m.room_id \
-         WHERE {rooms_filter} AND m.created_at < now() - make_interval(days => $2) LIMIT $3)"
+        "WITH d AS (DELETE FROM messages WHERE id IN (SELECT m.id FROM messages m JOIN rooms r ON r.id = m.room_id \
+         WHERE {rooms_filter} AND m.created_at < now() - make_interval(days => $2) LIMIT $3) RETURNING room_id, seq), \
+         top AS (SELECT room_id, max(seq) AS seq FROM d GROUP BY room_id), \
+         moved AS (UPDATE rooms SET purged_through = GREATEST(rooms.purged_through, top.seq) \
+         FROM top WHERE rooms.id = top.room_id) \
+         SELECT count(*) AS deleted FROM d"
     );
     let mut deleted = 0;
     loop {
@@ -411,10 +429,17 @@ fn purge(
             .bind::<Array<Text>, _>(names)
             .bind::<Integer, _>(i32::try_from(days).unwrap_or(i32::MAX))
             .bind::<BigInt, _>(PURGE_BATCH)
-            .execute(conn)?;
-        deleted += n;
-        if i64::try_from(n).unwrap_or(0) < PURGE_BATCH {
+            .get_result::<Purged>(conn)?
+            .deleted;
+        deleted += usize::try_from(n).unwrap_or(0);
+        if n < PURGE_BATCH {
             return Ok(deleted);
         }
     }
+}
+
+#[derive(QueryableByName)]
+struct Purged {
+    #[diesel(sql_type = BigInt)]
+    deleted: i64,
 }

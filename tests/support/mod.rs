@@ -97,6 +97,7 @@ pub fn test_config(db: &TestDb, data_dir: &TempDir) -> Config {
     write_policy(&mut config, data_dir, TEST_POLICY);
     config.data_dir = data_dir.0.clone();
     config.server.bind = "127.0.0.1:0".into();
+    config.metrics.bind = "127.0.0.1:0".into();
     config.server.workers = 1;
     config.server.shutdown_timeout_ms = 1000;
     config.tls.enabled = false;
@@ -139,6 +140,7 @@ pub fn join_cluster(config: &mut Config, redis: &str, prefix: &str, node_id: &st
 /// future `main` gives it.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub tls: bool,
     pub config: Config,
     /// Shared by the nodes of a cluster test.
@@ -185,11 +187,13 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let running = rookery::server::start(prepared, listener).expect("start server");
+        let metrics_addr = running.metrics_addr();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let serving =
             actix_rt::spawn(running.run_until(async move { stopped.await.unwrap_or(Stop::Now) }));
         TestServer {
             addr,
+            metrics_addr,
             tls,
             config,
             data_dir,
@@ -803,6 +807,7 @@ impl RealServer {
             .env("DATABASE_URL", &db.url)
             .env("ROOKERY__SERVER__BIND", format!("127.0.0.1:{port}"))
             .env("ROOKERY__TLS__ENABLED", "false")
+            .env("ROOKERY__METRICS__BIND", "127.0.0.1:0")
             .env("ROOKERY__DATA_DIR", &data.0)
             .env("ROOKERY__DATABASE__BCRYPT_COST", "4")
             .env("ROOKERY__ROOMS__POLICY_FILE", &policy_file)

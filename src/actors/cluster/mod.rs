@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::ids::UserId;
+use crate::metrics::METRICS;
 
 pub mod bus;
 pub mod view;
@@ -188,6 +189,7 @@ struct Reports {
 impl Reports {
     fn trouble(&mut self, what: &str) {
         self.troubled = true;
+        METRICS.redis_errors.inc();
         if self.last.is_some_and(|at| at.elapsed() < REPORT_EVERY) {
             self.held_back += 1;
             return;

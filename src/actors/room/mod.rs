@@ -40,6 +40,7 @@ use crate::actors::db::{ChangeMember, LoadHistory, MemberChange, ReserveSeqs, St
 use crate::actors::presence::{PresenceHandle, RoomEntered, RoomExited, WhoIsIn};
 use crate::error::{Forbidden, RoomError, StoreError};
 use crate::ids::{Seq, SessionId, UserId};
+use crate::metrics::{Held, METRICS};
 use crate::policy::Policies;
 use crate::protocol::{
     format_time, username_key, Event, MessageView, RoomKind, Username, MAX_HISTORY_LIMIT,
@@ -288,6 +289,7 @@ pub struct Room {
     store: StoreHandle,
     presence: PresenceHandle,
     directory: Option<Recipient<RoomIdle>>,
+    _running: Held,
 }
 
 impl Room {
@@ -331,6 +333,7 @@ impl Room {
             store,
             presence,
             directory,
+            _running: Held::new(&METRICS.rooms_active),
         }
     }
 
@@ -374,6 +377,7 @@ impl Room {
             .filter(|(_, m)| m.user.id == user)
             .map(|(id, _)| *id)
             .collect();
+        METRICS.kicks.with_label_values(&[reason]).inc();
         for id in sessions {
             if let Some(member) = self.remove_session(id) {
                 member.deliver.do_send(Deliver::Kicked {
@@ -404,6 +408,7 @@ impl Room {
 
     fn broadcast_seq(&mut self, frame: &ByteString, seq: Option<Seq>, except: Option<SessionId>) {
         let mut evicted = Vec::new();
+        let mut delivered = 0;
         for (id, member) in self.sessions.iter_mut() {
             if Some(*id) == except || member.detached_at.is_some() {
                 continue;
@@ -414,10 +419,13 @@ impl Room {
                 frame: frame.clone(),
             };
             match member.deliver.try_send(msg) {
-                Ok(()) => {}
+                Ok(()) => delivered += 1,
                 Err(SendError::Closed(_)) => member.detached_at = Some(Instant::now()),
                 Err(SendError::Full(_)) => evicted.push(*id),
             }
+        }
+        if seq.is_some() {
+            METRICS.messages_delivered.inc_by(delivered);
         }
         for id in evicted {
             if let Some(member) = self.sessions.get_mut(&id) {
@@ -1198,6 +1206,7 @@ impl Handler<Post> for Room {
         if let Err(e) = self.admit_post(&post) {
             return Box::pin(async move { Err(e) });
         }
+        METRICS.messages_received.inc();
         let (reply, answer) = oneshot::channel();
         self.queue.push_back(Pending {
             post,
