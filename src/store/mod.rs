@@ -745,6 +745,28 @@ pub fn load_messages(
     })
 }
 
+/// The plaintext body of a stored row, or why it cannot be had.
+pub(crate) fn open_body(
+    keys: &Keyring,
+    room: RoomId,
+    seq: Seq,
+    sender: UserId,
+    created_at: DateTime<Utc>,
+    sealed: &Sealed,
+) -> Result<String, String> {
+    let at = Binding {
+        room,
+        seq,
+        sender,
+        sent_at_micros: created_at.timestamp_micros(),
+    };
+    keys.open(&at, sealed)
+        .map_err(|e| format!("does not decrypt with key {}: {e}", sealed.key_id))
+        .and_then(|plain| {
+            String::from_utf8(plain).map_err(|_| "decrypts, but the body is not UTF-8".to_string())
+        })
+}
+
 /// The message of a row, and why its body is missing when it could not be opened.
 fn open_row(keys: &Keyring, room: &RoomRecord, row: MessageRow) -> (MessageView, Option<String>) {
     let seq = Seq(row.seq);
@@ -754,16 +776,14 @@ fn open_row(keys: &Keyring, room: &RoomRecord, row: MessageRow) -> (MessageView,
         nonce: row.nonce,
         ciphertext: row.ciphertext,
     };
-    let at = Binding {
-        room: room.id,
+    let body = open_body(
+        keys,
+        room.id,
         seq,
-        sender: UserId(row.sender_id),
-        sent_at_micros: row.created_at.timestamp_micros(),
-    };
-    let body = keys
-        .open(&at, &sealed)
-        .map_err(|e| e.to_string())
-        .and_then(|plain| String::from_utf8(plain).map_err(|_| "not UTF-8".to_string()));
+        UserId(row.sender_id),
+        row.created_at,
+        &sealed,
+    );
     let (body, error, problem) = match body {
         Ok(body) => (Some(body), None, None),
         Err(why) => (None, Some(UNDECRYPTABLE), Some(why)),

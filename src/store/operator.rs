@@ -7,7 +7,8 @@ use diesel::dsl::{count_star, now};
 use diesel::prelude::*;
 
 use super::lower;
-use crate::crypto::{Binding, Keyring, Sealed};
+use super::open_body;
+use crate::crypto::{Keyring, Sealed};
 use crate::error::StoreError;
 use crate::ids::{RoomId, Seq, UserId};
 use crate::protocol::username_key;
@@ -263,23 +264,14 @@ pub fn check_page(
         .into_iter()
         .filter_map(
             |(seq, sender, key_id, aad_version, nonce, ciphertext, created_at)| {
-                let at = Binding {
-                    room,
-                    seq: Seq(seq),
-                    sender: UserId(sender),
-                    sent_at_micros: created_at.timestamp_micros(),
-                };
                 let sealed = Sealed {
                     key_id,
                     aad_version,
                     nonce,
                     ciphertext,
                 };
-                let problem = match keys.open(&at, &sealed) {
-                    Ok(plain) if std::str::from_utf8(&plain).is_ok() => return None,
-                    Ok(_) => "decrypts, but the body is not UTF-8".to_string(),
-                    Err(e) => format!("does not decrypt with key {key_id}: {e}"),
-                };
+                let opened = open_body(keys, room, Seq(seq), UserId(sender), created_at, &sealed);
+                let problem = opened.err()?;
                 Some(BadRow { seq, problem })
             },
         )
