@@ -1,7 +1,7 @@
 //! The client side of docs/protocol.md, written once: a WebSocket connection that sends
 //! requests, serialized from the same [`Request`] type the server parses, and reads replies
-//! and events as JSON, answering pings. The end-to-end tests and rookery-bench are built on it
-//! (and the terminal client will be). Owns no server state; calls only the network.
+//! and events as JSON, answering pings. rookery-cli, rookery-bench and the end-to-end tests are
+//! built on it. Owns no server state; calls only the network.
 
 use actix_codec::Framed;
 use awc::ws::{self, Frame};
@@ -40,6 +40,8 @@ pub enum ClientError {
 pub struct ConnectOptions {
     /// Accept any certificate (the development self-signed one).
     pub insecure: bool,
+    /// Also trust the certificates in this PEM file (a server's own cert.pem).
+    pub ca_file: Option<std::path::PathBuf>,
     /// Sent as the Origin header.
     pub origin: Option<String>,
     /// Source address (e.g. 127.0.0.2), to spread many connections over several addresses.
@@ -65,6 +67,8 @@ pub enum Incoming {
 pub struct Connection {
     /// None once [`Connection::abandon`]ed.
     framed: Option<Framed<BoxedSocket, ws::Codec>>,
+    /// The reason text of the server's close frame, once one came.
+    close_reason: Option<String>,
 }
 
 /// The text frame of `request` with `id`: `{"id": id, "type": ..., ...fields}`.
@@ -147,6 +151,7 @@ impl Connector {
         })?;
         Ok(Connection {
             framed: Some(framed),
+            close_reason: None,
         })
     }
 }
@@ -154,6 +159,10 @@ impl Connector {
 fn ssl_connector(options: &ConnectOptions) -> Result<SslConnectorBuilder, ClientError> {
     let mut ssl =
         SslConnector::builder(SslMethod::tls()).map_err(|e| ClientError::Connect(e.to_string()))?;
+    if let Some(ca_file) = &options.ca_file {
+        ssl.set_ca_file(ca_file)
+            .map_err(|e| ClientError::Connect(format!("reading {}: {e}", ca_file.display())))?;
+    }
     if options.insecure {
         ssl.set_verify(SslVerifyMode::NONE);
         // OpenSSL still builds the chain it will not check, searching the system trust store
@@ -198,6 +207,11 @@ impl Connection {
     /// answers `Closed` from then on.
     pub fn abandon(&mut self) {
         self.framed = None;
+    }
+
+    /// The reason the server gave in its close frame ("token revoked", ...), once it closed.
+    pub fn close_reason(&self) -> Option<&str> {
+        self.close_reason.as_deref()
     }
 
     fn framed(&mut self) -> Result<&mut Framed<BoxedSocket, ws::Codec>, ClientError> {
@@ -247,7 +261,9 @@ impl Connection {
                     let _ = framed.send(ws::Message::Pong(data)).await;
                 }
                 Some(Ok(Frame::Close(reason))) => {
-                    return Err(ClientError::Closed(reason.map(|r| u16::from(r.code))))
+                    let code = reason.as_ref().map(|r| u16::from(r.code));
+                    self.close_reason = reason.and_then(|r| r.description);
+                    return Err(ClientError::Closed(code));
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(ClientError::Protocol(e.to_string())),

@@ -19,17 +19,17 @@
 //! - [`ids`]: the identifiers every layer shares; [`secret`]: a string Debug never shows;
 //!   [`rate`]: token buckets per key; [`metrics`]: the Prometheus figures every layer updates.
 //!
-//! With the `tools` feature (tests and rookery-bench; never the server): [`client`], the client
-//! side of the protocol (its TLS in `client_tls`), and [`checker`], the history checker of
-//! fault and load runs.
+//! With the `cli` feature (rookery-cli; never the server): [`client`], the client side of the
+//! protocol (its TLS in `client_tls`). With `tools` (tests and rookery-bench) also [`checker`],
+//! the history checker of fault and load runs.
 
 pub mod actors;
 #[cfg(feature = "tools")]
 pub mod checker;
 pub mod cli;
-#[cfg(feature = "tools")]
+#[cfg(feature = "cli")]
 pub mod client;
-#[cfg(feature = "tools")]
+#[cfg(feature = "cli")]
 mod client_tls;
 pub mod config;
 pub mod crypto;
