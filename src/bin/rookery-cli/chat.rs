@@ -27,6 +27,9 @@ pub enum Effect {
     Prompt(String),
     /// Open a new connection after this wait.
     Connect(Duration),
+    /// Abandon the connection as lost (no answer to a ping, a resume to retry); `on_closed`
+    /// follows.
+    Drop(&'static str),
     /// Close the connection and stop with this outcome.
     Exit(Result<(), CliError>),
 }
@@ -47,6 +50,7 @@ enum Pending {
     Invite { room: RoomName, user: Username },
     Revoke { room: RoomName, user: Username },
     Send { client_msg_id: String },
+    Ping { sent: Instant },
 }
 
 /// A message typed but not acked yet.
@@ -103,7 +107,13 @@ pub struct Chat {
     logging_in: bool,
     /// Ticks left before a `/quit` stops without the acks it waits for.
     quitting: Option<u32>,
+    /// When the last frame came (a quiet connection is pinged, a dead one dropped).
+    last_frame: Instant,
 }
+
+/// A connection this quiet is pinged; one whose ping is not answered this fast is dropped.
+const QUIET: Duration = Duration::from_secs(8);
+const PING_TIMEOUT: Duration = Duration::from_secs(6);
 
 /// How many seconds `/quit` waits for the acks of messages still being stored.
 const QUIT_WAIT_TICKS: u32 = 5;
@@ -128,8 +138,8 @@ fn parse_user(text: &str) -> Result<Username, String> {
 fn error_text(frame: &Value) -> String {
     format!(
         "{}: {}",
-        show::printable(frame["code"].as_str().unwrap_or("internal")),
-        show::printable(frame["message"].as_str().unwrap_or_default())
+        show::line(frame["code"].as_str().unwrap_or("internal")),
+        show::line(frame["message"].as_str().unwrap_or_default())
     )
 }
 
@@ -153,6 +163,7 @@ impl Chat {
             typing_shown: HashMap::new(),
             logging_in: true,
             quitting: None,
+            last_frame: Instant::now(),
         }
     }
 
@@ -204,8 +215,9 @@ impl Chat {
     }
 
     /// A connection opened.
-    pub fn on_connected(&mut self) -> Vec<Effect> {
+    pub fn on_connected(&mut self, now: Instant) -> Vec<Effect> {
         self.connected = true;
+        self.last_frame = now;
         self.ever_connected = true;
         let Some(token) = self.token.clone() else {
             let register = matches!(self.on_open, Pending::Register);
@@ -251,13 +263,14 @@ impl Chat {
             message.in_flight = false;
         }
         if self.quitting.is_some() {
-            return vec![Effect::Exit(Ok(()))];
+            return vec![self.exit_with_outbox()];
         }
         let reason = reason.unwrap_or_default();
-        let described = match code {
-            Some(code) if reason.is_empty() => format!("code {code}"),
-            Some(code) => format!("code {code}, {}", show::printable(reason)),
-            None => "no close frame".into(),
+        let described = match (code, reason.is_empty()) {
+            (Some(code), true) => format!("code {code}"),
+            (Some(code), false) => format!("code {code}, {}", show::line(reason)),
+            (None, false) => show::line(reason),
+            (None, true) => "no close frame".into(),
         };
         if code == Some(1008) && reason.starts_with("token") {
             return vec![Effect::Exit(Err(CliError::Terminal(format!(
@@ -279,17 +292,39 @@ impl Chat {
 
     /// Once a second: sends to try again (after `unavailable` or `rate_limited`), and the
     /// end of a `/quit`'s wait.
-    pub fn on_tick(&mut self) -> Vec<Effect> {
+    pub fn on_tick(&mut self, now: Instant) -> Vec<Effect> {
         if let Some(left) = &mut self.quitting {
             *left = left.saturating_sub(1);
             if *left == 0 {
-                let unsent = self.outbox.len();
-                return vec![Effect::Exit(Err(CliError::Terminal(format!(
-                    "{unsent} message(s) not acked by the server: they may not have been stored"
-                ))))];
+                return vec![self.exit_with_outbox()];
+            }
+        }
+        if self.connected && self.token.is_some() {
+            let ping_sent = self.pending.values().find_map(|p| match p {
+                Pending::Ping { sent } => Some(*sent),
+                _ => None,
+            });
+            match ping_sent {
+                Some(sent) if now.duration_since(sent) >= PING_TIMEOUT => {
+                    return vec![Effect::Drop("no answer to a ping")];
+                }
+                None if now.duration_since(self.last_frame) >= QUIET => {
+                    return vec![self.request(&Request::Ping {}, Pending::Ping { sent: now })];
+                }
+                _ => {}
             }
         }
         self.send_outbox()
+    }
+
+    /// The end of the session: a failure when messages typed were never acked.
+    fn exit_with_outbox(&self) -> Effect {
+        match self.outbox.len() {
+            0 => Effect::Exit(Ok(())),
+            unsent => Effect::Exit(Err(CliError::Terminal(format!(
+                "{unsent} message(s) not acked by the server: they may not have been stored"
+            )))),
+        }
     }
 
     /// Stops a `/quit` once nothing waits for an ack.
@@ -304,15 +339,24 @@ impl Chat {
         if !self.connected || self.token.is_none() {
             return Vec::new();
         }
-        let due: Vec<(RoomName, String, String)> = self
-            .outbox
-            .iter_mut()
-            .filter(|m| !m.in_flight)
-            .map(|m| {
-                m.in_flight = true;
-                (m.room.clone(), m.body.clone(), m.client_msg_id.clone())
-            })
-            .collect();
+        // One message in flight per room: a retry (after `unavailable` or `rate_limited`) then
+        // cannot be stored after a message typed later.
+        let mut busy: Vec<RoomName> = Vec::new();
+        let mut due: Vec<(RoomName, String, String)> = Vec::new();
+        for message in &mut self.outbox {
+            if busy.contains(&message.room) {
+                continue;
+            }
+            busy.push(message.room.clone());
+            if !message.in_flight {
+                message.in_flight = true;
+                due.push((
+                    message.room.clone(),
+                    message.body.clone(),
+                    message.client_msg_id.clone(),
+                ));
+            }
+        }
         due.into_iter()
             .map(|(room, body, client_msg_id)| {
                 let send = Request::Post {
@@ -376,7 +420,7 @@ impl Chat {
         }
         self.quitting = Some(QUIT_WAIT_TICKS);
         if self.outbox.is_empty() || !self.connected {
-            return vec![Effect::Exit(Ok(()))];
+            return vec![self.exit_with_outbox()];
         }
         vec![Effect::Print(format!(
             "waiting for {} message(s) to be stored…",
@@ -404,9 +448,21 @@ impl Chat {
     }
 
     fn say(&mut self, body: &str) -> Vec<Effect> {
+        if self.token.is_none() {
+            return vec![Effect::Print(
+                "not logged in yet (/register creates the account, /login tries again)".into(),
+            )];
+        }
         let Some(room) = self.current.clone() else {
             return vec![Effect::Print("no current room: /join ROOM first".into())];
         };
+        if body.len() > crate::MAX_BODY_BYTES {
+            return vec![Effect::Print(format!(
+                "not sent: {} bytes is over the {} a message may have",
+                body.len(),
+                crate::MAX_BODY_BYTES
+            ))];
+        }
         self.outbox.push(Outgoing {
             room,
             body: body.to_string(),
@@ -540,6 +596,7 @@ impl Chat {
 
     /// A frame from the server; `now` paces the typing lines.
     pub fn on_frame(&mut self, frame: Value, now: Instant) -> Vec<Effect> {
+        self.last_frame = now;
         let is_reply = matches!(frame["type"].as_str(), Some("ok" | "error"));
         let pending = frame["id"].as_str().and_then(|id| self.pending.remove(id));
         match (is_reply, pending) {
@@ -613,12 +670,20 @@ impl Chat {
 
     fn forget_room(&mut self, room: &str) -> Vec<Effect> {
         self.joined.remove(room);
-        self.outbox.retain(|m| m.room.as_str() != room);
+        let (dropped, kept) = std::mem::take(&mut self.outbox)
+            .into_iter()
+            .partition(|m| m.room.as_str() == room);
+        self.outbox = kept;
+        let mut effects: Vec<Effect> = dropped
+            .into_iter()
+            .map(|m: Outgoing| Effect::Print(format!("not sent: {}", show::printable(&m.body))))
+            .collect();
         if self.current.as_ref().is_some_and(|c| c.as_str() == room) {
             self.current = self.joined.keys().next().cloned();
-            return vec![Effect::Prompt(self.prompt())];
+            effects.push(Effect::Prompt(self.prompt()));
         }
-        Vec::new()
+        effects.extend(self.quit_when_done());
+        effects
     }
 
     fn on_reply(&mut self, pending: Pending, frame: &Value) -> Vec<Effect> {
@@ -634,6 +699,10 @@ impl Chat {
             }
             Pending::Login => {
                 self.logging_in = false;
+                // The registered spelling, which direct rooms' names use.
+                if let Some(Ok(name)) = frame["user"]["username"].as_str().map(Username::parse) {
+                    self.me = name;
+                }
                 self.token = frame["token"].as_str().map(Secret::new);
                 self.password = None;
                 self.backoff = reconnect_backoff();
@@ -669,9 +738,9 @@ impl Chat {
                         format!(
                             "  {} ({}{}, {} messages)",
                             show::room_label(name, &me),
-                            show::printable(r["kind"].as_str().unwrap_or("?")),
+                            show::line(r["kind"].as_str().unwrap_or("?")),
                             if r["joined"] == true { ", joined" } else { "" },
-                            r["last_seq"]
+                            r["last_seq"].as_i64().unwrap_or(0)
                         )
                     })
                     .collect();
@@ -698,7 +767,7 @@ impl Chat {
                         users
                             .iter()
                             .filter_map(Value::as_str)
-                            .map(show::printable)
+                            .map(show::line)
                             .collect()
                     })
                     .unwrap_or_default();
@@ -728,8 +797,11 @@ impl Chat {
             ))],
             Pending::Send { client_msg_id } => {
                 self.outbox.retain(|m| m.client_msg_id != client_msg_id);
-                self.quit_when_done()
+                let mut effects = self.send_outbox();
+                effects.extend(self.quit_when_done());
+                effects
             }
+            Pending::Ping { .. } => Vec::new(),
         }
     }
 
@@ -760,8 +832,9 @@ impl Chat {
             }
             return effects;
         }
-        let seen = self.joined.entry(room.clone()).or_insert(last_seq);
-        *seen = (*seen).max(last_seq);
+        // A room joined again keeps its seen seq: live events below the reply's last_seq may
+        // still be on their way.
+        self.joined.entry(room.clone()).or_insert(last_seq);
         self.current = Some(room);
         effects.push(Effect::Print(format!(
             "joined {label} ({last_seq} messages; /history to read the latest)"
@@ -783,10 +856,17 @@ impl Chat {
             Pending::Login | Pending::Register => {
                 vec![Effect::Print(format!("login failed: {error}"))]
             }
-            Pending::Resume => vec![Effect::Exit(Err(CliError::Terminal(format!(
-                "the session could not be resumed ({error}): log in again"
-            ))))],
-            Pending::Join { room, rejoin: true } => {
+            Pending::Resume if code == "unauthorized" => {
+                vec![Effect::Exit(Err(CliError::Terminal(format!(
+                    "the session could not be resumed ({error}): log in again"
+                ))))]
+            }
+            // `rate_limited`, `unavailable`: the next connection tries again.
+            Pending::Resume => vec![
+                Effect::Print(format!("resume refused for now ({error})")),
+                Effect::Drop("resume to retry"),
+            ],
+            Pending::Join { room, rejoin: true } if matches!(code, "forbidden" | "not_found") => {
                 self.rejoining = self.rejoining.saturating_sub(1);
                 let mut effects = vec![Effect::Print(format!(
                     "could not rejoin {}: {error}",
@@ -795,6 +875,10 @@ impl Chat {
                 effects.extend(self.forget_room(room.as_str()));
                 effects
             }
+            Pending::Join { rejoin: true, .. } => vec![
+                Effect::Print(format!("rejoin refused for now ({error})")),
+                Effect::Drop("rejoin to retry"),
+            ],
             Pending::Send { client_msg_id } if matches!(code, "unavailable" | "rate_limited") => {
                 // Tried again on the next tick, with the same client_msg_id.
                 for message in &mut self.outbox {
@@ -807,6 +891,7 @@ impl Chat {
             Pending::Send { client_msg_id } => {
                 self.outbox.retain(|m| m.client_msg_id != client_msg_id);
                 let mut effects = vec![Effect::Print(format!("not sent: {error}"))];
+                effects.extend(self.send_outbox());
                 effects.extend(self.quit_when_done());
                 effects
             }
@@ -860,7 +945,7 @@ mod tests {
     /// A chat logged in as ann and joined to general at seq 2.
     fn joined() -> Chat {
         let mut chat = Chat::new(Username::parse("ann").unwrap(), Secret::new("password-1"));
-        let login = sent(&chat.on_connected());
+        let login = sent(&chat.on_connected(Instant::now()));
         assert_eq!(login[0]["type"], "login");
         chat.on_frame(reply(&login[0], json!({"token": "t0k"})), Instant::now());
         let join = sent(&chat.on_line("/join general"));
@@ -887,7 +972,7 @@ mod tests {
         assert!(matches!(effects.last(), Some(Effect::Connect(_))));
         assert!(printed(&effects).contains("reconnecting"));
 
-        let frames = sent(&chat.on_connected());
+        let frames = sent(&chat.on_connected(Instant::now()));
         assert_eq!(frames[0]["type"], "resume");
         assert_eq!(frames[0]["token"], "t0k");
         assert_eq!(
@@ -916,7 +1001,10 @@ mod tests {
             "{shown}"
         );
         chat.on_frame(reply(&frames[2], json!({"seq": 5})), Instant::now());
-        assert!(sent(&chat.on_tick()).is_empty(), "nothing left to send");
+        assert!(
+            sent(&chat.on_tick(Instant::now())).is_empty(),
+            "nothing left to send"
+        );
     }
 
     #[test]
@@ -925,18 +1013,18 @@ mod tests {
         let first = sent(&chat.on_line("one"));
         let error = json!({"type": "error", "id": first[0]["id"], "code": "unavailable", "message": "slow"});
         assert!(chat.on_frame(error, Instant::now()).is_empty());
-        let again = sent(&chat.on_tick());
+        let again = sent(&chat.on_tick(Instant::now()));
         assert_eq!(again[0]["client_msg_id"], first[0]["client_msg_id"]);
         assert_ne!(again[0]["id"], first[0]["id"]);
         let too_large = json!({"type": "error", "id": again[0]["id"], "code": "too_large", "message": "over 4096"});
         assert!(printed(&chat.on_frame(too_large, Instant::now())).contains("not sent: too_large"));
-        assert!(sent(&chat.on_tick()).is_empty());
+        assert!(sent(&chat.on_tick(Instant::now())).is_empty());
     }
 
     #[test]
     fn a_failed_login_offers_register_and_a_revoked_token_ends_the_session() {
         let mut chat = Chat::new(Username::parse("ann").unwrap(), Secret::new("password-1"));
-        let login = sent(&chat.on_connected());
+        let login = sent(&chat.on_connected(Instant::now()));
         let error = json!({"type": "error", "id": login[0]["id"], "code": "invalid_credentials", "message": "wrong username or password"});
         let effects = chat.on_frame(error, Instant::now());
         assert!(
@@ -998,5 +1086,65 @@ mod tests {
         chat.on_frame(kicked, t0);
         assert_eq!(chat.prompt(), "ann> ");
         assert!(printed(&chat.on_line("hi")).contains("/join"));
+    }
+
+    #[test]
+    fn a_quiet_connection_is_pinged_and_dropped_when_the_ping_goes_unanswered() {
+        let mut chat = joined();
+        let t0 = Instant::now();
+        chat.on_frame(json!({"type": "ok", "id": "none"}), t0);
+        assert!(sent(&chat.on_tick(t0 + Duration::from_secs(2))).is_empty());
+        let ping = sent(&chat.on_tick(t0 + QUIET));
+        assert_eq!(ping[0]["type"], "ping");
+        assert!(sent(&chat.on_tick(t0 + QUIET + Duration::from_secs(1))).is_empty());
+        let effects = chat.on_tick(t0 + QUIET + PING_TIMEOUT);
+        assert!(
+            matches!(effects.as_slice(), [Effect::Drop(_)]),
+            "{effects:?}"
+        );
+    }
+
+    #[test]
+    fn a_refused_resume_retries_unless_the_token_is_gone() {
+        let mut chat = joined();
+        chat.on_closed(None, None);
+        let frames = sent(&chat.on_connected(Instant::now()));
+        let busy = json!({"type": "error", "id": frames[0]["id"], "code": "rate_limited", "message": "wait"});
+        let effects = chat.on_frame(busy, Instant::now());
+        assert!(
+            matches!(effects.last(), Some(Effect::Drop(_))),
+            "{effects:?}"
+        );
+        chat.on_closed(None, Some("resume to retry"));
+        let frames = sent(&chat.on_connected(Instant::now()));
+        let gone = json!({"type": "error", "id": frames[0]["id"], "code": "unauthorized", "message": "revoked"});
+        let effects = chat.on_frame(gone, Instant::now());
+        assert!(matches!(effects.as_slice(), [Effect::Exit(Err(_))]));
+    }
+
+    #[test]
+    fn messages_to_a_room_go_one_at_a_time_so_a_retry_keeps_their_order() {
+        let mut chat = joined();
+        let first = sent(&chat.on_line("one"));
+        assert!(sent(&chat.on_line("two")).is_empty(), "waits for one's ack");
+        let busy = json!({"type": "error", "id": first[0]["id"], "code": "rate_limited", "message": "slow down"});
+        assert!(sent(&chat.on_frame(busy, Instant::now())).is_empty());
+        let retry = sent(&chat.on_tick(Instant::now()));
+        assert_eq!(retry.len(), 1);
+        assert_eq!(retry[0]["body"], "one");
+        let next = sent(&chat.on_frame(reply(&retry[0], json!({"seq": 3})), Instant::now()));
+        assert_eq!(next[0]["body"], "two");
+    }
+
+    #[test]
+    fn quitting_with_unacked_messages_is_a_failure() {
+        let mut chat = joined();
+        chat.on_line("unacked");
+        chat.on_closed(None, None);
+        let effects = chat.on_line("/quit");
+        assert!(
+            matches!(effects.as_slice(), [Effect::Exit(Err(_))]),
+            "{effects:?}"
+        );
     }
 }

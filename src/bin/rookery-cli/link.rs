@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::{CliError, ServerArgs};
+use crate::{show, CliError, ServerArgs};
 
 /// How long a reply may take before the request counts as failed (a send's reply comes after
 /// its commit, which the server bounds well below this).
@@ -64,6 +64,15 @@ impl Link {
 
     /// Sends `request` and waits for its reply: the `ok` frame, or the error reply as an error.
     pub async fn call(&mut self, request: &Request) -> Result<Value, CliError> {
+        self.call_within(request, REPLY_TIMEOUT).await
+    }
+
+    /// Like `call`, giving up after `limit`.
+    pub async fn call_within(
+        &mut self,
+        request: &Request,
+        limit: Duration,
+    ) -> Result<Value, CliError> {
         self.next_id += 1;
         let id = self.next_id.to_string();
         self.conn.send_request(&id, request).await?;
@@ -79,7 +88,7 @@ impl Link {
                 }
             }
         };
-        let frame = tokio::time::timeout(REPLY_TIMEOUT, waiting)
+        let frame = tokio::time::timeout(limit, waiting)
             .await
             .map_err(|_| rookery::client::ClientError::Timeout)??;
         if frame["type"] == "error" {
@@ -108,7 +117,7 @@ impl Link {
 /// The error reply `frame` as an error carrying its code.
 pub fn server_error(frame: &Value) -> CliError {
     CliError::Server {
-        code: frame["code"].as_str().unwrap_or("internal").to_string(),
-        message: frame["message"].as_str().unwrap_or_default().to_string(),
+        code: show::line(frame["code"].as_str().unwrap_or("internal")),
+        message: show::line(frame["message"].as_str().unwrap_or_default()),
     }
 }

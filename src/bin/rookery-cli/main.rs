@@ -124,6 +124,11 @@ impl ServerArgs {
     }
 }
 
+/// The longest body sent: a frame over the server's limit (`session.max_frame_bytes`, 64 KiB
+/// by default) closes the connection, and a retry would only close it again. A body over the
+/// room's own limit is answered `too_large`.
+pub const MAX_BODY_BYTES: usize = 60 * 1024;
+
 /// How long a connection attempt (TCP, TLS and the upgrade) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 

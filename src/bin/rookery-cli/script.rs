@@ -28,10 +28,11 @@ fn join(room: &RoomName, after: Option<i64>) -> Request {
     }
 }
 
-/// Whether trying again may succeed (the outcome of the last attempt is unknown).
+/// Whether trying again later may succeed (the outcome of the last attempt is unknown, or the
+/// server asked to wait).
 fn retryable(error: &CliError) -> bool {
     match error {
-        CliError::Server { code, .. } => code == "unavailable",
+        CliError::Server { code, .. } => matches!(code.as_str(), "unavailable" | "rate_limited"),
         CliError::Client(ClientError::Closed(Some(1008))) => false,
         CliError::Client(_) => true,
         _ => false,
@@ -41,6 +42,13 @@ fn retryable(error: &CliError) -> bool {
 /// Sends `text` to `room` and prints its seq once stored. Retries keep one `client_msg_id`, so
 /// the message is stored once however many attempts it takes.
 pub async fn send(server: &ServerArgs, room: &RoomName, text: String) -> Result<(), CliError> {
+    if text.len() > crate::MAX_BODY_BYTES {
+        return Err(CliError::Usage(format!(
+            "the message is {} bytes, over the {} a message may have",
+            text.len(),
+            crate::MAX_BODY_BYTES
+        )));
+    }
     let (connector, mut link) = login(server).await?;
     let request = Request::Post {
         room: room.clone(),
@@ -48,9 +56,12 @@ pub async fn send(server: &ServerArgs, room: &RoomName, text: String) -> Result<
         client_msg_id: Some(uuid::Uuid::new_v4().to_string()),
     };
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(3));
-    let mut attempt = 1;
+    let (mut attempt, mut reconnect) = (1, false);
     let reply = loop {
         let tried = async {
+            if reconnect {
+                link.reconnect(server, &connector).await?;
+            }
             link.call(&join(room, None)).await?;
             link.call(&request).await
         }
@@ -59,15 +70,13 @@ pub async fn send(server: &ServerArgs, room: &RoomName, text: String) -> Result<
             Ok(reply) => break reply,
             Err(error) if attempt < SEND_ATTEMPTS && retryable(&error) => {
                 attempt += 1;
+                reconnect = matches!(error, CliError::Client(_));
                 tokio::time::sleep(backoff.next_wait()).await;
-                if matches!(error, CliError::Client(_)) {
-                    link.reconnect(server, &connector).await?;
-                }
             }
             Err(error) => return Err(error),
         }
     };
-    println!("{}", reply["seq"]);
+    println!("{}", reply["seq"].as_i64().unwrap_or_default());
     link.close().await;
     Ok(())
 }
@@ -111,8 +120,9 @@ pub async fn history(
     Ok(())
 }
 
-/// Prints `room`'s events as JSON lines until interrupted. A dropped connection is resumed and
-/// the room joined again after the last seq printed, so no message is missed or printed twice.
+/// Prints `room`'s events as JSON lines until interrupted. A dropped connection (or one that
+/// stops answering pings) is resumed and the room joined again after the last seq printed, so
+/// no message is missed or printed twice.
 pub async fn tail(server: &ServerArgs, room: &RoomName) -> Result<(), CliError> {
     let (connector, mut link) = login(server).await?;
     let reply = link.call(&join(room, None)).await?;
@@ -121,9 +131,16 @@ pub async fn tail(server: &ServerArgs, room: &RoomName) -> Result<(), CliError> 
         "tailing {} after seq {last_seq} (Ctrl-C to stop)",
         show::room_label(room.as_str(), link.user.as_str())
     );
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     loop {
-        match link.next_event().await {
+        let event = match tokio::time::timeout(QUIET, link.next_event()).await {
+            Ok(event) => event,
+            Err(_) => link
+                .call_within(&Request::Ping {}, PING_TIMEOUT)
+                .await
+                .map(|_| Value::Null),
+        };
+        match event {
+            Ok(Value::Null) => {}
             Ok(event) => {
                 if let Some(seq) = event["seq"].as_i64() {
                     if event["type"] == "message" && seq <= last_seq {
@@ -135,39 +152,51 @@ pub async fn tail(server: &ServerArgs, room: &RoomName) -> Result<(), CliError> 
             }
             Err(error) if retryable(&error) => {
                 eprintln!("connection lost ({error}); reconnecting…");
-                loop {
-                    tokio::time::sleep(backoff.next_wait()).await;
-                    let rejoined = async {
-                        link.reconnect(server, &connector).await?;
-                        link.call(&join(room, Some(last_seq))).await
-                    }
-                    .await;
-                    match rejoined {
-                        Ok(reply) => {
-                            let mut missed =
-                                reply["missed"].as_array().cloned().unwrap_or_default();
-                            let lowest = missed.first().and_then(|m| m["seq"].as_i64());
-                            if let (true, Some(lowest)) = (reply["truncated"] == true, lowest) {
-                                let mut gap = between(&mut link, room, last_seq, lowest).await?;
-                                gap.append(&mut missed);
-                                missed = gap;
-                            }
-                            eprintln!("back, {} missed messages fetched", missed.len());
-                            for message in missed {
-                                last_seq = last_seq.max(message["seq"].as_i64().unwrap_or(0));
-                                println!("{}", with_type(message));
-                            }
-                            backoff =
-                                Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
-                            break;
-                        }
-                        Err(error) if retryable(&error) => {
-                            eprintln!("still unreachable ({error}); retrying…")
-                        }
-                        Err(error) => return Err(error),
-                    }
+                for message in rejoin(server, &connector, &mut link, room, last_seq).await? {
+                    last_seq = last_seq.max(message["seq"].as_i64().unwrap_or(0));
+                    println!("{}", with_type(message));
                 }
             }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// A quiet connection is pinged; one whose ping is not answered this fast is taken as lost.
+const QUIET: Duration = Duration::from_secs(8);
+const PING_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// Reconnects (with backoff, for as long as it takes), resumes and joins `room` again: the
+/// messages after `after`, oldest first.
+async fn rejoin(
+    server: &ServerArgs,
+    connector: &Connector,
+    link: &mut Link,
+    room: &RoomName,
+    after: i64,
+) -> Result<Vec<Value>, CliError> {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    loop {
+        tokio::time::sleep(backoff.next_wait()).await;
+        let rejoined = async {
+            link.reconnect(server, connector).await?;
+            let reply = link.call(&join(room, Some(after))).await?;
+            let mut missed = reply["missed"].as_array().cloned().unwrap_or_default();
+            let lowest = missed.first().and_then(|m| m["seq"].as_i64());
+            if let (true, Some(lowest)) = (reply["truncated"] == true, lowest) {
+                let mut gap = between(link, room, after, lowest).await?;
+                gap.append(&mut missed);
+                missed = gap;
+            }
+            Ok::<_, CliError>(missed)
+        }
+        .await;
+        match rejoined {
+            Ok(missed) => {
+                eprintln!("back, {} missed messages fetched", missed.len());
+                return Ok(missed);
+            }
+            Err(error) if retryable(&error) => eprintln!("still unreachable ({error}); retrying…"),
             Err(error) => return Err(error),
         }
     }

@@ -6,11 +6,23 @@ use chrono::{DateTime, Local, Utc};
 use serde_json::Value;
 use std::fmt::Write;
 
-/// `text` with control characters other than line breaks and tabs written as `\u{..}`.
+/// `text` with control characters other than line breaks and tabs, and the bidirectional
+/// overrides (which could make a line read backwards), written as `\u{..}`.
 pub fn printable(text: &str) -> String {
+    escaped(text, |c| c == '\n' || c == '\t')
+}
+
+/// `text` for one line (a name, a reason, an error): line breaks and tabs escaped too, so it
+/// cannot forge a line of its own.
+pub fn line(text: &str) -> String {
+    escaped(text, |_| false)
+}
+
+fn escaped(text: &str, keep: impl Fn(char) -> bool) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() && c != '\n' && c != '\t' {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if (c.is_control() || bidi) && !keep(c) {
             let _ = write!(out, "\\u{{{:x}}}", c as u32);
         } else {
             out.push(c);
@@ -23,7 +35,7 @@ pub fn printable(text: &str) -> String {
 pub fn clock(sent_at: &str) -> String {
     match DateTime::parse_from_rfc3339(sent_at) {
         Ok(t) => t.with_timezone(&Local).format("%H:%M").to_string(),
-        Err(_) => printable(sent_at),
+        Err(_) => line(sent_at),
     }
 }
 
@@ -43,9 +55,9 @@ pub fn room_label(room: &str, me: &str) -> String {
     {
         Some((a, b)) => {
             let other = if a.eq_ignore_ascii_case(me) { b } else { a };
-            format!("@{}", printable(other))
+            format!("@{}", line(other))
         }
-        None => format!("#{}", printable(room)),
+        None => format!("#{}", line(room)),
     }
 }
 
@@ -55,7 +67,7 @@ pub fn message(message: &Value, me: &str) -> String {
         "{} {} {}:",
         clock(field(message, "sent_at")),
         room_label(field(message, "room"), me),
-        printable(field(message, "from"))
+        line(field(message, "from"))
     );
     let body = match message["body"].as_str() {
         Some(body) => printable(body).replace('\n', "\n    "),
@@ -67,7 +79,7 @@ pub fn message(message: &Value, me: &str) -> String {
 /// An event for people; None for frames that are not one.
 pub fn event(frame: &Value, me: &str) -> Option<String> {
     let room = || room_label(field(frame, "room"), me);
-    let user = || printable(field(frame, "user"));
+    let user = || line(field(frame, "user"));
     Some(match frame["type"].as_str()? {
         "message" => message(frame, me),
         "joined" => format!("{} {} {} joined", now(), room(), user()),
@@ -77,7 +89,7 @@ pub fn event(frame: &Value, me: &str) -> Option<String> {
             "{} you were removed from {} ({})",
             now(),
             room(),
-            printable(field(frame, "reason"))
+            line(field(frame, "reason"))
         ),
         _ => return None,
     })
@@ -92,6 +104,11 @@ mod tests {
     fn control_characters_cannot_reach_the_terminal() {
         assert_eq!(printable("a\u{1b}[2Jb\u{7}"), "a\\u{1b}[2Jb\\u{7}");
         assert_eq!(printable("two\nlines\tok"), "two\nlines\tok");
+        assert_eq!(
+            line("fake\n12:00 #general boss: hi"),
+            "fake\\u{a}12:00 #general boss: hi"
+        );
+        assert_eq!(printable("a\u{202e}b"), "a\\u{202e}b");
         let shown = message(
             &json!({"room": "general", "from": "e\u{1b}vil", "body": "x\u{9b}y", "sent_at": "no"}),
             "ann",

@@ -161,6 +161,9 @@ async fn serve(
     let mut conn: Option<Connection> = None;
     let mut connect_at = Some(tokio::time::Instant::now());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Ticks missed while a connection attempt ran are not made up at once (they count
+    // the seconds of `/quit`'s wait).
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     screen.print(format!("connecting to {}…", server.url));
     // A line whose next prompt waits for a reply (see `Chat::settling`), and until when.
     let mut held_line = Some(Instant::now() + SETTLE_WAIT);
@@ -197,12 +200,12 @@ async fn serve(
                 match connector.connect(&server.url).await {
                     Ok(opened) => {
                         conn = Some(opened);
-                        chat.on_connected()
+                        chat.on_connected(Instant::now())
                     }
                     Err(error) => chat.on_connect_failed(error),
                 }
             },
-            _ = tick.tick() => chat.on_tick(),
+            _ = tick.tick() => chat.on_tick(Instant::now()),
         };
         let mut queue: VecDeque<Effect> = effects.into();
         while let Some(effect) = queue.pop_front() {
@@ -218,6 +221,12 @@ async fn serve(
                 }
                 Effect::Print(text) => screen.print(text),
                 Effect::Prompt(prompt) => screen.set_prompt(prompt),
+                Effect::Drop(why) => {
+                    if let Some(mut lost) = conn.take() {
+                        lost.abandon();
+                        queue.extend(chat.on_closed(None, Some(why)));
+                    }
+                }
                 Effect::Connect(after) => {
                     connect_at = Some(tokio::time::Instant::now() + after);
                 }
