@@ -191,7 +191,7 @@ impl Keyring {
     fn count_seal(&self, id: i32) {
         if let Some(counter) = self.sealed.get(&id) {
             let count = counter.fetch_add(1, Ordering::Relaxed) + 1;
-            if count >= self.warn_at && (count - self.warn_at) % WARN_EVERY == 0 {
+            if count >= self.warn_at && (count - self.warn_at).is_multiple_of(WARN_EVERY) {
                 self.warn_usage(id, count);
             }
         }

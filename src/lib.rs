@@ -4,7 +4,8 @@
 //! - [`cli`] and [`server`]: the command line; bring-up, serving and shutdown; [`reload`]:
 //!   live reload of the room policy file; [`operator`]: the operator's commands against the
 //!   database (users, `verify`).
-//! - [`transport`]: the WebSocket upgrade and frame stream; starts and feeds sessions.
+//! - [`transport`]: the WebSocket upgrade and frame stream; starts and feeds sessions;
+//!   [`webchat`]: the built-in web chat's page, served beside it.
 //! - [`session`]: one per connection: the actor shell and its plain parts (frame guard,
 //!   request pipeline, room joins, phase).
 //! - [`actors`]: `Room` and its `Directory`, `Presence`, `Gate`, `Hasher`, `Committer`, and
@@ -48,3 +49,4 @@ pub mod session;
 pub mod store;
 pub mod tls;
 pub mod transport;
+pub mod webchat;

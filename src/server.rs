@@ -206,6 +206,7 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
             .route("/ws", web::get().to(transport::upgrade))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
+            .configure(crate::webchat::routes)
     };
     let tls = tls.map(openssl::ssl::SslAcceptorBuilder::build);
     let server = listen::serve(listener, tls, &listen_settings(&config), app)?;

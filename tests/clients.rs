@@ -396,3 +396,361 @@ async fn the_interactive_client_reconnects_by_itself_and_fetches_what_it_missed(
     dan.write("/quit\n");
     assert_eq!(dan.exit_code().await, 0);
 }
+
+/// A browser session driven over WebDriver (chromedriver's HTTP API).
+struct Browser {
+    http: awc::Client,
+    base: String,
+}
+
+/// chromedriver on a free port with its browsers; killed on drop.
+struct Chromedriver {
+    child: Child,
+    port: u16,
+}
+
+impl Chromedriver {
+    async fn start() -> Chromedriver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver: install Debian's chromium and chromium-driver (.ci/run does)");
+        let driver = Chromedriver { child, port };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let status = awc::Client::default()
+                .get(format!("http://127.0.0.1:{port}/status"))
+                .send()
+                .await;
+            if let Ok(mut response) = status {
+                let body: serde_json::Value = response.json().await.unwrap_or_default();
+                if body["value"]["ready"] == true {
+                    return driver;
+                }
+            }
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            actix_rt::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A new headless Chromium window.
+    async fn browser(&self) -> Browser {
+        let http = awc::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .finish();
+        let capabilities = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                         "--ignore-certificate-errors", "--window-size=1100,800"]
+            }
+        }}});
+        let mut response = http
+            .post(format!("http://127.0.0.1:{}/session", self.port))
+            .send_json(&capabilities)
+            .await
+            .unwrap();
+        let body: serde_json::Value = response.json().limit(1 << 20).await.unwrap();
+        let session = body["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no browser session: {body}"));
+        Browser {
+            http,
+            base: format!("http://127.0.0.1:{}/session/{session}", self.port),
+        }
+    }
+}
+
+impl Drop for Chromedriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Browser {
+    async fn command(
+        &self,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let url = format!("{}{path}", self.base);
+        let request = match method {
+            "GET" => self.http.get(url),
+            "DELETE" => self.http.delete(url),
+            _ => self.http.post(url),
+        };
+        let mut response = if method == "POST" {
+            request.send_json(&body).await
+        } else {
+            request.send().await
+        }
+        .unwrap();
+        let reply: serde_json::Value = response.json().limit(1 << 24).await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "webdriver {method} {path}: {reply}"
+        );
+        reply["value"].clone()
+    }
+
+    async fn open(&self, url: &str) {
+        self.command("POST", "/url", serde_json::json!({ "url": url }))
+            .await;
+    }
+
+    async fn element(&self, css: &str) -> String {
+        let found = self
+            .command(
+                "POST",
+                "/element",
+                serde_json::json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        found["element-6066-11e4-a52e-4f735466cecf"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {found}"))
+            .to_string()
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let element = self.element(css).await;
+        self.command(
+            "POST",
+            &format!("/element/{element}/clear"),
+            serde_json::json!({}),
+        )
+        .await;
+        self.command(
+            "POST",
+            &format!("/element/{element}/value"),
+            serde_json::json!({ "text": text }),
+        )
+        .await;
+    }
+
+    async fn click(&self, css: &str) {
+        let element = self.element(css).await;
+        self.command(
+            "POST",
+            &format!("/element/{element}/click"),
+            serde_json::json!({}),
+        )
+        .await;
+    }
+
+    async fn eval(&self, script: &str) -> serde_json::Value {
+        self.command(
+            "POST",
+            "/execute/sync",
+            serde_json::json!({"script": script, "args": []}),
+        )
+        .await
+    }
+
+    /// Waits until `script` returns true in the page.
+    async fn wait_until(&self, what: &str, script: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.eval(script).await == true {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not so after 20 s; the page shows:\n{}",
+                self.eval("return document.body.innerText").await
+            );
+            actix_rt::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The bodies of the current room's messages, in page order.
+    async fn bodies(&self) -> Vec<String> {
+        let bodies = self
+            .eval("return [...document.querySelectorAll('#messages .msg .body')].map(b => b.textContent)")
+            .await;
+        serde_json::from_value(bodies).unwrap()
+    }
+
+    async fn register(&self, url: &str, name: &str) {
+        self.open(url).await;
+        self.type_into("#username", name).await;
+        self.type_into("#password", PASSWORD).await;
+        self.click("#register-btn").await;
+        self.wait_until(
+            "logged in",
+            &format!("return window.rookery.state().user === '{name}' && !document.querySelector('#chat').hidden"),
+        )
+        .await;
+    }
+
+    async fn send(&self, text: &str) {
+        self.type_into("#composer", text).await;
+        self.click("#send-btn").await;
+    }
+
+    async fn screenshot(&self, path: &std::path::Path) {
+        use base64::Engine;
+        let png = self
+            .command("GET", "/screenshot", serde_json::json!({}))
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().unwrap())
+            .unwrap();
+        std::fs::write(path, png).unwrap();
+    }
+
+    async fn quit(&self) {
+        self.command("DELETE", "", serde_json::json!({})).await;
+    }
+}
+
+fn in_current_room(room: &str) -> String {
+    format!(
+        "return window.rookery.state().current === '{room}' && window.rookery.state().connected"
+    )
+}
+
+#[actix_rt::test]
+async fn two_browsers_chat_page_back_through_history_and_survive_a_cut_connection() {
+    let server = TestServer::start_with(|config| config.tls.enabled = true).await;
+    // Ann's browser reaches the server through a proxy the test cuts; Bob's directly.
+    let proxy = PgProxy::to(server.addr.port());
+    let ann_url = format!("https://127.0.0.1:{}/", proxy.port);
+    let bob_url = format!("https://127.0.0.1:{}/", server.addr.port());
+    let driver = Chromedriver::start().await;
+    let (ann, bob) = (driver.browser().await, driver.browser().await);
+
+    ann.register(&ann_url, "ann").await;
+    bob.register(&bob_url, "bob").await;
+    ann.type_into("#create-name", "lobby").await;
+    ann.click("#create-btn").await;
+    ann.wait_until("ann in lobby", &in_current_room("lobby"))
+        .await;
+
+    // Sixty messages from a protocol client, so that the page has history to page through.
+    let mut carol = server.user("carol").await;
+    carol.join("lobby").await;
+    for n in 1..=60 {
+        carol.ok(req::send("lobby", format!("old {n}"))).await;
+    }
+    bob.type_into("#join-name", "lobby").await;
+    bob.click("#join-btn").await;
+    bob.wait_until("bob in lobby", &in_current_room("lobby"))
+        .await;
+    bob.wait_until(
+        "the latest page",
+        "return document.querySelectorAll('#messages .msg').length >= 50",
+    )
+    .await;
+    assert!(!bob.bodies().await.contains(&"old 1".to_string()));
+    // Older messages come with the button, or by themselves when the view is scrolled to the top.
+    bob.wait_until(
+        "a way back",
+        "return !document.querySelector('#older-btn').hidden || document.querySelectorAll('#messages .msg').length === 60",
+    )
+    .await;
+    // (Clicked from the page: WebDriver's scroll to the button would itself reach the top.)
+    bob.eval(
+        "const older = document.querySelector('#older-btn'); if (!older.hidden) older.click();",
+    )
+    .await;
+    bob.wait_until(
+        "the oldest message after scrolling back",
+        "return [...document.querySelectorAll('#messages .msg .body')].some(b => b.textContent === 'old 1')",
+    )
+    .await;
+    let bodies = bob.bodies().await;
+    let expected: Vec<String> = (1..=60).map(|n| format!("old {n}")).collect();
+    assert_eq!(bodies, expected, "each message once, in order");
+
+    // A body with markup shows as text.
+    let hostile = "<img src=x onerror=\"window.pwned=1\"> <b>bold?</b>";
+    ann.send(hostile).await;
+    bob.wait_until(
+        "ann's message",
+        &format!("return [...document.querySelectorAll('#messages .msg .body')].some(b => b.textContent === {})", serde_json::json!(hostile)),
+    )
+    .await;
+    assert_eq!(
+        bob.eval("return document.querySelectorAll('#messages img, #messages b').length + (window.pwned ? 100 : 0)")
+            .await,
+        0
+    );
+    bob.send("hi ann").await;
+    ann.wait_until(
+        "bob's reply",
+        "return [...document.querySelectorAll('#messages .msg .body')].some(b => b.textContent === 'hi ann')",
+    )
+    .await;
+
+    // The network drops: a banner, a send typed meanwhile, messages sent meanwhile.
+    proxy.cut();
+    ann.wait_until(
+        "the reconnecting banner",
+        "return document.querySelector('#banner').dataset.state === 'reconnecting'",
+    )
+    .await;
+    ann.send("typed while offline").await;
+    bob.send("while you were away").await;
+    carol.ok(req::send("lobby", "also while away")).await;
+    actix_rt::time::sleep(Duration::from_secs(1)).await;
+    proxy.restore();
+    ann.wait_until(
+        "back online",
+        "return document.querySelector('#banner').dataset.state === 'online' && document.querySelector('#banner').textContent.includes('Back online')",
+    )
+    .await;
+    ann.wait_until(
+        "the offline send acked",
+        "return window.rookery.state().outbox === 0",
+    )
+    .await;
+    let seen = ann.bodies().await;
+    for body in [
+        "while you were away",
+        "also while away",
+        "typed while offline",
+    ] {
+        assert_eq!(
+            seen.iter().filter(|b| *b == body).count(),
+            1,
+            "{body:?} once in {seen:?}"
+        );
+    }
+    bob.wait_until(
+        "ann's offline message",
+        "return [...document.querySelectorAll('#messages .msg .body')].some(b => b.textContent === 'typed while offline')",
+    )
+    .await;
+    let stored = server.stored("lobby");
+    assert_eq!(stored.len(), 60 + 5, "each message stored once");
+    let seqs: Vec<i64> = ann
+        .eval("return [...document.querySelectorAll('#messages .msg')].map(m => Number(m.dataset.seq))")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_i64().unwrap())
+        .collect();
+    let mut sorted = seqs.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(seqs, sorted, "in seq order, each once");
+
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("web-chat.png");
+    ann.screenshot(&shot).await;
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000);
+    eprintln!("screenshot of the web chat: {}", shot.display());
+    ann.quit().await;
+    bob.quit().await;
+}

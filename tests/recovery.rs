@@ -254,7 +254,7 @@ async fn pipelined_resume_and_joins_of_two_rooms_hold_each_room_until_its_own_re
 
     let total = 300;
     let mut carol = server.connect().await;
-    let room_of = |i: usize| if i % 2 == 0 { "a" } else { "b" };
+    let room_of = |i: usize| if i.is_multiple_of(2) { "a" } else { "b" };
     for i in 0..total {
         send_in_stream(&mut ann, i, room_of(i)).await;
         if i == 100 {
