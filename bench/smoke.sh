@@ -15,11 +15,14 @@ port() { # a free local port
 }
 PORT=$(port 18800)
 ECHO_PORT=$(port 19800)
+BROADCAST_PORT=$(port 20800)
 SERVER_PID=
 ECHO_PID=
+BROADCAST_PID=
 cleanup() {
     [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null || true
     [ -n "$ECHO_PID" ] && kill "$ECHO_PID" 2>/dev/null || true
+    [ -n "$BROADCAST_PID" ] && kill "$BROADCAST_PID" 2>/dev/null || true
     psql -X -q -h 127.0.0.1 -U postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" postgres >/dev/null 2>&1 || true
     rm -rf "$DATA"
 }
@@ -49,4 +52,13 @@ for _ in $(seq 1 50); do
     sleep 0.1
 done
 "$BIN/rookery-bench" --url "ws://127.0.0.1:$ECHO_PORT/" echo --connections 5 --duration 1
+
+# The fan-out baseline, driven by the same scenario (its verdict must be clean too).
+"$BIN/rookery-bench" broadcast-server --bind "127.0.0.1:$BROADCAST_PORT" >/dev/null 2>&1 &
+BROADCAST_PID=$!
+for _ in $(seq 1 50); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$BROADCAST_PORT") 2>/dev/null && break
+    sleep 0.1
+done
+"$BIN/rookery-bench" --url "ws://127.0.0.1:$BROADCAST_PORT/ws" fanout --members 20 --senders 2 --messages 50
 echo "bench smoke: every scenario ran and every verdict was clean"

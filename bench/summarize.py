@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Medians (with min and max) of rookery-bench JSON results.
 
-summarize.py DIR                  table of every scenario in DIR (name-N.json files)
+summarize.py DIR                  table of every scenario in DIR (name-N.json files), then
+                                  the ratios to the machine's limits measured in the same run
 summarize.py --median F... KEY    median of figure KEY over files F
 """
 import glob, json, os, re, statistics, sys
@@ -51,6 +52,43 @@ def main():
         if verdicts:
             clean = all(v["clean"] for v in verdicts)
             print(f"  verdict: {'clean' if clean else 'NOT CLEAN'} in {len(verdicts)} runs")
+    ratios(groups)
+
+
+def median(docs, key):
+    values = []
+    for d in docs:
+        v = d.get("figures", d)
+        try:
+            for part in key.split("."):
+                v = v[part]
+            values.append(float(v))
+        except (KeyError, TypeError, ValueError):
+            pass
+    return statistics.median(values) if values else None
+
+
+# (what, scenario, its figure, the limit it is measured against)
+RATIOS = [
+    ("acked msgs/s / pgbench 1 row/tx commits/s", "throughput", "acked_per_s",
+     "pgbench_single_row_commits_per_s"),
+    ("acked msgs/s / pgbench 100 rows/tx rows/s", "throughput", "acked_per_s",
+     "pgbench_100_rows_per_s"),
+    ("fan-out deliveries/s / plain broadcast baseline", "fanout", "deliveries_per_s",
+     "broadcast_fanout_deliveries_per_s"),
+]
+
+
+def ratios(groups):
+    limits = groups.get("limits")
+    if not limits:
+        return
+    print("## ratios of medians to the limits of the same run")
+    for what, scenario, key, limit in RATIOS:
+        ours = median(groups.get(scenario, []), key)
+        theirs = median(limits, limit)
+        if ours is not None and theirs:
+            print(f"  {what:50} {ours / theirs:6.3f}  ({ours:.0f} / {theirs:.0f})")
 
 
 if __name__ == "__main__":

@@ -14,18 +14,33 @@ impl actix::Actor for Echo {
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Echo {
     fn handle(&mut self, item: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        match item {
-            Ok(ws::Message::Text(text)) => ctx.text(text),
-            Ok(ws::Message::Binary(data)) => ctx.binary(data),
-            Ok(ws::Message::Ping(data)) => ctx.pong(&data),
-            Ok(ws::Message::Close(reason)) => {
-                ctx.close(reason);
-                ctx.stop();
-            }
-            Ok(_) => {}
-            Err(_) => ctx.stop(),
+        match data_frame(item, ctx) {
+            Some(ws::Message::Text(text)) => ctx.text(text),
+            Some(ws::Message::Binary(data)) => ctx.binary(data),
+            _ => {}
         }
     }
+}
+
+/// What both baseline servers do with a control frame: a ping is answered, a close or a
+/// protocol error ends the connection. Returns the frames left for the server itself.
+pub fn data_frame<A>(
+    item: Result<ws::Message, ws::ProtocolError>,
+    ctx: &mut ws::WebsocketContext<A>,
+) -> Option<ws::Message>
+where
+    A: actix::Actor<Context = ws::WebsocketContext<A>>,
+{
+    match item {
+        Ok(ws::Message::Ping(data)) => ctx.pong(&data),
+        Ok(ws::Message::Close(reason)) => {
+            ctx.close(reason);
+            ctx.stop();
+        }
+        Ok(other) => return Some(other),
+        Err(_) => ctx.stop(),
+    }
+    None
 }
 
 async fn echo_route(

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::meter::{
-    histogram, member_loop, micros, shared, summary, verdict, Meter, SendPlan, Shared,
+    histogram, member_loop, micros, shared, summary, verdict, CpuClock, Meter, SendPlan, Shared,
 };
 use crate::peer::{all, login_all, settle, Bench, Peer};
 use crate::report::Report;
@@ -17,7 +17,12 @@ use crate::FanoutArgs;
 /// Per seq: the latest delivery time across members, for latency to the last member.
 type LastDelivery = Shared<HashMap<i64, Duration>>;
 
-pub async fn run(bench: &Bench, args: &FanoutArgs, report: &mut Report) -> Result<(), String> {
+pub async fn run(
+    bench: &Bench,
+    args: &FanoutArgs,
+    server_pid: Option<u32>,
+    report: &mut Report,
+) -> Result<(), String> {
     let room = bench.room(0)?;
     let mut peers = login_all(bench, args.members, 100).await?;
     peers[0].create_room(&room).await?;
@@ -33,6 +38,7 @@ pub async fn run(bench: &Bench, args: &FanoutArgs, report: &mut Report) -> Resul
         0.0
     };
     let started = Instant::now();
+    let cpu = CpuClock::start(server_pid);
     let (sending, listening) = peers.split_at_mut(senders);
     let send_loops = sending.iter_mut().map(|peer| {
         let meter = meter.clone();
@@ -57,8 +63,15 @@ pub async fn run(bench: &Bench, args: &FanoutArgs, report: &mut Report) -> Resul
         async move { listener(bench, peer, &room, &meter, &last_delivery, expected).await }
     });
     futures_util::future::join(all(send_loops), all(listen_loops)).await;
-    let elapsed = started.elapsed().as_secs_f64();
+    // Up to the last delivery: the senders then wait for a quiet moment before they stop, which
+    // is not time spent delivering.
+    let ended = meter
+        .borrow()
+        .last_delivered_at
+        .unwrap_or_else(Instant::now);
+    let elapsed = ended.saturating_duration_since(started).as_secs_f64();
     set_figures(report, &meter.borrow(), &last_delivery.borrow(), elapsed);
+    cpu.report(report, "delivery", meter.borrow().delivered);
     report.verdict = Some(verdict(&mut peers[0], std::iter::once(room), &meter).await?);
     Ok(())
 }
@@ -94,7 +107,7 @@ fn set_figures(
     for (_, at) in last_delivery.iter() {
         let _ = to_last.record(micros(*at));
     }
-    report.set("deliveries_per_s", m.delivered as f64 / elapsed);
+    report.set("deliveries_per_s", m.delivered as f64 / elapsed.max(0.001));
     report.set("delivered", m.delivered);
     report.set("acked", m.acked);
     report.set("send_to_deliver", summary(&m.deliver));

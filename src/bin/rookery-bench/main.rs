@@ -9,8 +9,10 @@
 //! - `meter`: what a sending scenario measures and the member send loop, over `peer`;
 //! - `report`: the printed table and the JSON output;
 //! - one module per scenario (`throughput`, `fanout`, `connections`, `reconnect`, `history`,
-//!   `echo`), over the three above; `echo_server` is the baseline server `echo` drives.
+//!   `echo`), over the three above; `echo_server` is the baseline server `echo` drives, and
+//!   `broadcast_server` the baseline chat server `fanout` drives over plain ws.
 
+mod broadcast_server;
 mod connections;
 mod echo;
 mod echo_server;
@@ -72,6 +74,12 @@ enum Scenario {
     /// Run that minimal echo server.
     EchoServer {
         #[arg(long, default_value = "127.0.0.1:9100")]
+        bind: String,
+    },
+    /// Run the fan-out baseline: a plain actix broadcast chat server (ws://BIND/ws, no TLS, no
+    /// storage) answering the requests `fanout` makes.
+    BroadcastServer {
+        #[arg(long, default_value = "127.0.0.1:9101")]
         bind: String,
     },
 }
@@ -227,12 +235,12 @@ async fn dispatch(cli: &Cli, bench: &Bench) -> (&'static str, Value, Result<Repo
         Scenario::Throughput(a) => (
             "throughput",
             a.params(),
-            throughput::run(bench, a, &mut report).await,
+            throughput::run(bench, a, cli.server_pid, &mut report).await,
         ),
         Scenario::Fanout(a) => (
             "fanout",
             a.params(),
-            fanout::run(bench, a, &mut report).await,
+            fanout::run(bench, a, cli.server_pid, &mut report).await,
         ),
         Scenario::Connections(a) => (
             "connections",
@@ -250,7 +258,9 @@ async fn dispatch(cli: &Cli, bench: &Bench) -> (&'static str, Value, Result<Repo
             history::run(bench, a, &mut report).await,
         ),
         Scenario::Echo(a) => ("echo", a.params(), echo::run(bench, a, &mut report).await),
-        Scenario::EchoServer { .. } => ("echo-server", json!({}), Ok(())),
+        Scenario::EchoServer { .. } | Scenario::BroadcastServer { .. } => {
+            ("server", json!({}), Ok(()))
+        }
     };
     (name, params, result.map(|()| report))
 }
@@ -258,11 +268,18 @@ async fn dispatch(cli: &Cli, bench: &Bench) -> (&'static str, Value, Result<Repo
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
-    if let Scenario::EchoServer { bind } = &cli.scenario {
-        return match echo_server::run(bind) {
+    let baseline = match &cli.scenario {
+        Scenario::EchoServer { bind } => Some(("echo server", echo_server::run(bind))),
+        Scenario::BroadcastServer { bind } => {
+            Some(("broadcast server", broadcast_server::run(bind)))
+        }
+        _ => None,
+    };
+    if let Some((name, outcome)) = baseline {
+        return match outcome {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("rookery-bench: echo server: {e}");
+                eprintln!("rookery-bench: {name}: {e}");
                 ExitCode::FAILURE
             }
         };

@@ -37,6 +37,64 @@ fn phase(name: &str) -> f64 {
     (hasher.finish() % 1_000_000) as f64 / 1_000_000.0
 }
 
+/// CPU seconds (user + system) used so far by process `pid` (this process when `None`), from
+/// /proc; `None` where /proc cannot tell.
+pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = pid.map_or("/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces: utime and
+    // stime are the 12th and 13th of them, in clock ticks.
+    let mut fields = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) / ticks as f64)
+}
+
+/// The CPU that the server (with its pid) and this load tool spend from now on.
+pub struct CpuClock {
+    server_pid: Option<u32>,
+    server: Option<f64>,
+    tool: Option<f64>,
+}
+
+impl CpuClock {
+    pub fn start(server_pid: Option<u32>) -> CpuClock {
+        CpuClock {
+            server_pid,
+            server: server_pid.and_then(|p| cpu_seconds(Some(p))),
+            tool: cpu_seconds(None),
+        }
+    }
+
+    /// Sets `server_cpu_s` and `tool_cpu_s` since the start, and each per one of `units` as
+    /// `server_cpu_us_per_{unit}` and `tool_cpu_us_per_{unit}`.
+    pub fn report(&self, report: &mut crate::report::Report, unit: &str, units: u64) {
+        let spent = [
+            (
+                "server",
+                self.server,
+                self.server_pid.and_then(|p| cpu_seconds(Some(p))),
+            ),
+            ("tool", self.tool, cpu_seconds(None)),
+        ];
+        for (who, before, now) in spent {
+            if let (Some(before), Some(now)) = (before, now) {
+                let seconds = now - before;
+                report.set(&format!("{who}_cpu_s"), seconds);
+                if units > 0 {
+                    let per = seconds * 1e6 / units as f64;
+                    report.set(&format!("{who}_cpu_us_per_{unit}"), per);
+                }
+            }
+        }
+    }
+}
+
 pub fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
 }
@@ -59,6 +117,9 @@ pub struct Meter {
     pub deliver: Histogram<u64>,
     pub acked: u64,
     pub delivered: u64,
+    /// When the latest `message` event arrived, for rates that end with the last delivery
+    /// rather than with the members' wait for more.
+    pub last_delivered_at: Option<Instant>,
     pub errors: BTreeMap<String, u64>,
     pub history: History,
 }
@@ -74,6 +135,7 @@ impl Meter {
         event: &Value,
     ) -> Option<Duration> {
         self.delivered += 1;
+        self.last_delivered_at = Some(Instant::now());
         let latency = event["body"].as_str().and_then(|b| bench.latency_since(b));
         if let Some(latency) = latency {
             let _ = self.deliver.record(micros(latency));
@@ -89,6 +151,7 @@ impl Meter {
             deliver: histogram(),
             acked: 0,
             delivered: 0,
+            last_delivered_at: None,
             errors: BTreeMap::new(),
             history: History::new(),
         }

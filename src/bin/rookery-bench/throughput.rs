@@ -6,12 +6,17 @@ use rookery::protocol::RoomName;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-use crate::meter::{join_each, member_loop, shared, summary, verdict, Meter, SendPlan};
+use crate::meter::{join_each, member_loop, shared, summary, verdict, CpuClock, Meter, SendPlan};
 use crate::peer::{all, login_all, settle, Bench};
 use crate::report::Report;
 use crate::ThroughputArgs;
 
-pub async fn run(bench: &Bench, args: &ThroughputArgs, report: &mut Report) -> Result<(), String> {
+pub async fn run(
+    bench: &Bench,
+    args: &ThroughputArgs,
+    server_pid: Option<u32>,
+    report: &mut Report,
+) -> Result<(), String> {
     let rooms: Vec<RoomName> = (0..args.rooms)
         .map(|r| bench.room(r))
         .collect::<Result<_, _>>()?;
@@ -24,6 +29,7 @@ pub async fn run(bench: &Bench, args: &ThroughputArgs, report: &mut Report) -> R
     join_each(&mut peers, &meter, |i| rooms[i / args.members].clone()).await?;
     settle(&mut peers).await;
     let started = Instant::now();
+    let cpu = CpuClock::start(server_pid);
     let deadline = started + Duration::from_secs_f64(args.duration);
     let loops = peers.iter_mut().enumerate().map(|(i, peer)| {
         let room = &rooms[i / args.members];
@@ -53,6 +59,7 @@ pub async fn run(bench: &Bench, args: &ThroughputArgs, report: &mut Report) -> R
         report.set("send_to_ack", summary(&m.ack));
         report.set("send_to_deliver", summary(&m.deliver));
         report.set("errors", json!(m.errors));
+        cpu.report(report, "message", m.acked);
     }
     report.verdict = Some(verdict(&mut peers[0], rooms.into_iter(), &meter).await?);
     Ok(())
