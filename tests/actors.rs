@@ -858,6 +858,31 @@ async fn store_batches_commits_rooms_together_and_never_duplicates_on_retry() {
         .first(&mut conn)
         .unwrap();
     assert_eq!(stored, 8);
+
+    // In one batch: a key stored before, a new key used twice, no key, in two rooms at once.
+    let post = |body: &str, key: Option<&str>| NewPost {
+        sender: user.id,
+        body: body.into(),
+        client_msg_id: key.map(str::to_string),
+    };
+    let mixed = [
+        post("a0 again", Some("a0")),
+        post("d0", Some("d0")),
+        post("d0 again", Some("d0")),
+        post("e", None),
+    ];
+    let other = [post("b1 again", Some("b1")), post("f", Some("f0"))];
+    let both = store_batches(&mut conn, &keys, &[(a.id, &mixed), (b.id, &other)]).unwrap();
+    assert_eq!(
+        seqs(&both[0]),
+        [(1, true), (7, false), (7, true), (8, false)]
+    );
+    assert_eq!(seqs(&both[1]), [(2, true), (3, false)]);
+    let stored: i64 = rookery::schema::messages::table
+        .select(count_star())
+        .first(&mut conn)
+        .unwrap();
+    assert_eq!(stored, 11);
 }
 
 /// A value Postgres refuses (U+0000 in a text column) fails only its own message: the other

@@ -307,9 +307,9 @@ pub fn store_batch(
     Ok(results.pop().unwrap_or_default())
 }
 
-/// Group commit: the batches of several rooms in one transaction, in three statements
-/// whatever the number of rooms: one look-up of repeated `client_msg_id`s, one update of the
-/// rooms' counters, one multi-row insert. Results per batch, in order. A repeated
+/// Group commit: the batches of several rooms in one transaction, in two statements whatever
+/// the number of rooms: the look-up of repeated `client_msg_id`s together with the update of
+/// the rooms' counters, then one multi-row insert. Results per batch, in order. A repeated
 /// `client_msg_id` (stored before, or earlier in the batch) returns the original seq and
 /// stores nothing.
 ///
@@ -405,133 +405,127 @@ fn may_belong_to_one_message(e: &StoreError) -> bool {
     !transient
 }
 
-/// A stored message found by its retry key.
+/// A row of the look-up that also moves the counters: a stored message found by its retry key
+/// (`sender_id`, `client_msg_id` and `created_at` set), or a room's counter after the update
+/// (`seq` is its new `last_seq`; the others null).
 #[derive(QueryableByName)]
-struct EarlierRow {
+struct LookedUp {
     #[diesel(sql_type = BigInt)]
     room_id: i64,
-    #[diesel(sql_type = BigInt)]
-    sender_id: i64,
-    #[diesel(sql_type = Text)]
-    client_msg_id: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    sender_id: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    client_msg_id: Option<String>,
     #[diesel(sql_type = BigInt)]
     seq: i64,
-    #[diesel(sql_type = Timestamptz)]
-    created_at: DateTime<Utc>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    created_at: Option<DateTime<Utc>>,
 }
 
 /// What happens to one post.
 enum Plan {
+    /// Stored now, unless its retry key is found stored before (only first uses of a key
+    /// within the batch are looked up).
     New,
     Earlier(Stored),
+    /// A repeat, within the batch, of the post at this index.
     SameAs(usize),
 }
 
-#[derive(QueryableByName)]
-struct Counter {
-    #[diesel(sql_type = BigInt)]
-    id: i64,
-    #[diesel(sql_type = BigInt)]
-    last_seq: i64,
-}
+/// Finds the stored messages with the retry keys of the first uses in the batch and moves
+/// every room's counter past its new messages, in one statement: a room's count is the
+/// batch's `candidates` in it less the earlier ones found. Each key is looked up as a whole
+/// (room, sender, key), which the unique index answers without reading the rest of the room.
+const LOOK_UP_AND_COUNT: &str = "\
+    WITH k AS (SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[]) \
+               AS k(room_id, sender_id, key)), \
+    earlier AS (SELECT m.room_id, m.sender_id, m.client_msg_id, m.seq, m.created_at \
+                FROM messages m JOIN k ON m.room_id = k.room_id \
+                AND m.sender_id = k.sender_id AND m.client_msg_id = k.key), \
+    wanted AS (SELECT w.id, w.n - (SELECT count(*) FROM earlier e WHERE e.room_id = w.id) AS n \
+               FROM unnest($4::bigint[], $5::bigint[]) AS w(id, n)), \
+    bumped AS (UPDATE rooms SET last_seq = rooms.last_seq + wanted.n FROM wanted \
+               WHERE rooms.id = wanted.id AND wanted.n > 0 RETURNING rooms.id, rooms.last_seq) \
+    SELECT room_id, sender_id, client_msg_id, seq, created_at FROM earlier \
+    UNION ALL \
+    SELECT id, NULL, NULL, last_seq, NULL FROM bumped";
 
 fn store_batches_once(
     conn: &mut PgConnection,
     keys: &Keyring,
     batches: &[(RoomId, &[NewPost])],
 ) -> Result<Vec<Vec<Stored>>, StoreError> {
-    // 1. Earlier messages with the same retry keys, in every room of the batch at once. Each
-    //    key is looked up as a whole (room, sender, key) so the unique index answers it without
-    //    reading the rest of the room.
-    let rooms: Vec<i64> = batches.iter().map(|(room, _)| room.0).collect();
+    // 1. Within the batch: the first use of each retry key per room and sender, and repeats.
+    let mut plans: Vec<Vec<Plan>> = Vec::with_capacity(batches.len());
     let mut key_rooms: Vec<i64> = Vec::new();
     let mut key_senders: Vec<i64> = Vec::new();
     let mut retry_keys: Vec<&str> = Vec::new();
     for (room, posts) in batches {
-        for post in posts.iter() {
-            if let Some(key) = post.client_msg_id.as_deref() {
-                key_rooms.push(room.0);
-                key_senders.push(post.sender.0);
-                retry_keys.push(key);
-            }
-        }
-    }
-    let mut earlier: HashMap<(i64, i64, String), Stored> = HashMap::new();
-    if !retry_keys.is_empty() {
-        let found: Vec<EarlierRow> = diesel::sql_query(
-            "SELECT m.room_id, m.sender_id, m.client_msg_id, m.seq, m.created_at \
-             FROM messages m \
-             JOIN unnest($1::bigint[], $2::bigint[], $3::text[]) AS k(room_id, sender_id, key) \
-             ON m.room_id = k.room_id AND m.sender_id = k.sender_id AND m.client_msg_id = k.key",
-        )
-        .bind::<Array<BigInt>, _>(&key_rooms)
-        .bind::<Array<BigInt>, _>(&key_senders)
-        .bind::<Array<Text>, _>(&retry_keys)
-        .load(conn)?;
-        for EarlierRow {
-            room_id,
-            sender_id,
-            client_msg_id,
-            seq,
-            created_at,
-        } in found
-        {
-            let stored = Stored {
-                seq: Seq(seq),
-                sent_at: created_at,
-                duplicate: true,
-            };
-            earlier.insert((room_id, sender_id, client_msg_id), stored);
-        }
-    }
-    // 2. Which posts are new, per room.
-    let mut plans: Vec<Vec<Plan>> = Vec::with_capacity(batches.len());
-    let mut new_counts: Vec<i64> = Vec::with_capacity(batches.len());
-    for (room, posts) in batches {
         let mut first: HashMap<(i64, &str), usize> = HashMap::new();
-        let plan: Vec<Plan> = posts
+        let plan = posts
             .iter()
             .enumerate()
             .map(|(i, post)| {
                 let Some(key) = post.client_msg_id.as_deref() else {
                     return Plan::New;
                 };
-                if let Some(stored) = earlier.get(&(room.0, post.sender.0, key.to_string())) {
-                    return Plan::Earlier(stored.clone());
+                if let Some(at) = first.get(&(post.sender.0, key)) {
+                    return Plan::SameAs(*at);
                 }
-                match first.get(&(post.sender.0, key)) {
-                    Some(at) => Plan::SameAs(*at),
-                    None => {
-                        first.insert((post.sender.0, key), i);
-                        Plan::New
-                    }
-                }
+                first.insert((post.sender.0, key), i);
+                key_rooms.push(room.0);
+                key_senders.push(post.sender.0);
+                retry_keys.push(key);
+                Plan::New
             })
             .collect();
-        new_counts.push(plan.iter().filter(|p| matches!(p, Plan::New)).count() as i64);
         plans.push(plan);
     }
-    // 3. Every room's counter in one statement.
-    let (ids, counts): (Vec<i64>, Vec<i64>) = rooms
+    let rooms: Vec<i64> = batches.iter().map(|(room, _)| room.0).collect();
+    let candidates: Vec<i64> = plans
         .iter()
-        .zip(&new_counts)
-        .filter(|(_, n)| **n > 0)
-        .map(|(id, n)| (*id, *n))
-        .unzip();
-    let mut last_seqs: HashMap<i64, i64> = HashMap::new();
-    if !ids.is_empty() {
-        let counters: Vec<Counter> = diesel::sql_query(
-            "UPDATE rooms SET last_seq = rooms.last_seq + v.n \
-             FROM unnest($1::bigint[], $2::bigint[]) AS v(id, n) \
-             WHERE rooms.id = v.id RETURNING rooms.id, rooms.last_seq",
-        )
-        .bind::<Array<BigInt>, _>(&ids)
-        .bind::<Array<BigInt>, _>(&counts)
+        .map(|plan| plan.iter().filter(|p| matches!(p, Plan::New)).count() as i64)
+        .collect();
+    // 2. Earlier messages with those keys, and the counters, in one round trip.
+    let rows: Vec<LookedUp> = diesel::sql_query(LOOK_UP_AND_COUNT)
+        .bind::<Array<BigInt>, _>(&key_rooms)
+        .bind::<Array<BigInt>, _>(&key_senders)
+        .bind::<Array<Text>, _>(&retry_keys)
+        .bind::<Array<BigInt>, _>(&rooms)
+        .bind::<Array<BigInt>, _>(&candidates)
         .load(conn)?;
-        last_seqs.extend(counters.into_iter().map(|c| (c.id, c.last_seq)));
-        if last_seqs.len() != ids.len() {
-            return Err(StoreError::NotFound);
+    let mut earlier: HashMap<(i64, i64, String), Stored> = HashMap::new();
+    let mut last_seqs: HashMap<i64, i64> = HashMap::new();
+    for row in rows {
+        match (row.sender_id, row.client_msg_id, row.created_at) {
+            (Some(sender_id), Some(client_msg_id), Some(sent_at)) => {
+                let stored = Stored {
+                    seq: Seq(row.seq),
+                    sent_at,
+                    duplicate: true,
+                };
+                earlier.insert((row.room_id, sender_id, client_msg_id), stored);
+            }
+            _ => {
+                last_seqs.insert(row.room_id, row.seq);
+            }
         }
+    }
+    // 3. The posts found stored before are answered with what was stored.
+    let mut new_counts: Vec<i64> = Vec::with_capacity(batches.len());
+    for ((room, posts), plan) in batches.iter().zip(plans.iter_mut()) {
+        for (post, step) in posts.iter().zip(plan.iter_mut()) {
+            let (Plan::New, Some(key)) = (&step, post.client_msg_id.as_deref()) else {
+                continue;
+            };
+            if let Some(stored) = earlier.get(&(room.0, post.sender.0, key.to_string())) {
+                *step = Plan::Earlier(stored.clone());
+            }
+        }
+        new_counts.push(plan.iter().filter(|p| matches!(p, Plan::New)).count() as i64);
+    }
+    if new_counts.iter().filter(|n| **n > 0).count() != last_seqs.len() {
+        return Err(StoreError::NotFound);
     }
     // 4. Seal the new bodies and insert them all.
     let sent_at = now_micros();
