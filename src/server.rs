@@ -160,6 +160,9 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
         tls,
         policies,
     } = prepared;
+    // Bound before any actor starts: a start that fails with actors not yet run would have
+    // them start while the runtime is being dropped.
+    let metrics_listener = bind_metrics(&config.metrics.bind)?;
     let trusted_proxies = TrustedProxies::parse(&config.server.trusted_proxies).map_err(|e| {
         StartError::Config(ConfigError::Invalid(vec![ConfigProblem::new(
             "server.trusted_proxies",
@@ -210,7 +213,7 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
     };
     let tls = tls.map(openssl::ssl::SslAcceptorBuilder::build);
     let server = listen::serve(listener, tls, &listen_settings(&config), app)?;
-    let metrics = start_metrics(&config.metrics.bind)?;
+    let metrics = metrics_listener.map(start_metrics).transpose()?;
     log::info!(
         "listening on {}://{addr}/ws",
         if tls_on { "wss" } else { "ws" }
@@ -229,10 +232,8 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
 /// status, bytes, seconds. Never headers, so no cookie or token.
 const ACCESS_LOG: &str = r#"%a "%r" %s %b %Ts"#;
 
-/// `GET /metrics` over plain HTTP on `bind` (empty: none), with its own one-thread server.
-fn start_metrics(
-    bind: &str,
-) -> Result<Option<(actix_web::dev::Server, std::net::SocketAddr)>, StartError> {
+/// The listener of `GET /metrics` on `bind` (empty: none).
+fn bind_metrics(bind: &str) -> Result<Option<TcpListener>, StartError> {
     if bind.is_empty() {
         return Ok(None);
     }
@@ -242,6 +243,13 @@ fn start_metrics(
             format!("metrics.bind {bind}: {e}"),
         ))
     })?;
+    Ok(Some(listener))
+}
+
+/// `GET /metrics` over plain HTTP on `listener`, with its own one-thread server.
+fn start_metrics(
+    listener: TcpListener,
+) -> Result<(actix_web::dev::Server, std::net::SocketAddr), StartError> {
     let addr = listener.local_addr()?;
     let server = actix_web::HttpServer::new(|| {
         App::new().route(
@@ -260,7 +268,7 @@ fn start_metrics(
     .listen(listener)?
     .run();
     log::info!("metrics on http://{addr}/metrics");
-    Ok(Some((server, addr)))
+    Ok((server, addr))
 }
 
 /// With `redis.url` set, the link to the other nodes; `None` for a single node.

@@ -387,3 +387,42 @@ async fn verify_tells_retention_from_loss() {
     assert!(out.status.success(), "{}", stdout(&out));
     assert!(stdout(&out).contains("no problems"), "{}", stdout(&out));
 }
+
+/// A metrics port already taken stops the start with a message naming the setting, and the
+/// process ends by itself, without a panic.
+#[actix_rt::test]
+async fn a_busy_metrics_port_stops_the_start_with_its_setting_named() {
+    let db = TestDb::new();
+    let data = TempDir::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().to_string();
+    let log = data.0.join("server.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rookery"))
+        .arg("serve")
+        .env("DATABASE_URL", &db.url)
+        .env("ROOKERY__SERVER__BIND", "127.0.0.1:0")
+        .env("ROOKERY__TLS__ENABLED", "false")
+        .env("ROOKERY__METRICS__BIND", &busy)
+        .env("ROOKERY__DATA_DIR", &data.0)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running: {}", std::fs::read_to_string(&log).unwrap());
+        }
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains(&format!("metrics.bind {busy}")), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    drop(taken);
+}
