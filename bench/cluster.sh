@@ -20,10 +20,10 @@ cleanup() {
 }
 trap cleanup EXIT
 publishes() { redis-cli INFO commandstats | sed -n 's/^cmdstat_publish:calls=\([0-9]*\),.*/\1/p' | grep . || echo 0; }
-node() { # port, redis url ("" for none), prefix, node id
+node() { # port, redis url ("" for none), prefix, node id (metrics on port + 1000)
     DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DB" ROOKERY__DATA_DIR="$DATA" \
     ROOKERY__SERVER__BIND="127.0.0.1:$1" ROOKERY__REDIS__URL="$2" ROOKERY__REDIS__PREFIX="$3" \
-    ROOKERY__CLUSTER__NODE_ID="$4" \
+    ROOKERY__CLUSTER__NODE_ID="$4" ROOKERY__METRICS__BIND="127.0.0.1:$(($1 + 1000))" \
     RUST_LOG=warn target/release/rookery serve --config bench/server.toml >> "$OUT/server.log" 2>&1 &
     PIDS+=($!)
 }
