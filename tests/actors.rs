@@ -9,7 +9,7 @@ use actix::prelude::*;
 use chrono::Utc;
 use serde_json::Value;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -142,11 +142,8 @@ impl Handler<Release> for FakeStore {
 }
 
 /// A session stand-in: forwards each delivery to a channel.
-/// Passes on what a room delivers, a run of messages as one `Frame` each; the length of each
-/// run goes to `runs`.
 struct FakeSession {
     tx: mpsc::UnboundedSender<Deliver>,
-    runs: Arc<Mutex<Vec<usize>>>,
 }
 
 impl Actor for FakeSession {
@@ -156,18 +153,7 @@ impl Actor for FakeSession {
 impl Handler<Deliver> for FakeSession {
     type Result = ();
     fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) {
-        let Deliver::Messages { room, messages } = msg else {
-            let _ = self.tx.send(msg);
-            return;
-        };
-        self.runs.lock().unwrap().push(messages.len());
-        for (seq, frame) in messages.iter() {
-            let _ = self.tx.send(Deliver::Frame {
-                room: room.clone(),
-                seq: Some(*seq),
-                frame: frame.clone(),
-            });
-        }
+        let _ = self.tx.send(msg);
     }
 }
 
@@ -187,27 +173,19 @@ struct Peer {
     user: UserRecord,
     addr: Addr<FakeSession>,
     rx: mpsc::UnboundedReceiver<Deliver>,
-    /// How many messages each `Deliver::Messages` carried.
-    runs: Arc<Mutex<Vec<usize>>>,
 }
 
 impl Peer {
     fn new(id: u64, user_id: i64, name: &str) -> Peer {
         let (tx, rx) = mpsc::unbounded_channel();
-        let runs = Arc::new(Mutex::new(Vec::new()));
         Peer {
             id: SessionId(id),
             user: UserRecord {
                 id: UserId(user_id),
                 username: name.into(),
             },
-            addr: FakeSession {
-                tx,
-                runs: runs.clone(),
-            }
-            .start(),
+            addr: FakeSession { tx }.start(),
             rx,
-            runs,
         }
     }
 
@@ -239,7 +217,6 @@ impl Peer {
         match deliver {
             Deliver::Frame { frame, .. } => serde_json::from_str(&frame).unwrap(),
             Deliver::Evicted { room } => panic!("evicted from {room}"),
-            Deliver::Messages { .. } => unreachable!("FakeSession passes runs on frame by frame"),
             Deliver::Kicked { room, reason } => {
                 serde_json::json!({"type": "kicked", "room": &*room, "reason": reason})
             }
@@ -429,8 +406,6 @@ async fn posts_that_arrive_during_a_commit_go_in_the_next_batch_in_order() {
         .map(|m| m["body"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(bodies, ["a", "b", "c"]);
-    // The two messages committed together reached the session in one actor message.
-    assert_eq!(*ann.runs.lock().unwrap(), [1, 2]);
 }
 
 #[actix_rt::test]
@@ -952,7 +927,6 @@ async fn frames_of(peer: &mut Peer, kind: &str) -> Vec<Value> {
                 serde_json::json!({"type": "kicked", "room": &*room, "reason": reason})
             }
             Deliver::Evicted { room } => panic!("evicted from {room}"),
-            Deliver::Messages { .. } => unreachable!("FakeSession passes runs on frame by frame"),
         };
         if frame["type"] == kind {
             out.push(frame);

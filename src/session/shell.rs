@@ -4,8 +4,8 @@
 //! the others what [`farewell`] says. Round trips to other actors are spawned, never waited
 //! on, so the socket keeps flowing.
 //!
-//! Messages handled: [`Deliver`] (Room): write an event frame or a run of `message` frames,
-//! write `kicked` and forget the room when kicked, or close 1013 when evicted;
+//! Messages handled: [`Deliver`] (Room): write an event frame, write `kicked` and forget the
+//! room when kicked, or close 1013 when evicted;
 //! [`Drain`] (Gate): finish, then close 1001; [`Yield`] (Directory): hand the rooms over to a
 //! `resume` on another connection.
 
@@ -26,7 +26,7 @@ use crate::actors::directory::{OpenRoom, Park, TokenRevoked, Untrack, Yield};
 use crate::actors::gate::{Drain, Register, Unregister};
 use crate::actors::presence::SessionClosed;
 use crate::actors::room::{Deliver, Detach, Leave, Room};
-use crate::ids::{Seq, SessionId};
+use crate::ids::SessionId;
 use crate::metrics::{Held, METRICS};
 use crate::protocol::{
     error_frame, parse_request, ErrorCode, Event, Incoming, RequestId, RoomName,
@@ -182,14 +182,10 @@ impl Session {
     // ------------------------------------------------------------ writing and closing
 
     /// Writes a frame, unless the client has stopped reading.
-    /// Writes `frame` unless the client's unread backlog is over the limit (then the
-    /// connection is cut off, and false).
-    pub(super) fn write(&mut self, ctx: &mut WsContext, frame: ByteString) -> bool {
-        let room_for_it = self.check_backlog(ctx);
-        if room_for_it {
+    pub(super) fn write(&mut self, ctx: &mut WsContext, frame: ByteString) {
+        if self.check_backlog(ctx) {
             socket::send_text(ctx, &self.outbound, frame);
         }
-        room_for_it
     }
 
     /// False (and the connection cut off with 1013; it stays joined for the grace, to resume)
@@ -340,13 +336,12 @@ impl Handler<Deliver> for Session {
     fn handle(&mut self, msg: Deliver, ctx: &mut WsContext) {
         match msg {
             Deliver::Frame { room, seq, frame } => {
-                self.event(ctx, &room, seq, frame);
-            }
-            Deliver::Messages { room, messages } => {
-                for (seq, frame) in messages.iter() {
-                    if !self.event(ctx, &room, Some(*seq), frame.clone()) {
-                        break;
-                    }
+                if let Some(frame) = self.joins.event(&room, seq, frame) {
+                    self.write(ctx, frame);
+                } else if self.joins.held_bytes() > self.settings.outbound_limit_bytes {
+                    // Held for a join, they would be written at once after its reply: they
+                    // count like unread bytes.
+                    self.cut_off_slow(ctx, "held events over the outbound limit");
                 }
             }
             Deliver::Kicked { room, reason } => {
@@ -362,29 +357,6 @@ impl Handler<Deliver> for Session {
             }
             Deliver::Evicted { .. } => self.cut_off_slow(ctx, "outbound queue full"),
         }
-    }
-}
-
-impl Session {
-    /// Writes an event of `room`, or holds it while the room is being joined; false when the
-    /// connection was cut off for it (nothing more is written then).
-    fn event(
-        &mut self,
-        ctx: &mut WsContext,
-        room: &str,
-        seq: Option<Seq>,
-        frame: ByteString,
-    ) -> bool {
-        if let Some(frame) = self.joins.event(room, seq, frame) {
-            return self.write(ctx, frame);
-        }
-        if self.joins.held_bytes() > self.settings.outbound_limit_bytes {
-            // Held for a join, they would be written at once after its reply: they count like
-            // unread bytes.
-            self.cut_off_slow(ctx, "held events over the outbound limit");
-            return false;
-        }
-        true
     }
 }
 

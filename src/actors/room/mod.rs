@@ -74,13 +74,6 @@ pub enum Deliver {
         seq: Option<Seq>,
         frame: ByteString,
     },
-    /// Committed `message` events of `room` in seq order: all those that became deliverable at
-    /// once (a batch committed together), in one actor message per session. The list is
-    /// shared with every other recipient.
-    Messages {
-        room: Arc<str>,
-        messages: Arc<[(Seq, ByteString)]>,
-    },
     /// The session fell too far behind in `room` and was removed from it.
     Evicted { room: String },
     /// The session's user is no longer admitted to `room`, and was removed from it.
@@ -414,42 +407,25 @@ impl Room {
     }
 
     fn broadcast_seq(&mut self, frame: &ByteString, seq: Option<Seq>, except: Option<SessionId>) {
-        let room = self.name.clone();
-        let delivered = self.send_each(except, || Deliver::Frame {
-            room: room.clone(),
-            seq,
-            frame: frame.clone(),
-        });
-        if seq.is_some() {
-            METRICS.messages_delivered.inc_by(delivered);
-        }
-    }
-
-    /// Sends the `message` events `messages` (consecutive seqs) to every attached session.
-    fn broadcast_messages(&mut self, messages: Vec<(Seq, ByteString)>) {
-        let count = messages.len() as u64;
-        let messages: Arc<[(Seq, ByteString)]> = messages.into();
-        let room = self.name.clone();
-        let sessions = self.send_each(None, || Deliver::Messages {
-            room: room.clone(),
-            messages: messages.clone(),
-        });
-        METRICS.messages_delivered.inc_by(sessions * count);
-    }
-
-    /// Sends what `make` makes to every attached session except `except`; how many took it.
-    fn send_each(&mut self, except: Option<SessionId>, make: impl Fn() -> Deliver) -> u64 {
         let mut evicted = Vec::new();
         let mut delivered = 0;
         for (id, member) in self.sessions.iter_mut() {
             if Some(*id) == except || member.detached_at.is_some() {
                 continue;
             }
-            match member.deliver.try_send(make()) {
+            let msg = Deliver::Frame {
+                room: self.name.clone(),
+                seq,
+                frame: frame.clone(),
+            };
+            match member.deliver.try_send(msg) {
                 Ok(()) => delivered += 1,
                 Err(SendError::Closed(_)) => member.detached_at = Some(Instant::now()),
                 Err(SendError::Full(_)) => evicted.push(*id),
             }
+        }
+        if seq.is_some() {
+            METRICS.messages_delivered.inc_by(delivered);
         }
         for id in evicted {
             if let Some(member) = self.sessions.get_mut(&id) {
@@ -464,7 +440,6 @@ impl Room {
                 });
             }
         }
-        delivered
     }
 
     fn add_session(&mut self, session: SessionId, user: UserRecord, deliver: Recipient<Deliver>) {
@@ -626,20 +601,13 @@ impl Room {
         }
     }
 
-    /// Takes committed messages. Messages are delivered strictly in seq order: when an earlier
-    /// seq is missing (a commit whose reply was lost), it is loaded from the store first. Those
-    /// that become deliverable together (a batch) go to each session in one actor message.
-    fn committed(&mut self, views: impl IntoIterator<Item = MessageView>, ctx: &mut Context<Self>) {
-        let mut taken = false;
-        for view in views {
-            if view.seq > self.delivered {
-                self.out_of_order.insert(view.seq, view);
-                taken = true;
-            }
-        }
-        if !taken {
+    /// Takes a committed message. Messages are delivered strictly in seq order: when an earlier
+    /// seq is missing (a commit whose reply was lost), it is loaded from the store first.
+    fn committed(&mut self, view: MessageView, ctx: &mut Context<Self>) {
+        if view.seq <= self.delivered {
             return;
         }
+        self.out_of_order.insert(view.seq, view);
         self.deliver_in_order();
         if self.out_of_order.is_empty() {
             return;
@@ -659,17 +627,14 @@ impl Room {
     }
 
     fn deliver_in_order(&mut self) {
-        let mut run = Vec::new();
         while let Some(view) = self.out_of_order.remove(&self.delivered.next()) {
             self.delivered = view.seq;
-            run.push((view.seq, self.frame(Event::Message(&view))));
+            let frame = self.frame(Event::Message(&view));
+            self.broadcast_seq(&frame, Some(view.seq), None);
             self.recent.push_back(view);
             if self.recent.len() > self.policy.limits.history_limit {
                 self.recent.pop_front();
             }
-        }
-        if !run.is_empty() {
-            self.broadcast_messages(run);
         }
     }
 
@@ -812,7 +777,6 @@ impl Room {
     ) {
         // `replies` is empty when the timeout already answered: the messages are delivered anyway.
         let mut replies = replies.into_iter();
-        let mut views = Vec::with_capacity(posts.len());
         for (post, outcome) in posts.into_iter().zip(outcomes) {
             let stored = match outcome {
                 Ok(stored) => stored,
@@ -833,7 +797,6 @@ impl Room {
             }
             if stored.duplicate {
                 // A retry of a message whose first commit may not have been delivered yet.
-                self.committed(std::mem::take(&mut views), ctx);
                 if stored.seq > self.delivered {
                     self.fill_gap_upto(stored.seq, ctx);
                 }
@@ -849,9 +812,8 @@ impl Room {
                 error: None,
             };
             self.publish_message(&view, true);
-            views.push(view);
+            self.committed(view, ctx);
         }
-        self.committed(views, ctx);
     }
 
     /// Makes sure everything up to `seq` is delivered, loading it from the store.
@@ -946,7 +908,7 @@ impl Room {
             // leaves seqs that are skipped, never reused.
             self.delivered = Seq(self.delivered.0.max(seq.0 - 1));
             self.publish_message(&view, false);
-            self.committed([view], ctx);
+            self.committed(view, ctx);
             let _ = pending.reply.send(Ok(Ack { seq, sent_at }));
         }
         if !self.policy.limits.persist && self.seqs.wants_more() {
@@ -1488,7 +1450,7 @@ impl Handler<FromCluster> for Room {
                 // Not activity: a room without members here stops when idle, however busy
                 // it is elsewhere.
                 if persist && self.policy.limits.persist {
-                    self.committed([view], ctx);
+                    self.committed(view, ctx);
                 } else {
                     // Seqs of a room that stores nothing are reserved per node in blocks:
                     // another node's messages are passed on as they come.
