@@ -13,6 +13,13 @@ port() { # a free local port
     done
     echo "no free port near $1" >&2; exit 1
 }
+listening() { # port: waits up to 20 s for it to accept
+    for _ in $(seq 1 200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "nothing is listening on port $1" >&2; exit 1
+}
 PORT=$(port 18800)
 ECHO_PORT=$(port 19800)
 BROADCAST_PORT=$(port 20800)
@@ -30,13 +37,10 @@ trap cleanup EXIT
 
 DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DB" \
 ROOKERY__DATA_DIR="$DATA" \
-ROOKERY__SERVER__BIND="127.0.0.1:$PORT" \
+ROOKERY__SERVER__BIND="127.0.0.1:$PORT" ROOKERY__METRICS__BIND=127.0.0.1:0 \
 RUST_LOG=warn "$BIN/rookery" serve --config bench/server.toml > "$DATA/server.log" 2>&1 &
 SERVER_PID=$!
-for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-    sleep 0.2
-done
+listening "$PORT"
 
 B=("$BIN/rookery-bench" --url "wss://127.0.0.1:$PORT/ws" --insecure --server-pid "$SERVER_PID")
 "${B[@]}" throughput --rooms 3 --members 3 --duration 1
@@ -47,18 +51,12 @@ B=("$BIN/rookery-bench" --url "wss://127.0.0.1:$PORT/ws" --insecure --server-pid
 
 "$BIN/rookery-bench" echo-server --bind "127.0.0.1:$ECHO_PORT" >/dev/null 2>&1 &
 ECHO_PID=$!
-for _ in $(seq 1 50); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$ECHO_PORT") 2>/dev/null && break
-    sleep 0.1
-done
+listening "$ECHO_PORT"
 "$BIN/rookery-bench" --url "ws://127.0.0.1:$ECHO_PORT/" echo --connections 5 --duration 1
 
 # The fan-out baseline, driven by the same scenario (its verdict must be clean too).
 "$BIN/rookery-bench" broadcast-server --bind "127.0.0.1:$BROADCAST_PORT" >/dev/null 2>&1 &
 BROADCAST_PID=$!
-for _ in $(seq 1 50); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$BROADCAST_PORT") 2>/dev/null && break
-    sleep 0.1
-done
+listening "$BROADCAST_PORT"
 "$BIN/rookery-bench" --url "ws://127.0.0.1:$BROADCAST_PORT/ws" fanout --members 20 --senders 2 --messages 50
 echo "bench smoke: every scenario ran and every verdict was clean"
