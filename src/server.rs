@@ -30,7 +30,7 @@ use crate::session::guard::GuardSettings;
 use crate::session::{Services, SessionSettings};
 use crate::store::{self, PgPool};
 use crate::transport::address::TrustedProxies;
-use crate::transport::listen::{self, ListenSettings};
+use crate::transport::listen::{self, AccessLog, ListenSettings};
 use crate::transport::ws::{self as transport, Transport};
 
 /// Everything the server needs that takes blocking work to get.
@@ -191,7 +191,7 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
     ));
     let gate = services.gate.clone();
     let transport = web::Data::new(Transport {
-        services,
+        services: Arc::new(services),
         sessions: Arc::new(session_settings(&config)),
         allowed_origins: transport::parse_origins(&config.server.allowed_origins),
         trusted_proxies,
@@ -200,12 +200,15 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
     });
     let tls_on = tls.is_some();
     let addr = listener.local_addr()?;
-    let app = move || {
+    let app = move |access_log: AccessLog| {
         App::new()
             .app_data(transport.clone())
             .app_data(readiness.clone())
             .wrap(security_headers(tls_on))
-            .wrap(middleware::Logger::new(ACCESS_LOG).log_target("rookery::access"))
+            .wrap(middleware::Condition::new(
+                access_log == AccessLog::App,
+                middleware::Logger::new(ACCESS_LOG).log_target("rookery::access"),
+            ))
             .route("/ws", web::get().to(transport::upgrade))
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
@@ -229,7 +232,8 @@ pub fn start(prepared: Prepared, listener: TcpListener) -> Result<Running, Start
 }
 
 /// One line per HTTP request (a WebSocket's line comes when it closes): peer, request line,
-/// status, bytes, seconds. Never headers, so no cookie or token.
+/// status, bytes, seconds. Never headers, so no cookie or token. The transport writes the same
+/// line for the upgrade requests it serves itself (`transport::upgraded`).
 const ACCESS_LOG: &str = r#"%a "%r" %s %b %Ts"#;
 
 /// The listener of `GET /metrics` on `bind` (empty: none).

@@ -153,6 +153,76 @@ async fn tls_refuses_old_protocol_versions() {
     assert_eq!(outcome, (false, true, true));
 }
 
+/// An upgrade request over plain TCP (ws), with `extra` written right behind it in the same
+/// write; returns what the server sent until it closed or went quiet for a second.
+async fn raw_upgrade(server: &TestServer, path: &str, extra: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let mut request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        server.addr
+    )
+    .into_bytes();
+    request.extend_from_slice(extra);
+    socket.write_all(&request).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_secs(1), socket.read(&mut chunk)).await
+    {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+    }
+    got
+}
+
+/// A client text frame (masked, as clients must) of `text`, under 126 bytes.
+fn masked_text(text: &str) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x81, 0x80 | u8::try_from(text.len()).unwrap()];
+    frame.extend_from_slice(&mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// A client may send its first frames in the same packet as the upgrade request: they are the
+/// session's first requests, answered in order.
+#[actix_rt::test]
+async fn frames_sent_with_the_upgrade_request_are_read() {
+    let server = TestServer::start_with(|c| c.tls.enabled = false).await;
+    let mut frames = masked_text(r#"{"id":"a","type":"ping"}"#);
+    frames.extend(masked_text(r#"{"id":"b","type":"ping"}"#));
+    let got = String::from_utf8_lossy(&raw_upgrade(&server, "/ws", &frames).await).into_owned();
+    assert!(got.starts_with("HTTP/1.1 101"), "{got}");
+    let (a, b) = (
+        got.find(r#"{"type":"ok","id":"a"}"#),
+        got.find(r#"{"type":"ok","id":"b"}"#),
+    );
+    assert!(a.is_some() && a < b, "both answered, in order: {got}");
+}
+
+/// A request that asks for an upgrade the server does not make gets its answer, and the
+/// connection ends with it.
+#[actix_rt::test]
+async fn an_upgrade_to_anything_but_the_websocket_is_answered_and_closed() {
+    let server = TestServer::start_with(|c| c.tls.enabled = false).await;
+    let got = String::from_utf8_lossy(&raw_upgrade(&server, "/healthz", b"").await).into_owned();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(
+        got.to_ascii_lowercase().contains("connection: close"),
+        "{got}"
+    );
+    assert!(
+        got.ends_with(r#"{"status":"ok"}"#),
+        "the body, then the close: {got}"
+    );
+    let got = String::from_utf8_lossy(&raw_upgrade(&server, "/nowhere", b"").await).into_owned();
+    assert!(got.starts_with("HTTP/1.1 404"), "{got}");
+}
+
 // ---------------------------------------------------------------- accounts
 
 #[actix_rt::test]

@@ -25,6 +25,7 @@ use crate::metrics::METRICS;
 use crate::protocol::{Reply, RequestKind, RestoredRoom, RoomName, UserView, Username};
 use crate::secret::Secret;
 use crate::store::models::UserRecord;
+use std::sync::Arc;
 
 pub(super) fn user_view(user: &UserRecord) -> UserView {
     UserView {
@@ -186,7 +187,7 @@ pub(super) fn revoke(
 /// registration rate (or has too many failed logins); a name already taken counts as a
 /// failed login of the address.
 async fn register(
-    services: Services,
+    services: Arc<Services>,
     ip: Option<std::net::IpAddr>,
     username: Username,
     password: Secret,
@@ -213,7 +214,7 @@ async fn register(
 /// A login attempt through the gate: refused without checking the password while the name
 /// or the address has too many recent failures; its outcome is reported back to the gate.
 async fn login_attempt(
-    services: Services,
+    services: Arc<Services>,
     ip: Option<std::net::IpAddr>,
     username: Username,
     password: Secret,
@@ -278,7 +279,7 @@ async fn check_password(
 /// The token's user, and the parked session it may take over; refused without a look-up
 /// while the address has too many recent failed resumes.
 async fn look_up_token(
-    services: Services,
+    services: Arc<Services>,
     ip: Option<std::net::IpAddr>,
     hash: TokenHash,
 ) -> Result<(UserRecord, DateTime<Utc>, Option<Parked>), Error> {

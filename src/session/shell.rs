@@ -50,7 +50,7 @@ pub struct Session {
     pub(super) joins: Joins<Addr<Room>>,
     outbound: OutboundMeter,
     hearing: Hearing,
-    pub(super) services: Services,
+    pub(super) services: Arc<Services>,
     pub(super) settings: Arc<SessionSettings>,
     _open: Held,
     /// Counts the connection as authenticated from its login or resume on.
@@ -62,7 +62,7 @@ impl Session {
         id: SessionId,
         peer: Peer,
         outbound: OutboundMeter,
-        services: Services,
+        services: Arc<Services>,
         settings: Arc<SessionSettings>,
     ) -> Self {
         let now = Instant::now();

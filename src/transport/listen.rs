@@ -2,25 +2,31 @@
 //! handshakes in progress (in all, and per client address: [`Handshakes`]), runs TLS and
 //! HTTP/1.1 and hands requests to the app. Built on actix-server and actix-http directly
 //! because actix-web's `HttpServer` has no place to act between accept and TLS, where a
-//! client that opens connections and never finishes their handshakes must be stopped. Calls
-//! nothing of the crate but the per-address key of [`super::address`].
+//! client that opens connections and never finishes their handshakes must be stopped; and
+//! because actix-http's dispatcher keeps 16 KiB of buffers for each WebSocket, so a request
+//! that asks for an upgrade goes to [`super::upgraded`] instead. Calls nothing of the crate but
+//! those two modules of the transport.
 
+use actix_codec::{AsyncRead, AsyncWrite, Framed};
 use actix_http::body::BoxBody;
-use actix_http::{HttpServiceBuilder, Request, Response, TlsAcceptorConfig};
+use actix_http::{h1, HttpServiceBuilder, Request, Response};
 use actix_service::{map_config, IntoServiceFactory, ServiceFactoryExt};
-use actix_tls::accept::openssl::TlsStream;
+use actix_tls::accept::openssl::{Acceptor, TlsStream};
+use actix_tls::accept::TlsError;
 use actix_web::body::MessageBody;
 use actix_web::dev::{fn_factory, fn_service, AppConfig, Extensions, Service, ServiceFactory};
 use actix_web::rt::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::address::limit_key;
+use super::upgraded;
 
 /// How the server listens.
 #[derive(Debug, Clone)]
@@ -113,10 +119,22 @@ impl HandshakeDone {
     }
 }
 
+/// Who writes a request's access line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLog {
+    /// The app (its Logger), once the response is done: requests actix-http's dispatcher serves.
+    App,
+    /// The transport, when the connection ends: upgrade requests ([`upgraded`]), for which the
+    /// Logger would keep its rendered line for the life of each WebSocket.
+    Transport,
+}
+
 /// Per worker: the slots of connections accepted and not yet through TLS, by peer address.
 type Pending = Rc<RefCell<HashMap<SocketAddr, HandshakeSlot>>>;
 
 /// Serves `app` on `listener` (TLS when `tls` is given) until the returned server is stopped.
+/// `app` is built twice per worker: for the requests actix-http's dispatcher serves, and for
+/// upgrade requests, each time told who writes the access line.
 pub fn serve<F, I, S, B>(
     listener: std::net::TcpListener,
     tls: Option<openssl::ssl::SslAcceptor>,
@@ -124,7 +142,7 @@ pub fn serve<F, I, S, B>(
     app: F,
 ) -> std::io::Result<actix_server::Server>
 where
-    F: Fn() -> I + Send + Clone + 'static,
+    F: Fn(AccessLog) -> I + Send + Clone + 'static,
     I: IntoServiceFactory<S, Request>,
     S: ServiceFactory<Request, Config = AppConfig> + 'static,
     S::Error: Into<actix_web::Error> + 'static,
@@ -155,25 +173,32 @@ where
         Some(acceptor) => builder.listen(name, listener, move || {
             let pending = Pending::default();
             let took_over = took_over(pending.clone(), settings.unread_limit);
-            let inner = http_builder::<TlsStream<TcpStream>, _>(&settings, addr)
+            let http = http_builder::<TlsStream<TcpStream>, _>(&settings, addr)
+                .upgrade(upgrades(&app, settings.disconnect_timeout))
                 .on_connect_ext(move |io: &TlsStream<TcpStream>, data: &mut Extensions| {
                     took_over(io, io.get_ref(), data)
                 })
-                .finish(app_service(&app))
-                .openssl_with_config(
-                    acceptor.clone(),
-                    TlsAcceptorConfig::default().handshake_timeout(settings.tls_handshake_timeout),
-                );
+                .h1(app_service(&app, AccessLog::App));
+            let mut tls = Acceptor::new(acceptor.clone());
+            tls.set_handshake_timeout(settings.tls_handshake_timeout);
+            let inner = tls
+                .map_err(TlsError::into_service_error)
+                .map(|io: TlsStream<TcpStream>| {
+                    let peer = io.get_ref().peer_addr().ok();
+                    (io, peer)
+                })
+                .and_then(http.map_err(TlsError::Service));
             guarded(inner, handshakes.clone(), pending)
         })?,
         None => builder.listen(name, listener, move || {
             let pending = Pending::default();
             let took_over = took_over(pending.clone(), settings.unread_limit);
             let inner = http_builder::<TcpStream, _>(&settings, addr)
+                .upgrade(upgrades(&app, settings.disconnect_timeout))
                 .on_connect_ext(move |io: &TcpStream, data: &mut Extensions| {
                     took_over(io, io, data)
                 })
-                .finish(app_service(&app))
+                .h1(app_service(&app, AccessLog::App))
                 .tcp();
             guarded(inner, handshakes.clone(), pending)
         })?,
@@ -200,26 +225,82 @@ where
 /// The app as actix-http serves it, its errors as responses.
 fn app_service<F, I, S, B>(
     app: &F,
+    access_log: AccessLog,
 ) -> impl ServiceFactory<
     Request,
     Config = (),
     Response = S::Response,
     Error = actix_web::HttpResponse,
     InitError = S::InitError,
+    Service = impl Service<
+        Request,
+        Response = S::Response,
+        Error = actix_web::HttpResponse,
+        Future = impl Future<Output = Result<S::Response, actix_web::HttpResponse>> + 'static,
+    > + 'static,
 >
 where
-    F: Fn() -> I,
+    F: Fn(AccessLog) -> I,
     I: IntoServiceFactory<S, Request>,
     S: ServiceFactory<Request, Config = AppConfig>,
-    S::Error: Into<actix_web::Error>,
-    S::Response: Into<Response<B>>,
+    S::Error: Into<actix_web::Error> + 'static,
+    S::Response: Into<Response<B>> + 'static,
+    S::Service: 'static,
+    <S::Service as Service<Request>>::Future: 'static,
 {
-    let app = app()
+    let app = app(access_log)
         .into_factory()
         .map_err(|e: S::Error| e.into().error_response());
     // The app reads neither the config's host nor its scheme (the Origin check works them out
     // from the request and the listener itself).
     map_config(app, |_| AppConfig::default())
+}
+
+/// The app for the requests that ask for an upgrade: each is served by [`upgraded::serve`],
+/// its connection ending with the response; `linger` bounds the shutdown after it.
+fn upgrades<T, F, I, S, B>(
+    app: &F,
+    linger: Duration,
+) -> impl ServiceFactory<
+    (Request, Framed<T, h1::Codec>),
+    Config = (),
+    Response = (),
+    Error = actix_web::Error,
+    InitError = S::InitError,
+>
+where
+    T: AsyncRead + AsyncWrite + Unpin + 'static,
+    F: Fn(AccessLog) -> I,
+    I: IntoServiceFactory<S, Request>,
+    S: ServiceFactory<Request, Config = AppConfig>,
+    S::Error: Into<actix_web::Error> + 'static,
+    S::Response: Into<Response<B>> + 'static,
+    S::Service: 'static,
+    <S::Service as Service<Request>>::Future: 'static,
+    B: MessageBody + 'static,
+{
+    let app = app_service(app, AccessLog::Transport);
+    fn_factory(move || {
+        let started = app.new_service(());
+        async move {
+            let service = Rc::new(started.await?);
+            Ok(fn_service(
+                move |(req, framed): (Request, Framed<T, h1::Codec>)| {
+                    let service = service.clone();
+                    // Both boxed, so that an upgraded connection keeps only what it still needs:
+                    // the app's future is gone once it has answered.
+                    Box::pin(upgraded::serve(req, framed, linger, |req| {
+                        Box::pin(async move {
+                            match service.call(req).await {
+                                Ok(response) => response.into().map_into_boxed_body(),
+                                Err(refused) => refused.into(),
+                            }
+                        })
+                    }))
+                },
+            ))
+        }
+    })
 }
 
 /// Called for every new connection (TLS or plain). A client that stops reading stops the

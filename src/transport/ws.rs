@@ -25,7 +25,7 @@ use crate::session::{Peer, Services, Session, SessionSettings};
 
 /// What every HTTP worker's upgrades share.
 pub struct Transport {
-    pub services: Services,
+    pub services: Arc<Services>,
     pub sessions: Arc<SessionSettings>,
     /// Browser origins allowed besides the server's own.
     pub allowed_origins: Vec<url::Origin>,
