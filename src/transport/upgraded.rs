@@ -5,8 +5,9 @@
 //!
 //! actix-http's dispatcher would do the same with an 8 KiB read and an 8 KiB write buffer that
 //! it keeps for the life of the connection. Here a read goes through a buffer on the stack and
-//! the write buffer exists only while it holds bytes, so an idle WebSocket holds neither.
-//! Calls nothing of the crate.
+//! the write buffer exists only while it holds bytes, so an idle WebSocket holds neither; what
+//! is read goes to the session's decoder one frame at a time ([`Inbound`]). Calls nothing of
+//! the crate.
 
 use actix_codec::{AsyncRead, AsyncWrite, Encoder, Framed, ReadBuf};
 use actix_http::body::{BoxBody, MessageBody};
@@ -70,6 +71,7 @@ where
             codec: parts.codec,
             buf: parts.write_buf,
             body_bytes: 0,
+            waited: false,
         },
         linger,
     }
@@ -315,6 +317,8 @@ struct Writer<T> {
     buf: BytesMut,
     /// The body's bytes taken so far.
     body_bytes: usize,
+    /// Whether the bytes in `buf` have waited one turn of the worker for more to join them.
+    waited: bool,
 }
 
 impl<T: AsyncWrite + Unpin> Writer<T> {
@@ -361,6 +365,16 @@ impl<T: AsyncWrite + Unpin> Writer<T> {
                     }
                 }
             }
+            if waiting && !self.waited && !self.buf.is_empty() && self.buf.len() < WRITE_HIGH_WATER
+            {
+                // Let the worker's other ready tasks (the sessions of the same room, fed the
+                // same messages) run first: what reaches this session meanwhile goes out in
+                // the same TLS record and write, instead of one small record each.
+                self.waited = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.waited = false;
             ready!(self.poll_write(cx))?;
             if body.is_none() {
                 return Poll::Ready(Ok(()));
