@@ -174,7 +174,10 @@ where
             let pending = Pending::default();
             let took_over = took_over(pending.clone(), settings.unread_limit);
             let http = http_builder::<TlsStream<TcpStream>, _>(&settings, addr)
-                .upgrade(upgrades(&app, settings.disconnect_timeout))
+                .upgrade(upgrades(
+                    app_service(&app, AccessLog::Transport),
+                    settings.disconnect_timeout,
+                ))
                 .on_connect_ext(move |io: &TlsStream<TcpStream>, data: &mut Extensions| {
                     took_over(io, io.get_ref(), data)
                 })
@@ -194,7 +197,10 @@ where
             let pending = Pending::default();
             let took_over = took_over(pending.clone(), settings.unread_limit);
             let inner = http_builder::<TcpStream, _>(&settings, addr)
-                .upgrade(upgrades(&app, settings.disconnect_timeout))
+                .upgrade(upgrades(
+                    app_service(&app, AccessLog::Transport),
+                    settings.disconnect_timeout,
+                ))
                 .on_connect_ext(move |io: &TcpStream, data: &mut Extensions| {
                     took_over(io, io, data)
                 })
@@ -258,28 +264,23 @@ where
 
 /// The app for the requests that ask for an upgrade: each is served by [`upgraded::serve`],
 /// its connection ending with the response; `linger` bounds the shutdown after it.
-fn upgrades<T, F, I, S, B>(
-    app: &F,
+fn upgrades<T, A, B>(
+    app: A,
     linger: Duration,
 ) -> impl ServiceFactory<
     (Request, Framed<T, h1::Codec>),
     Config = (),
     Response = (),
     Error = actix_web::Error,
-    InitError = S::InitError,
+    InitError = A::InitError,
 >
 where
     T: AsyncRead + AsyncWrite + Unpin + 'static,
-    F: Fn(AccessLog) -> I,
-    I: IntoServiceFactory<S, Request>,
-    S: ServiceFactory<Request, Config = AppConfig>,
-    S::Error: Into<actix_web::Error> + 'static,
-    S::Response: Into<Response<B>> + 'static,
-    S::Service: 'static,
-    <S::Service as Service<Request>>::Future: 'static,
+    A: ServiceFactory<Request, Config = (), Error = actix_web::HttpResponse>,
+    A::Response: Into<Response<B>> + 'static,
+    A::Service: 'static,
     B: MessageBody + 'static,
 {
-    let app = app_service(app, AccessLog::Transport);
     fn_factory(move || {
         let started = app.new_service(());
         async move {
