@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Two builds of the server side by side on the same box and in the same session: each round
-# runs every scenario (SCENARIOS, default "fanout throughput") against build A and build B, in
+# runs every scenario (SCENARIOS, default "fanout throughput"; also "latency", throughput at
+# RATE thousand msgs/s, default 6, "history" and "reconnect") against build A and build B, in
 # turns (a fresh server and database per
 # measurement), RUNS rounds. The load tool is B's for both. Redis is not configured (single node).
 # Usage: bench/ab.sh A-release-dir B-release-dir [out-dir]
@@ -44,6 +45,9 @@ for round in $(seq 1 "${RUNS:-3}"); do
             case $scenario in
                 fanout) measure "$1" "$2" fanout "$round" fanout --members 1000 --senders 4 --messages 3000 ;;
                 throughput) measure "$1" "$2" throughput "$round" throughput --rooms 200 --members 5 --duration 10 --inflight 4 ;;
+                latency) measure "$1" "$2" latency "$round" throughput --rooms 200 --members 5 --duration 10 --inflight 4 --rate "${RATE:-6}" ;;
+                history) measure "$1" "$2" history "$round" history --messages 5000 --clients 10 --duration 10 ;;
+                reconnect) measure "$1" "$2" reconnect "$round" reconnect --clients 5000 --rooms 50 --senders 10 --rate 20 --phase 3 ;;
             esac
         done
     done
@@ -51,11 +55,19 @@ done
 python3 - "$OUT" <<'PY'
 import json, sys, glob, statistics
 out = sys.argv[1]
-for name, key in (("fanout", "deliveries_per_s"), ("throughput", "acked_per_s")):
+def figure(run, key):
+    value = run["figures"].get(key.split(".")[0])
+    for part in key.split(".")[1:]:
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+for name, key in (("fanout", "deliveries_per_s"), ("throughput", "acked_per_s"),
+                  ("latency", "send_to_deliver.p99_ms"), ("latency", "send_to_ack.p99_ms"),
+                  ("history", "pages_per_s"), ("history", "latency.p99_ms"),
+                  ("reconnect", "all_back_seconds")):
     for label in ("a", "b"):
         runs = [json.load(open(p)) for p in sorted(glob.glob(f"{out}/{label}-{name}-*.json"))]
-        vals = [r["figures"].get(key) for r in runs if r["figures"].get(key) is not None]
+        vals = [figure(r, key) for r in runs if figure(r, key) is not None]
         clean = [bool(r["verdict"] and r["verdict"]["clean"]) for r in runs]
         if vals:
-            print(f"{name:<10} {label}: {key} median {statistics.median(vals):10.0f} min {min(vals):10.0f} max {max(vals):10.0f}  clean {clean}")
+            print(f"{name:<10} {label}: {key} median {statistics.median(vals):10.1f} min {min(vals):10.1f} max {max(vals):10.1f}  clean {clean}")
 PY
