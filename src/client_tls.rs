@@ -131,6 +131,8 @@ impl Service<ConnectInfo<Uri>> for ResumingTls {
         let tcp = self.tcp.call(info);
         Box::pin(async move {
             let (stream, uri) = tcp.await?.into_parts();
+            // A request must not wait for the ACK of the one before (Nagle's algorithm).
+            stream.set_nodelay(true).map_err(ConnectError::Io)?;
             let io = this
                 .handshake(stream, host, port)
                 .await

@@ -223,8 +223,6 @@ where
         .keep_alive(settings.keep_alive)
         .client_request_timeout(settings.request_timeout)
         .client_disconnect_timeout(settings.disconnect_timeout)
-        // Small frames must not wait for Nagle's algorithm (40 ms with delayed ACKs).
-        .tcp_nodelay(true)
         .local_addr(addr)
 }
 
@@ -342,7 +340,8 @@ fn took_over(
 
 /// `inner` behind the handshake bound of each client address: a connection over it is
 /// closed at once; one under it holds a slot until `on_connect` takes it over (TLS done), or
-/// until it ends.
+/// until it ends. Every connection is set TCP_NODELAY (the builder's `tcp_nodelay` is applied
+/// by actix-http's combined HTTP/1+2 service only, not by the HTTP/1 one served here).
 fn guarded<T>(
     inner: T,
     handshakes: Arc<Handshakes>,
@@ -360,6 +359,10 @@ where
         async move {
             let service = Rc::new(started.await?);
             Ok(fn_service(move |io: TcpStream| {
+                // Small frames must not wait for Nagle's algorithm (40 ms with delayed ACKs).
+                if let Err(e) = io.set_nodelay(true) {
+                    log::debug!("TCP_NODELAY not set on a connection: {e}");
+                }
                 let service = service.clone();
                 let pending = pending.clone();
                 let peer = io.peer_addr().ok();
@@ -392,6 +395,36 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[actix_web::test]
+    async fn every_connection_is_set_nodelay() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (seen, nodelay) = tokio::sync::oneshot::channel();
+        let seen = Rc::new(Cell::new(Some(seen)));
+        let inner = fn_factory(move || {
+            let seen = seen.clone();
+            async move {
+                Ok::<_, ()>(fn_service(move |io: TcpStream| {
+                    if let Some(seen) = seen.take() {
+                        let _ = seen.send(io.nodelay().unwrap());
+                    }
+                    async { Ok::<(), ()>(()) }
+                }))
+            }
+        });
+        let service = guarded(inner, Handshakes::new(4), Pending::default())
+            .new_service(())
+            .await
+            .unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let accepted = TcpStream::from_std(accepted).unwrap();
+        assert!(!accepted.nodelay().unwrap(), "the kernel's default");
+        service.call(accepted).await.unwrap();
+        assert!(nodelay.await.unwrap(), "the service sees TCP_NODELAY set");
+    }
 
     #[test]
     fn each_address_has_its_handshake_slots() {
