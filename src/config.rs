@@ -210,7 +210,8 @@ pub struct SessionConfig {
     pub bad_frame_limit: usize,
     /// Window for counting bad frames.
     pub bad_frame_window_ms: u64,
-    /// Events queued per session before it is cut off as a slow reader.
+    /// Deliveries (an event, or the messages of one commit of a room) queued per session
+    /// before it is cut off as a slow reader.
     pub outbound_queue: usize,
     /// How long a session whose connection dropped stays joined, waiting for a `resume`.
     pub resume_grace_ms: u64,

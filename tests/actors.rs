@@ -8,7 +8,7 @@ mod support;
 use actix::prelude::*;
 use chrono::Utc;
 use serde_json::Value;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -173,6 +173,8 @@ struct Peer {
     user: UserRecord,
     addr: Addr<FakeSession>,
     rx: mpsc::UnboundedReceiver<Deliver>,
+    /// Frames received in one delivery and not yet read.
+    unread: VecDeque<Value>,
 }
 
 impl Peer {
@@ -186,6 +188,7 @@ impl Peer {
             },
             addr: FakeSession { tx }.start(),
             rx,
+            unread: VecDeque::new(),
         }
     }
 
@@ -210,17 +213,14 @@ impl Peer {
 
     /// The next delivered frame as JSON.
     async fn frame(&mut self) -> Value {
-        let deliver = tokio::time::timeout(WAIT, self.rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
-        match deliver {
-            Deliver::Frame { frame, .. } => serde_json::from_str(&frame).unwrap(),
-            Deliver::Evicted { room } => panic!("evicted from {room}"),
-            Deliver::Kicked { room, reason } => {
-                serde_json::json!({"type": "kicked", "room": &*room, "reason": reason})
-            }
+        if self.unread.is_empty() {
+            let deliver = tokio::time::timeout(WAIT, self.rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            self.unread.extend(frames(deliver));
         }
+        self.unread.pop_front().unwrap()
     }
 
     async fn message(&mut self) -> Value {
@@ -235,11 +235,26 @@ impl Peer {
     /// Every frame delivered so far (after letting the room run).
     async fn drain(&mut self) -> Vec<Value> {
         actix_rt::time::sleep(Duration::from_millis(50)).await;
-        let mut out = Vec::new();
-        while let Ok(Deliver::Frame { frame, .. }) = self.rx.try_recv() {
-            out.push(serde_json::from_str(&frame).unwrap());
+        let mut out: Vec<Value> = self.unread.drain(..).collect();
+        while let Ok(deliver) = self.rx.try_recv() {
+            out.extend(frames(deliver));
         }
         out
+    }
+}
+
+/// The frames of one delivery as JSON, a `kicked` as the frame the session writes for it.
+fn frames(deliver: Deliver) -> Vec<Value> {
+    match deliver {
+        Deliver::Frame { frame, .. } => vec![serde_json::from_str(&frame).unwrap()],
+        Deliver::Messages { frames, .. } => frames
+            .iter()
+            .map(|(_, frame)| serde_json::from_str(frame).unwrap())
+            .collect(),
+        Deliver::Evicted { room } => panic!("evicted from {room}"),
+        Deliver::Kicked { room, reason } => {
+            vec![serde_json::json!({"type": "kicked", "room": &*room, "reason": reason})]
+        }
     }
 }
 
@@ -406,6 +421,31 @@ async fn posts_that_arrive_during_a_commit_go_in_the_next_batch_in_order() {
         .map(|m| m["body"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(bodies, ["a", "b", "c"]);
+}
+
+#[actix_rt::test]
+async fn each_commit_reaches_a_member_in_one_delivery_in_seq_order() {
+    let (room, store) = start_room(RoomKind::Public, &[], Mode::Hold);
+    let mut ann = Peer::new(1, 1, "ann");
+    room.send(ann.join_msg()).await.unwrap().unwrap();
+    let posts: Vec<_> = ["a", "b", "c"].map(|body| room.send(ann.post(body))).into();
+    actix_rt::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(store.send(Release).await.unwrap(), vec![1]);
+    actix_rt::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(store.send(Release).await.unwrap(), vec![1, 2]);
+    for post in posts {
+        post.await.unwrap().unwrap();
+    }
+    actix_rt::time::sleep(Duration::from_millis(50)).await;
+    // One delivery per commit: the second batch's two messages come together, in seq order.
+    let mut deliveries: Vec<Vec<i64>> = Vec::new();
+    while let Ok(deliver) = ann.rx.try_recv() {
+        deliveries.push(match deliver {
+            Deliver::Messages { frames, .. } => frames.iter().map(|(seq, _)| seq.0).collect(),
+            other => panic!("not a delivery of messages: {other:?}"),
+        });
+    }
+    assert_eq!(deliveries, [vec![1], vec![2, 3]]);
 }
 
 #[actix_rt::test]
@@ -918,21 +958,11 @@ fn start_room_with_policy(
 
 /// The frames of kind `kind` a peer has been sent so far (the others are dropped).
 async fn frames_of(peer: &mut Peer, kind: &str) -> Vec<Value> {
-    actix_rt::time::sleep(Duration::from_millis(50)).await;
-    let mut out = Vec::new();
-    while let Ok(deliver) = peer.rx.try_recv() {
-        let frame = match deliver {
-            Deliver::Frame { frame, .. } => serde_json::from_str(&frame).unwrap(),
-            Deliver::Kicked { room, reason } => {
-                serde_json::json!({"type": "kicked", "room": &*room, "reason": reason})
-            }
-            Deliver::Evicted { room } => panic!("evicted from {room}"),
-        };
-        if frame["type"] == kind {
-            out.push(frame);
-        }
-    }
-    out
+    peer.drain()
+        .await
+        .into_iter()
+        .filter(|frame| frame["type"] == kind)
+        .collect()
 }
 
 #[actix_rt::test]

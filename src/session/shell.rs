@@ -26,7 +26,7 @@ use crate::actors::directory::{OpenRoom, Park, TokenRevoked, Untrack, Yield};
 use crate::actors::gate::{Drain, Register, Unregister};
 use crate::actors::presence::SessionClosed;
 use crate::actors::room::{Deliver, Detach, Leave, Room};
-use crate::ids::SessionId;
+use crate::ids::{Seq, SessionId};
 use crate::metrics::{Held, METRICS};
 use crate::protocol::{
     error_frame, parse_request, ErrorCode, Event, Incoming, RequestId, RoomName,
@@ -188,6 +188,18 @@ impl Session {
         }
     }
 
+    /// An event of `room` (`seq` set for a `message`): written now, or held for the room's
+    /// join under way.
+    fn room_event(&mut self, ctx: &mut WsContext, room: &str, seq: Option<Seq>, frame: ByteString) {
+        if let Some(frame) = self.joins.event(room, seq, frame) {
+            self.write(ctx, frame);
+        } else if self.joins.held_bytes() > self.settings.outbound_limit_bytes {
+            // Held for a join, they would be written at once after its reply: they count like
+            // unread bytes.
+            self.cut_off_slow(ctx, "held events over the outbound limit");
+        }
+    }
+
     /// False (and the connection cut off with 1013; it stays joined for the grace, to resume)
     /// when the client has more unread than the limit.
     pub(super) fn check_backlog(&mut self, ctx: &mut WsContext) -> bool {
@@ -335,13 +347,10 @@ impl Handler<Deliver> for Session {
 
     fn handle(&mut self, msg: Deliver, ctx: &mut WsContext) {
         match msg {
-            Deliver::Frame { room, seq, frame } => {
-                if let Some(frame) = self.joins.event(&room, seq, frame) {
-                    self.write(ctx, frame);
-                } else if self.joins.held_bytes() > self.settings.outbound_limit_bytes {
-                    // Held for a join, they would be written at once after its reply: they
-                    // count like unread bytes.
-                    self.cut_off_slow(ctx, "held events over the outbound limit");
+            Deliver::Frame { room, frame } => self.room_event(ctx, &room, None, frame),
+            Deliver::Messages { room, frames } => {
+                for (seq, frame) in frames.iter() {
+                    self.room_event(ctx, &room, Some(*seq), frame.clone());
                 }
             }
             Deliver::Kicked { room, reason } => {

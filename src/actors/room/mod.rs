@@ -68,11 +68,13 @@ pub const MAX_MISSED: usize = 1000;
 #[rtype(result = "()")]
 pub enum Deliver {
     /// An event frame of `room` to write as is; the bytes are shared with every other recipient.
-    /// `seq` is set for `message` events.
-    Frame {
+    Frame { room: Arc<str>, frame: ByteString },
+    /// The `message` events of `room` that one delivery made ready (the messages of one
+    /// commit, or of a gap filled from the store), in seq order: one mailbox message and one
+    /// wake-up of the session for all of them. Shared with every other recipient.
+    Messages {
         room: Arc<str>,
-        seq: Option<Seq>,
-        frame: ByteString,
+        frames: Arc<[(Seq, ByteString)]>,
     },
     /// The session fell too far behind in `room` and was removed from it.
     Evicted { room: String },
@@ -403,29 +405,43 @@ impl Room {
     /// Sends `frame` to every attached session except `except`. A closed session is detached
     /// (it may come back within the grace); one whose queue is full is evicted.
     fn broadcast(&mut self, frame: &ByteString, except: Option<SessionId>) {
-        self.broadcast_seq(frame, None, except);
+        let room = self.name.clone();
+        self.send_to_members(except, || Deliver::Frame {
+            room: room.clone(),
+            frame: frame.clone(),
+        });
     }
 
-    fn broadcast_seq(&mut self, frame: &ByteString, seq: Option<Seq>, except: Option<SessionId>) {
+    /// Sends `message` events, in seq order, to every attached session.
+    fn broadcast_messages(&mut self, frames: Vec<(Seq, ByteString)>) {
+        if frames.is_empty() {
+            return;
+        }
+        let count = frames.len() as u64;
+        let frames: Arc<[(Seq, ByteString)]> = frames.into();
+        let room = self.name.clone();
+        let delivered = self.send_to_members(None, || Deliver::Messages {
+            room: room.clone(),
+            frames: frames.clone(),
+        });
+        METRICS.messages_delivered.inc_by(delivered * count);
+    }
+
+    /// Sends what `make` makes to every attached session except `except`, and returns to how
+    /// many. A closed session is detached (it may come back within the grace); one whose
+    /// queue is full is evicted.
+    fn send_to_members(&mut self, except: Option<SessionId>, make: impl Fn() -> Deliver) -> u64 {
         let mut evicted = Vec::new();
         let mut delivered = 0;
         for (id, member) in self.sessions.iter_mut() {
             if Some(*id) == except || member.detached_at.is_some() {
                 continue;
             }
-            let msg = Deliver::Frame {
-                room: self.name.clone(),
-                seq,
-                frame: frame.clone(),
-            };
-            match member.deliver.try_send(msg) {
+            match member.deliver.try_send(make()) {
                 Ok(()) => delivered += 1,
                 Err(SendError::Closed(_)) => member.detached_at = Some(Instant::now()),
                 Err(SendError::Full(_)) => evicted.push(*id),
             }
-        }
-        if seq.is_some() {
-            METRICS.messages_delivered.inc_by(delivered);
         }
         for id in evicted {
             if let Some(member) = self.sessions.get_mut(&id) {
@@ -440,6 +456,7 @@ impl Room {
                 });
             }
         }
+        delivered
     }
 
     fn add_session(&mut self, session: SessionId, user: UserRecord, deliver: Recipient<Deliver>) {
@@ -604,10 +621,20 @@ impl Room {
     /// Takes a committed message. Messages are delivered strictly in seq order: when an earlier
     /// seq is missing (a commit whose reply was lost), it is loaded from the store first.
     fn committed(&mut self, view: MessageView, ctx: &mut Context<Self>) {
-        if view.seq <= self.delivered {
-            return;
+        self.take_committed(view);
+        self.deliver_committed(ctx);
+    }
+
+    /// Takes a committed message to deliver at the next [`Room::deliver_committed`].
+    fn take_committed(&mut self, view: MessageView) {
+        if view.seq > self.delivered {
+            self.out_of_order.insert(view.seq, view);
         }
-        self.out_of_order.insert(view.seq, view);
+    }
+
+    /// Delivers the messages taken that are next in seq order, all in one delivery; a missing
+    /// seq before the others is waited for or loaded.
+    fn deliver_committed(&mut self, ctx: &mut Context<Self>) {
         self.deliver_in_order();
         if self.out_of_order.is_empty() {
             return;
@@ -627,15 +654,16 @@ impl Room {
     }
 
     fn deliver_in_order(&mut self) {
+        let mut frames = Vec::new();
         while let Some(view) = self.out_of_order.remove(&self.delivered.next()) {
             self.delivered = view.seq;
-            let frame = self.frame(Event::Message(&view));
-            self.broadcast_seq(&frame, Some(view.seq), None);
+            frames.push((view.seq, self.frame(Event::Message(&view))));
             self.recent.push_back(view);
             if self.recent.len() > self.policy.limits.history_limit {
                 self.recent.pop_front();
             }
         }
+        self.broadcast_messages(frames);
     }
 
     /// Loads from the store, oldest first, every message between the last delivered seq and
@@ -812,8 +840,9 @@ impl Room {
                 error: None,
             };
             self.publish_message(&view, true);
-            self.committed(view, ctx);
+            self.take_committed(view);
         }
+        self.deliver_committed(ctx);
     }
 
     /// Makes sure everything up to `seq` is delivered, loading it from the store.
@@ -1455,7 +1484,7 @@ impl Handler<FromCluster> for Room {
                     // Seqs of a room that stores nothing are reserved per node in blocks:
                     // another node's messages are passed on as they come.
                     let frame = self.frame(Event::Message(&view));
-                    self.broadcast_seq(&frame, Some(view.seq), None);
+                    self.broadcast_messages(vec![(view.seq, frame)]);
                 }
             }
             FromCluster::Typing { user } => {
