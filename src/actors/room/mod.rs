@@ -402,8 +402,7 @@ impl Room {
         event.to_frame().into()
     }
 
-    /// Sends `frame` to every attached session except `except`. A closed session is detached
-    /// (it may come back within the grace); one whose queue is full is evicted.
+    /// Sends an event that is not a `message` to every attached session except `except`.
     fn broadcast(&mut self, frame: &ByteString, except: Option<SessionId>) {
         let room = self.name.clone();
         self.send_to_members(except, || Deliver::Frame {
